@@ -1,0 +1,19 @@
+# The two commands a fresh clone needs: `make demo` and `make test` (each sets up first).
+PY := .venv/bin/python
+
+.PHONY: setup demo test bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(PY) -m streamsink.serving.cli demo
+
+test: setup
+	$(PY) -m pytest tests
+
+bench: setup
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf .venv

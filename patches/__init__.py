@@ -1,0 +1,1 @@
+"""Patches to vLLM internals that no plugin hook reaches: one module per touch point."""

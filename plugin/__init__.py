@@ -1,0 +1,30 @@
+"""streamsink: StreamingLLM inside vLLM's paged KV cache, as a vLLM plugin.
+
+vLLM loads the entry point ``vllm.general_plugins -> streamsink:register`` in the API process, the
+engine core and every worker. Registration only installs hooks; each hook checks the engine's
+``additional_config`` and stays out of the way unless it has a ``streamsink`` entry.
+"""
+from __future__ import annotations
+
+import os
+
+__version__ = "0.1.0"
+
+_registered_in_pid: int | None = None
+
+
+def register() -> None:
+    """vLLM general-plugin entry point. Idempotent per process."""
+    global _registered_in_pid
+    if _registered_in_pid == os.getpid():
+        return
+    _registered_in_pid = os.getpid()
+    # A child of vLLM's logger, so the line carries vLLM's process prefix (EngineCore, Worker).
+    from vllm.logger import init_logger
+
+    init_logger("vllm.plugins.streamsink").info("streamsink %s plugin loaded", __version__)
+
+
+def is_registered() -> bool:
+    """True when vLLM has loaded this plugin in the current process."""
+    return _registered_in_pid == os.getpid()
