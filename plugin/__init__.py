@@ -19,6 +19,13 @@ def register() -> None:
     if _registered_in_pid == os.getpid():
         return
     _registered_in_pid = os.getpid()
+    from streamsink.attention import register_attention_backend
+    from streamsink.kv_policy import register_kv_policy
+    from streamsink.patches import apply_all
+
+    register_kv_policy()
+    register_attention_backend()
+    apply_all()
     # A child of vLLM's logger, so the line carries vLLM's process prefix (EngineCore, Worker).
     from vllm.logger import init_logger
 

@@ -1,0 +1,40 @@
+"""Patch: validate and adjust a streaming engine's VllmConfig at start-up.
+
+Why: a bad streamsink config must be refused in the process the user started, before any engine
+process spawns, and a streaming engine must run eagerly with prefix caching off. vLLM's only
+config-time hook of that reach is the platform's check_and_update_config (an out-of-tree platform
+plugin would replace the whole CPU platform, which is far more than we need).
+How: CpuPlatform.check_and_update_config is wrapped; the wrapper calls
+streamsink.engine_setup.configure_streaming_engine(vllm_config), then the original, then
+finish_streaming_engine(vllm_config) (which needs the block size the platform picks).
+Delete when: vLLM lets general plugins validate/adjust additional_config (a config hook).
+"""
+from __future__ import annotations
+
+import inspect
+
+from streamsink.patches import PatchTargetMoved
+
+_original = None
+
+
+def apply() -> None:
+    global _original
+    from vllm.platforms.cpu import CpuPlatform
+
+    if _original is not None:
+        return
+    target = CpuPlatform.__dict__.get("check_and_update_config")
+    if not isinstance(target, classmethod) or \
+            list(inspect.signature(target.__func__).parameters) != ["cls", "vllm_config"]:
+        raise PatchTargetMoved("CpuPlatform.check_and_update_config(cls, vllm_config) changed")
+    _original = target.__func__
+
+    def check_and_update_config(cls, vllm_config):
+        from streamsink.engine_setup import configure_streaming_engine, finish_streaming_engine
+
+        configure_streaming_engine(vllm_config)
+        _original(cls, vllm_config)
+        finish_streaming_engine(vllm_config)
+
+    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)

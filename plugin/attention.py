@@ -1,0 +1,158 @@
+"""The streaming attention path: vLLM's CPU attention backend, extended with sinks + window.
+
+Registered over CPU_ATTN (vLLM's own override hook, register_backend), so every attention layer
+on CPU goes through these classes; for an engine without a streamsink config they are exactly the
+stock classes. With one:
+
+- the KV write is stock (keys rotated at their absolute positions, stock cache layout);
+- while every request of a step is shorter than S+W, attention is dense and the stock C++ kernel
+  runs unchanged;
+- otherwise each layer reads the sink and window blocks the step plan lists and computes the
+  logits itself: window keys as stored, sink keys against the query re-rotated to its in-cache slot
+  (RoPE option 2 of DESIGN.md §3: O(S) extra work per query, none per window key).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from vllm.config import get_current_vllm_config
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+from streamsink.config import StreamsinkConfig, config_from_additional
+from streamsink.kv_policy import StreamingSinkSpec
+from streamsink.rope import RopeSpec, rope_spec_from_hf_config, rotate
+from streamsink.step_plan import AttentionGroup, StepPlan, plan_step
+
+# The streamsink config of the engine whose model this process built last. vLLM asks the backend
+# to customize KV specs (customize_spec) without passing the config; one process builds one
+# engine's model at a time, right before it asks.
+_engine_config: StreamsinkConfig | None = None
+
+
+@dataclass
+class StreamsinkMetadata(CPUAttentionMetadata):
+    streamsink: StepPlan | None = None
+
+
+class StreamsinkMetadataBuilder(CPUAttentionMetadataBuilder):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.streamsink = config_from_additional(vllm_config.additional_config)
+        self.rope = (rope_spec_from_hf_config(vllm_config.model_config.hf_text_config)
+                     if self.streamsink else None)
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
+        md = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        out = StreamsinkMetadata(**vars(md))
+        if self.streamsink is None:
+            return out
+        cm = common_attn_metadata
+        out.streamsink = plan_step(
+            self.streamsink, self.rope, self.block_size,
+            seq_lens=cm.seq_lens[:cm.num_reqs].tolist(),
+            query_start=cm.query_start_loc_cpu[:cm.num_reqs + 1].tolist(),
+            block_table=cm.block_table_tensor[:cm.num_reqs],
+            positions=cm.positions, dtype=self.dtype)
+        return out
+
+
+def _split_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of the stock CPU ("vec" ISA) layout: per block and KV head, keys are stored as
+    [head_dim, block_size] (column-major) and values as [block_size, head_dim]."""
+    num_blocks, kv_heads, block_size, two_d = kv_cache.shape
+    d = two_d // 2
+    pages = kv_cache.view(num_blocks, kv_heads, 2, block_size * d)
+    keys = pages[:, :, 0].unflatten(-1, (d, block_size))
+    values = pages[:, :, 1].unflatten(-1, (block_size, d))
+    return keys, values
+
+
+def attend_group(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 g: AttentionGroup, scale: float, rotary_dim: int) -> torch.Tensor:
+    """Sink + window attention of one group. query [R, T, Hq, D] -> [R, T, Hq, D]."""
+    R, T, Hq, D = query.shape
+    Hkv, B = keys.shape[1], keys.shape[3]
+    G, NB = Hq // Hkv, g.block_ids.shape[1]
+
+    def by_kv_head(q):  # [R, T, Hq, D] -> [R, Hkv, T*G, D]
+        return q.view(R, T, Hkv, G, D).transpose(1, 2).reshape(R, Hkv, T * G, D)
+
+    k = keys[g.block_ids].permute(0, 2, 3, 1, 4).reshape(R, Hkv, D, NB * B)
+    logits = torch.matmul(by_kv_head(query), k)
+    if g.sink_rotation is not None:
+        sink_query = rotate(query, g.sink_rotation[:, :, None, :], rotary_dim)
+        c = g.sink_cols
+        sink_logits = torch.matmul(by_kv_head(sink_query), k[..., :c])
+        logits[..., :c] = torch.where(g.sink_col_mask[:, None, None, :], sink_logits,
+                                      logits[..., :c])
+    logits = logits.view(R, Hkv, T, G, NB * B).mul_(scale)
+    logits.masked_fill_(~g.visible[:, None, :, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(values.dtype)
+    v = values[g.block_ids].transpose(1, 2).reshape(R, Hkv, NB * B, D)
+    out = torch.matmul(probs.view(R, Hkv, T * G, NB * B), v)
+    return out.view(R, Hkv, T, G, D).transpose(1, 2).reshape(R, T, Hq, D)
+
+
+class StreamsinkAttentionImpl(CPUAttentionBackendImpl):
+    def __init__(self, *args, **kwargs) -> None:
+        global _engine_config
+        super().__init__(*args, **kwargs)
+        vllm_config = get_current_vllm_config()
+        self.streamsink = config_from_additional(vllm_config.additional_config)
+        _engine_config = self.streamsink
+        self.rope: RopeSpec | None = None
+        if self.streamsink is not None:
+            self.rope = rope_spec_from_hf_config(vllm_config.model_config.hf_text_config)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        plan = getattr(attn_metadata, "streamsink", None)
+        if plan is None or plan.dense:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                   output_scale, output_block_scale)
+        keys, values = _split_kv_cache(kv_cache)
+        out = output.view(output.shape[0], self.num_heads, self.head_size)
+        q_all = query.view(query.shape[0], self.num_heads, self.head_size)
+        for g in plan.groups:
+            res = attend_group(q_all[g.token_idx], keys, values, g, self.scale,
+                               self.rope.rotary_dim)
+            out[g.token_idx.flatten()] = res.flatten(0, 1).to(out.dtype)
+        return output
+
+
+class StreamsinkAttentionBackend(CPUAttentionBackend):
+    """CPU_ATTN with the streaming path; get_name() stays "CPU_ATTN" as vLLM requires."""
+
+    @staticmethod
+    def get_impl_cls():
+        return StreamsinkAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return StreamsinkMetadataBuilder
+
+    @classmethod
+    def customize_spec(cls, spec):
+        spec = super().customize_spec(spec)
+        cfg = _engine_config
+        if cfg is None or type(spec) is not FullAttentionSpec or spec.non_causal:
+            return spec
+        own = {"sliding_window", "sink_tokens", "extra_retained_tokens"}
+        fields = {f: getattr(spec, f) for f in StreamingSinkSpec.__dataclass_fields__
+                  if f in spec.__dataclass_fields__ and f not in own}
+        return StreamingSinkSpec(**fields, sliding_window=cfg.window_tokens,
+                                 sink_tokens=cfg.sink_tokens)
+
+
+def register_attention_backend() -> None:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(AttentionBackendEnum.CPU_ATTN,
+                     f"{StreamsinkAttentionBackend.__module__}.StreamsinkAttentionBackend")

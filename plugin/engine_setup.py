@@ -1,0 +1,85 @@
+"""What a streaming engine needs from its VllmConfig: validation and the few settings it forces.
+
+Called in every process that builds a VllmConfig (the API process first, so a bad configuration
+is refused before any engine process starts), through patches/engine_config.py.
+"""
+from __future__ import annotations
+
+from vllm.logger import init_logger
+
+from streamsink.config import StreamsinkConfigError, config_from_additional
+from streamsink.rope import rope_spec_from_hf_config
+
+logger = init_logger("vllm.plugins.streamsink")
+
+# Architectures whose attention path we have checked against the reference: RoPE is NeoX-style
+# on (a prefix of) each head and applied to q and k right before vLLM's attention layer.
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "GPTNeoXForCausalLM"}
+
+
+def configure_streaming_engine(vllm_config) -> None:
+    """Before the platform's own checks: validate, and force eager mode (the platform derives
+    its compilation settings from it). No-op for an engine without a streamsink config."""
+    cfg = config_from_additional(vllm_config.additional_config)
+    if cfg is None:
+        return
+    model_config = vllm_config.model_config
+    if model_config is None:
+        return
+    arch = (model_config.architectures or ["?"])[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise StreamsinkConfigError(
+            f"streamsink does not support {arch} (supported: "
+            f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
+    try:
+        rope_spec_from_hf_config(model_config.hf_text_config)
+    except ValueError as exc:
+        raise StreamsinkConfigError(str(exc)) from None
+    _force_eager(vllm_config)
+
+
+def finish_streaming_engine(vllm_config) -> None:
+    """After the platform's checks (which pick the block size): KV layout and prefix caching."""
+    if vllm_config.model_config is None or \
+            config_from_additional(vllm_config.additional_config) is None:
+        return
+    cache_config = vllm_config.cache_config
+    if cache_config.cache_dtype not in ("auto", None):
+        raise StreamsinkConfigError(
+            f"streamsink needs an unquantized KV cache, got kv_cache_dtype={cache_config.cache_dtype}")
+    _check_kv_layout(vllm_config.model_config, cache_config)
+    if cache_config.enable_prefix_caching:
+        # A streaming block's KV depends on what was evicted before it, not only on the token
+        # prefix that the cache is keyed by: never share them.
+        logger.info("streamsink: prefix caching disabled for this streaming engine")
+        cache_config.enable_prefix_caching = False
+
+
+def _check_kv_layout(model_config, cache_config) -> None:
+    """The streaming path reads the CPU backend's "vec" KV layout; refuse the others."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    head_dim = model_config.get_head_size()
+    block_size = cache_config.block_size or 128
+    isa = _get_attn_isa(model_config.dtype, block_size, head_dim, cache_config.cache_dtype)
+    if isa != "vec":
+        raise StreamsinkConfigError(
+            f"streamsink supports the CPU attention layout 'vec' only; dtype {model_config.dtype}, "
+            f"head_dim {head_dim}, block size {block_size} select {isa!r} (try dtype=float32)")
+
+
+def _force_eager(vllm_config) -> None:
+    """Streaming RoPE takes per-step tables from the attention metadata, which a graph traced
+    once cannot see: run the model eagerly, as --enforce-eager would."""
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    compilation = vllm_config.compilation_config
+    if vllm_config.model_config.enforce_eager and compilation.mode == CompilationMode.NONE:
+        return
+    logger.info("streamsink: running the model eagerly (as --enforce-eager)")
+    vllm_config.model_config.enforce_eager = True
+    compilation.mode = CompilationMode.NONE
+    compilation.cudagraph_mode = CUDAGraphMode.NONE
+    if "none" in compilation.custom_ops:
+        compilation.custom_ops.remove("none")
+        compilation.custom_ops.append("all")

@@ -1,0 +1,92 @@
+"""The paged KV policy: pin the sink blocks, free window blocks once no query can see them.
+
+A registered KV cache spec and manager (vLLM's own extension point, kv_cache_spec_registry).
+The spec subclasses SlidingWindowSpec on purpose: vLLM then sizes the pool and admits requests by
+the window (max_admission_blocks_per_request) instead of by max_model_len, which is what lets a
+prompt of any length stream through chunked prefill.
+
+Block accounting (DESIGN.md §2): with block size B, a stream holds the ceil(S/B) sink blocks for
+its whole life, plus the blocks covering the W-1 tokens before the next query and the Q tokens
+scheduled in the step: at most ceil(S/B) + ceil((W-1+Q)/B) + 1 blocks, whatever its length.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vllm.utils.math_utils import cdiv
+from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
+from vllm.v1.kv_cache_interface import SlidingWindowSpec
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamingSinkSpec(SlidingWindowSpec):
+    """KV spec of a streaming layer: `sliding_window` is W, plus S pinned sink tokens."""
+
+    sink_tokens: int = 0
+
+    @property
+    def sink_blocks(self) -> int:
+        return cdiv(self.sink_tokens, self.block_size)
+
+    def max_admission_blocks_per_request(self, max_in_flight_tokens: int,
+                                         max_model_len: int) -> int:
+        window = super().max_admission_blocks_per_request(max_in_flight_tokens, max_model_len)
+        return min(self.sink_blocks + window, cdiv(max_model_len, self.block_size))
+
+    @property
+    def prefix_cacheable(self) -> bool:
+        # Cached blocks are keyed by token prefix only; a streaming block's KV also depends on
+        # what was evicted before it, so it must never be shared.
+        return False
+
+
+class StreamingSinkManager(SlidingWindowManager):
+    """SlidingWindowManager that never frees the blocks holding the first S tokens."""
+
+    # Totals over the life of this process, for metrics (one manager per KV cache group).
+    blocks_freed_total = 0
+    tokens_evicted_total = 0
+
+    def __init__(self, kv_cache_spec: StreamingSinkSpec, **kwargs) -> None:
+        super().__init__(kv_cache_spec, **kwargs)
+        self.sink_blocks = kv_cache_spec.sink_blocks
+        self._evicted_tokens: dict[str, int] = {}
+
+    def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
+                              num_prompt_tokens: int | None = None) -> None:
+        # Tokens < processed - W + 1 are invisible to the next query and to every later one.
+        invisible = self.get_num_skipped_tokens(processed_computed_tokens)
+        blocks = self.req_to_blocks.get(request_id)
+        if invisible <= 0 or not blocks:
+            return
+        last = min(invisible // self.block_size, len(blocks))
+        before = sum(1 for b in blocks if b is not self._null_block)
+        self._remove_blocks_in_range(request_id, self.sink_blocks, last)
+        freed = before - sum(1 for b in blocks if b is not self._null_block)
+        if freed:
+            type(self).blocks_freed_total += freed
+            type(self).tokens_evicted_total += freed * self.block_size
+
+    @classmethod
+    def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, *args,
+                               **kwargs):
+        # Never reuse cached blocks for a streaming request (see prefix_cacheable).
+        return tuple([] for _ in kv_cache_group_ids), 0
+
+    def held_blocks(self, request_id: str) -> int:
+        """Physical blocks this request holds now (freed positions hold the null block)."""
+        return sum(1 for b in self.req_to_blocks.get(request_id, ()) if b is not self._null_block)
+
+    def held_blocks_all(self) -> int:
+        return sum(self.held_blocks(r) for r in self.req_to_blocks)
+
+
+def register_kv_policy() -> None:
+    """Register the spec/manager pair, after the built-ins (the registry only registers the
+    built-ins lazily when it is empty, so registering first would hide them)."""
+    from vllm.v1.core.single_type_kv_cache_manager import register_all_kvcache_specs
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    register_all_kvcache_specs(None)
+    KVCacheSpecRegistry.register(StreamingSinkSpec, StreamingSinkManager,
+                                 uniform_type_base_spec=StreamingSinkSpec)

@@ -1,0 +1,112 @@
+"""Per-step plan of the streaming attention path, built once per step and shared by all layers.
+
+For each request the plan lists the KV blocks that hold visible keys (the sink blocks, then the
+window blocks), which key columns each query may see, and the rotation that moves a query from its
+absolute position to its in-cache slot for the sink logits. Everything here is about positions and
+blocks; no model tensors.
+
+Semantics (DESIGN.md §1): query i sees j <= i with j < S or j > i - W; with n = min(i+1, C) the
+query sits at slot n-1 and a window key j at slot n-1-(i-j), so keys rotated at their absolute
+positions already give the right window logits. Only sink logits need the query rotated by
+(n-1) - i, a rotation by a non-positive angle that is zero while i < C.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from streamsink.config import StreamsinkConfig
+from streamsink.rope import RopeSpec
+
+# Queries of one prefill chunk are processed in tiles of this many, so the logits of one tile
+# stay small (tile x (S + W + tile) per head) and each tile reads only the blocks it can see.
+PREFILL_TILE = 256
+
+
+@dataclass
+class AttentionGroup:
+    """Rows of queries attended together: R rows of T queries over NB blocks each."""
+
+    token_idx: torch.Tensor        # [R, T] rows of query/output in the step's token order
+    block_ids: torch.Tensor        # [R, NB] physical KV blocks (padding repeats a real block)
+    visible: torch.Tensor          # [R, T, NB*B] key column visible to query
+    sink_cols: int                 # the first sink_cols columns may hold sink tokens
+    sink_col_mask: torch.Tensor    # [R, sink_cols] column holds a sink token
+    sink_rotation: torch.Tensor | None  # [R, T, rotary_dim] cos|sin, None if every query is dense
+
+
+@dataclass
+class StepPlan:
+    rope_index: torch.Tensor       # arange(num_tokens): rows of rope_cos_sin
+    rope_cos_sin: torch.Tensor     # [num_tokens, rotary_dim] RoPE table at absolute positions
+    dense: bool                    # every request still shorter than S+W: plain causal attention
+    groups: list[AttentionGroup] = field(default_factory=list)
+
+
+def _logical_blocks(first_query: int, last_query: int, cfg: StreamsinkConfig,
+                    block_size: int) -> list[int]:
+    """Logical block indices holding keys visible to queries first_query..last_query."""
+    sinks = range(0, -(-min(cfg.sink_tokens, last_query + 1) // block_size))
+    window_start = max(first_query - cfg.window_tokens + 1, 0)
+    window = range(window_start // block_size, last_query // block_size + 1)
+    return sorted(set(sinks) | set(window))
+
+
+def _group(rows: list[tuple[list[int], list[int], list[int]]], block_table: torch.Tensor,
+           row_requests: list[int], cfg: StreamsinkConfig, rope: RopeSpec,
+           block_size: int, dtype: torch.dtype) -> AttentionGroup:
+    """rows: (token indices, query positions, logical blocks) per row; equal T per row."""
+    num_blocks = max(len(r[2]) for r in rows)
+    token_idx = torch.tensor([r[0] for r in rows], dtype=torch.long)
+    qpos = torch.tensor([r[1] for r in rows], dtype=torch.long)               # [R, T]
+    logical = torch.full((len(rows), num_blocks), -1, dtype=torch.long)
+    for i, (_, _, blocks) in enumerate(rows):
+        logical[i, :len(blocks)] = torch.tensor(blocks)
+    valid_block = logical >= 0
+    # Padding columns point at the row's first real block (finite data) and are never visible.
+    physical = block_table[torch.tensor(row_requests)[:, None], logical.clamp(min=0)].long()
+    physical = torch.where(valid_block, physical, physical[:, :1])
+    offsets = torch.arange(block_size)
+    colpos = (logical[:, :, None] * block_size + offsets).flatten(1)         # [R, NB*B]
+    colpos = torch.where(valid_block.repeat_interleave(block_size, dim=1), colpos, -1)
+    col, q = colpos[:, None, :], qpos[:, :, None]
+    visible = ((col >= 0) & (col <= q)
+               & ((col < cfg.sink_tokens) | (col > q - cfg.window_tokens)))
+    sink_cols = -(-cfg.sink_tokens // block_size) * block_size
+    sink_cols = min(sink_cols, colpos.shape[1])
+    sink_col_mask = (colpos[:, :sink_cols] >= 0) & (colpos[:, :sink_cols] < cfg.sink_tokens)
+    sink_rotation = None
+    if cfg.sink_tokens and bool((qpos >= cfg.cache_tokens).any()):
+        delta = qpos.clamp(max=cfg.cache_tokens - 1) - qpos                    # <= 0
+        sink_rotation = rope.cos_sin(delta.flatten(), dtype).view(*qpos.shape, -1)
+    return AttentionGroup(token_idx, physical, visible, sink_cols, sink_col_mask, sink_rotation)
+
+
+def plan_step(cfg: StreamsinkConfig, rope: RopeSpec, block_size: int, seq_lens: list[int],
+              query_start: list[int], block_table: torch.Tensor, positions: torch.Tensor,
+              dtype: torch.dtype) -> StepPlan:
+    num_tokens = positions.shape[0]
+    plan = StepPlan(rope_index=torch.arange(num_tokens),
+                    rope_cos_sin=rope.cos_sin(positions, dtype),
+                    dense=all(n <= cfg.cache_tokens for n in seq_lens))
+    if plan.dense:
+        return plan
+    decode_rows, decode_reqs = [], []
+    for r, seq_len in enumerate(seq_lens):
+        start, end = query_start[r], query_start[r + 1]
+        first = seq_len - (end - start)
+        if end - start == 1:
+            decode_rows.append(([start], [first], _logical_blocks(first, first, cfg, block_size)))
+            decode_reqs.append(r)
+            continue
+        for t0 in range(start, end, PREFILL_TILE):
+            t1 = min(t0 + PREFILL_TILE, end)
+            p0, p1 = first + (t0 - start), first + (t1 - start) - 1
+            row = (list(range(t0, t1)), list(range(p0, p1 + 1)),
+                   _logical_blocks(p0, p1, cfg, block_size))
+            plan.groups.append(_group([row], block_table, [r], cfg, rope, block_size, dtype))
+    if decode_rows:
+        plan.groups.append(_group(decode_rows, block_table, decode_reqs, cfg, rope, block_size,
+                                  dtype))
+    return plan
