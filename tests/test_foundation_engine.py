@@ -37,7 +37,8 @@ def test_plugin_loaded_in_every_vllm_process_and_checkpoint_generates(default_mo
                                                                       tmp_path):
     script = tmp_path / "engine.py"
     script.write_text(ENGINE_SCRIPT)
-    env = dict(os.environ, VLLM_LOGGING_LEVEL="INFO")
+    # Multiprocessing on (as users run it): the engine core and the worker are separate processes.
+    env = dict(os.environ, VLLM_LOGGING_LEVEL="INFO", VLLM_ENABLE_V1_MULTIPROCESSING="1")
     done = subprocess.run([sys.executable, str(script), default_model_path], env=env,
                           capture_output=True, text=True, timeout=900)
     log = done.stdout + done.stderr

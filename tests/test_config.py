@@ -1,0 +1,69 @@
+"""streamsink configuration: parsing, and refusal at engine start-up with a one-line reason."""
+import pytest
+
+from streamsink.config import StreamsinkConfig, StreamsinkConfigError, parse_config
+
+
+def test_defaults():
+    assert parse_config({}) == StreamsinkConfig(4, 1020)
+    assert parse_config({}).cache_tokens == 1024
+    assert parse_config({"sink_tokens": 0, "window_tokens": 1}) == StreamsinkConfig(0, 1)
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"sink_tokens": -1}, "sink_tokens must be >= 0"),
+    ({"window_tokens": 0}, "window_tokens must be >= 1"),
+    ({"window_tokens": 2.5}, "must be an integer"),
+    ({"sink_tokens": "4"}, "must be an integer"),
+    ({"sink_tokens": True}, "must be an integer"),
+    ({"window": 100}, "unknown streamsink option"),
+    ([4, 1020], "must be a JSON object"),
+])
+def test_invalid_values_are_refused(raw, message):
+    with pytest.raises(StreamsinkConfigError, match=message) as err:
+        parse_config(raw)
+    assert "\n" not in str(err.value)
+
+
+def engine_config(model, **kwargs):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=model, skip_tokenizer_init=True, dtype="float32",
+                      max_model_len=2048, **kwargs).create_engine_config()
+
+
+@pytest.mark.parametrize("streamsink,message", [
+    ({"sink_tokens": -4}, "sink_tokens must be >= 0"),
+    ({"windows": 10}, "unknown streamsink option"),
+])
+def test_engine_refuses_bad_config(tiny_llama, streamsink, message):
+    with pytest.raises(Exception, match=message):
+        engine_config(tiny_llama, additional_config={"streamsink": streamsink})
+
+
+def test_engine_refuses_unsupported_architecture(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_embd=128, n_layer=1, n_head=2, vocab_size=256)).save_pretrained(
+        tmp_path)
+    with pytest.raises(Exception, match="streamsink does not support GPT2LMHeadModel"):
+        engine_config(str(tmp_path), additional_config={"streamsink": {}})
+
+
+def test_engine_refuses_quantized_kv_cache(tiny_llama):
+    with pytest.raises(Exception, match="unquantized KV cache"):
+        engine_config(tiny_llama, additional_config={"streamsink": {}}, kv_cache_dtype="fp8")
+
+
+def test_streaming_engine_settings(tiny_llama):
+    from vllm.config import CompilationMode
+
+    config = engine_config(tiny_llama, additional_config={"streamsink": {}})
+    assert config.cache_config.enable_prefix_caching is False
+    assert config.compilation_config.mode == CompilationMode.NONE
+
+
+def test_engine_without_streamsink_is_stock(tiny_llama):
+    config = engine_config(tiny_llama)
+    assert config.cache_config.enable_prefix_caching is True
+    assert config.model_config.enforce_eager is False

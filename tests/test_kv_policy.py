@@ -1,0 +1,124 @@
+"""The paged KV policy in a real engine: sink blocks pinned, window blocks freed, pool intact."""
+import gc
+import math
+
+import pytest
+from conftest import random_tokens, tiny_engine
+
+SINK, WINDOW, CHUNK = 4, 300, 512
+
+
+def kv_internals(llm):
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    manager = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+    return scheduler, manager, scheduler.kv_cache_manager.block_pool
+
+
+def block_bound(sink, window, step_tokens, block_size):
+    """DESIGN.md §2: ceil(S/B) + ceil((W + Q)/B) + 1."""
+    return math.ceil(sink / block_size) + math.ceil((window + step_tokens) / block_size) + 1
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama):
+    llm = tiny_engine(tiny_llama, {"sink_tokens": SINK, "window_tokens": WINDOW},
+                      max_model_len=40_000, max_num_batched_tokens=CHUNK)
+    yield llm
+    del llm
+    gc.collect()
+
+
+def test_spec_and_manager_are_streamsink(engine):
+    from streamsink.kv_policy import StreamingSinkManager, StreamingSinkSpec
+
+    _, manager, _ = kv_internals(engine)
+    assert isinstance(manager, StreamingSinkManager)
+    assert isinstance(manager.kv_cache_spec, StreamingSinkSpec)
+    assert manager.kv_cache_spec.sink_tokens == SINK
+    assert manager.kv_cache_spec.sliding_window == WINDOW
+
+
+def test_long_stream_stays_within_block_bound(engine):
+    """A 20,000-token prompt through chunked prefill, then decode: the blocks the stream holds stay
+    within the bound at every step, and its sink block is never freed."""
+    from vllm import SamplingParams
+
+    _, manager, pool = kv_internals(engine)
+    free_before = pool.get_num_free_blocks()
+    bound = block_bound(SINK, WINDOW, CHUNK, manager.block_size)
+    engine.llm_engine.add_request("long", {"prompt_token_ids": random_tokens(20_000)},
+                                  SamplingParams(max_tokens=300, ignore_eos=True,
+                                                 detokenize=False))
+    held, steps = [], 0
+    while engine.llm_engine.has_unfinished_requests():
+        engine.llm_engine.step()
+        steps += 1
+        for req_id, blocks in manager.req_to_blocks.items():  # vLLM may suffix request ids
+            held.append(manager.held_blocks(req_id))
+            assert not blocks[0].is_null, "sink block freed"
+            if len(blocks) > bound:  # longer than the bound: the middle must have been freed
+                assert any(b.is_null for b in blocks[1:-2])
+    assert steps > 300  # ~40 prefill chunks + 300 decode steps
+    assert max(held) <= bound, (max(held), bound)
+    # Without eviction a 20,300-token stream would hold ~159 blocks.
+    assert len(held) > 300 and held[-1] <= block_bound(SINK, WINDOW, 1, manager.block_size)
+    assert pool.get_num_free_blocks() == free_before
+
+
+def test_pool_restored_after_finish_and_abort(engine):
+    from vllm import SamplingParams
+
+    _, manager, pool = kv_internals(engine)
+    free_before = pool.get_num_free_blocks()
+    llm = engine.llm_engine
+    params = SamplingParams(max_tokens=200, ignore_eos=True, detokenize=False)
+    for i in range(6):
+        llm.add_request(f"s{i}", {"prompt_token_ids": random_tokens(900 + 250 * i, seed=i)},
+                        params)
+    for step in range(40):
+        llm.step()
+        if step == 5:
+            llm.abort_request(["s1", "s4"])
+        if step == 20:
+            llm.abort_request(["s2"])
+    while llm.has_unfinished_requests():
+        llm.step()
+    assert not manager.req_to_blocks
+    assert pool.get_num_free_blocks() == free_before
+
+
+def test_pool_restored_after_preemption(tiny_llama):
+    """A pool too small for all streams at once forces preemptions; every block comes back."""
+    from vllm import SamplingParams
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    page = 2 * 2 * 2 * 128 * 64 * 4  # layers x (K,V) x kv heads x block x head_dim x fp32
+    llm = tiny_engine(tiny_llama, {"sink_tokens": SINK, "window_tokens": 100},
+                      max_model_len=8192, max_num_batched_tokens=256,
+                      kv_cache_memory_bytes=12 * page)
+    scheduler, manager, pool = kv_internals(llm)
+    preemptions = []
+    original = scheduler._preempt_request
+
+    def spy(request, *args, **kwargs):
+        preemptions.append(request.request_id)
+        return original(request, *args, **kwargs)
+
+    scheduler._preempt_request = spy
+    free_before = pool.get_num_free_blocks()
+    params = SamplingParams(max_tokens=400, ignore_eos=True, detokenize=False)
+    for i in range(8):
+        llm.llm_engine.add_request(f"p{i}", {"prompt_token_ids": random_tokens(300, seed=i)},
+                                   params)
+    finished = set()
+    while llm.llm_engine.has_unfinished_requests():
+        for out in llm.llm_engine.step():
+            if out.finished:
+                finished.add(out.request_id)
+                assert len(out.outputs[0].token_ids) == 400
+    assert preemptions, "pool was large enough: no preemption exercised"
+    assert finished == {f"p{i}" for i in range(8)}
+    assert pool.get_num_free_blocks() == free_before
+    assert isinstance(scheduler, Scheduler)
+    del llm
+    gc.collect()

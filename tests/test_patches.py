@@ -1,0 +1,68 @@
+"""Every patch is applied, guarded to the pinned vLLM, and fails loudly if its target moves."""
+import inspect
+
+import pytest
+import vllm
+
+import streamsink
+from streamsink import patches
+
+
+@pytest.fixture(autouse=True, scope="module")
+def registered():
+    streamsink.register()
+
+
+def test_pinned_version_guard(monkeypatch):
+    patches.check_version()
+    monkeypatch.setattr(vllm, "__version__", "0.33.0")
+    with pytest.raises(patches.PatchTargetMoved, match="0.32.0"):
+        patches.check_version()
+
+
+def test_rotary_embedding_patch_target():
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
+
+    from streamsink.patches import rotary_embedding
+
+    assert RotaryEmbedding.forward is rotary_embedding._streaming_forward
+    params = list(inspect.signature(RotaryEmbedding.forward_static).parameters)
+    assert params == ["positions", "query", "key", "head_size", "rotary_dim", "cos_sin_cache",
+                      "is_neox_style"]
+    from vllm.model_executor.custom_op import CustomOp
+
+    # The wrapped forward must be CustomOp's dispatcher, not a RoPE-specific override.
+    assert rotary_embedding._original_forward is CustomOp.forward
+
+
+def test_engine_config_patch_target():
+    from vllm.platforms.cpu import CpuPlatform
+
+    from streamsink.patches import engine_config
+
+    assert CpuPlatform.check_and_update_config.__func__.__qualname__.endswith(
+        "apply.<locals>.check_and_update_config")
+    assert list(inspect.signature(engine_config._original).parameters) == ["cls", "vllm_config"]
+
+
+def test_kv_spec_registered_alongside_builtins():
+    from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    from streamsink.kv_policy import StreamingSinkManager, StreamingSinkSpec
+
+    spec = StreamingSinkSpec(block_size=128, num_kv_heads=2, head_size=64, dtype=None,
+                             sliding_window=60, sink_tokens=4)
+    assert KVCacheSpecRegistry.get_manager_class(spec) is StreamingSinkManager
+    full = FullAttentionSpec(block_size=128, num_kv_heads=2, head_size=64, dtype=None)
+    assert KVCacheSpecRegistry.get_manager_class(full) is FullAttentionManager
+
+
+def test_attention_backend_override():
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from streamsink.attention import StreamsinkAttentionBackend
+
+    assert AttentionBackendEnum.CPU_ATTN.get_class() is StreamsinkAttentionBackend
+    assert StreamsinkAttentionBackend.get_name() == "CPU_ATTN"
