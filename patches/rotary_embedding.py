@@ -6,7 +6,8 @@ out-of-bounds read in the C++ op), and fp32 angles at position 10^6 are off by ~
 How: RotaryEmbedding.forward (which only dispatches to forward_native/forward_cpu) is wrapped; when
 the step's attention metadata carries a streamsink plan, the rotation uses the plan's table, built
 once per step from float64 angles for exactly the step's positions, through vLLM's own
-forward_static. Other engines take the original path untouched.
+in-place CPU RoPE op (the one stock eager mode uses), with row indices into that table.
+Other engines take the original path untouched.
 Delete when: vLLM computes RoPE angles on the fly (or in float64) for positions past the table, or
 offers a hook to supply per-step cos/sin.
 """
@@ -37,8 +38,12 @@ def _streaming_forward(self, positions, query, key=None):
         return _original_forward(self, positions, query, key)
     if plan.rope_cos_sin.shape[0] != positions.shape[0]:
         raise RuntimeError("streamsink: RoPE table does not match the step's positions")
-    return self.forward_static(plan.rope_index, query, key, self.head_size, self.rotary_dim,
-                               plan.rope_cos_sin, self.is_neox_style)
+    # vLLM's own in-place CPU RoPE op, fed the step's table and row indices into it.
+    from vllm import _custom_ops as ops
+
+    ops.rotary_embedding(plan.rope_index, query, key, self.head_size, plan.rope_cos_sin,
+                         self.is_neox_style)
+    return query, key
 
 
 def apply() -> None:
@@ -47,9 +52,17 @@ def apply() -> None:
 
     if _original_forward is not None:
         return
-    if not callable(getattr(RotaryEmbedding, "forward_static", None)) or \
-            "forward" in RotaryEmbedding.__dict__:
-        raise PatchTargetMoved("RotaryEmbedding changed: expected an inherited CustomOp.forward "
-                               "and a static forward_static")
+    import inspect
+
+    from vllm import _custom_ops as ops
+    from vllm.model_executor.custom_op import CustomOp
+
+    op_params = list(inspect.signature(ops.rotary_embedding).parameters)
+    if RotaryEmbedding.forward is not CustomOp.forward or \
+            op_params[:6] != ["positions", "query", "key", "head_size", "cos_sin_cache",
+                              "is_neox"]:
+        raise PatchTargetMoved("RotaryEmbedding changed: expected CustomOp.forward and "
+                               "ops.rotary_embedding(positions, query, key, head_size, "
+                               "cos_sin_cache, is_neox)")
     _original_forward = RotaryEmbedding.forward
     RotaryEmbedding.forward = _streaming_forward

@@ -76,28 +76,31 @@ def _split_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 def attend_group(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                  g: AttentionGroup, scale: float, rotary_dim: int) -> torch.Tensor:
-    """Sink + window attention of one group. query [R, T, Hq, D] -> [R, T, Hq, D]."""
+    """Sink + window attention of one group. query [R, T, Hq, D] -> [R, Hkv, T*G, D] (by KV head).
+
+    Works block by block on the gathered blocks ([R, NB, Hkv, D, B] keys as the cache stores them),
+    so no gathered tensor is permuted; the softmax spans the (block, offset) dims together.
+    """
     R, T, Hq, D = query.shape
-    Hkv, B = keys.shape[1], keys.shape[3]
-    G, NB = Hq // Hkv, g.block_ids.shape[1]
+    Hkv = keys.shape[1]
+    G = Hq // Hkv
 
-    def by_kv_head(q):  # [R, T, Hq, D] -> [R, Hkv, T*G, D]
-        return q.view(R, T, Hkv, G, D).transpose(1, 2).reshape(R, Hkv, T * G, D)
+    def by_kv_head(q):  # [R, T, Hq, D] -> [R, 1, Hkv, T*G, D], scaled
+        return (q.view(R, T, Hkv, G, D).transpose(1, 2).reshape(R, 1, Hkv, T * G, D) * scale)
 
-    k = keys[g.block_ids].permute(0, 2, 3, 1, 4).reshape(R, Hkv, D, NB * B)
-    logits = torch.matmul(by_kv_head(query), k)
+    k = keys[g.block_ids]                                    # [R, NB, Hkv, D, B]
+    logits = torch.matmul(by_kv_head(query), k)              # [R, NB, Hkv, T*G, B]
     if g.sink_rotation is not None:
+        sb = g.sink_blocks
         sink_query = rotate(query, g.sink_rotation[:, :, None, :], rotary_dim)
-        c = g.sink_cols
-        sink_logits = torch.matmul(by_kv_head(sink_query), k[..., :c])
-        logits[..., :c] = torch.where(g.sink_col_mask[:, None, None, :], sink_logits,
-                                      logits[..., :c])
-    logits = logits.view(R, Hkv, T, G, NB * B).mul_(scale)
-    logits.masked_fill_(~g.visible[:, None, :, None, :], float("-inf"))
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(values.dtype)
-    v = values[g.block_ids].transpose(1, 2).reshape(R, Hkv, NB * B, D)
-    out = torch.matmul(probs.view(R, Hkv, T * G, NB * B), v)
-    return out.view(R, Hkv, T, G, D).transpose(1, 2).reshape(R, T, Hq, D)
+        sink_logits = torch.matmul(by_kv_head(sink_query), k[:, :sb])
+        logits[:, :sb] = torch.where(g.sink_col_mask, sink_logits, logits[:, :sb])
+    NB, B = logits.shape[1], logits.shape[-1]
+    biased = logits.view(R, NB, Hkv, T, G, B).add_(g.bias).view(R, NB, Hkv, T * G, B)
+    biased.sub_(biased.amax(dim=(1, 4), keepdim=True)).exp_()
+    denominator = biased.sum(dim=(1, 4), keepdim=True)[:, 0]  # [R, Hkv, T*G, 1]
+    v = values[g.block_ids]                                  # [R, NB, Hkv, B, D]
+    return torch.matmul(biased, v).sum(dim=1).div_(denominator)
 
 
 class StreamsinkAttentionImpl(CPUAttentionBackendImpl):
@@ -120,10 +123,15 @@ class StreamsinkAttentionImpl(CPUAttentionBackendImpl):
         keys, values = _split_kv_cache(kv_cache)
         out = output.view(output.shape[0], self.num_heads, self.head_size)
         q_all = query.view(query.shape[0], self.num_heads, self.head_size)
+        kv_heads = keys.shape[1]
+        group = self.num_heads // kv_heads
         for g in plan.groups:
+            R, T = g.token_idx.shape
             res = attend_group(q_all[g.token_idx], keys, values, g, self.scale,
-                               self.rope.rotary_dim)
-            out[g.token_idx.flatten()] = res.flatten(0, 1).to(out.dtype)
+                               self.rope.rotary_dim)        # [R, Hkv, T*G, D]
+            res = res.view(R, kv_heads, T, group, self.head_size).transpose(1, 2)
+            out[g.token_idx.flatten()] = res.reshape(R * T, self.num_heads,
+                                                     self.head_size).to(out.dtype)
         return output
 
 

@@ -30,9 +30,9 @@ class AttentionGroup:
 
     token_idx: torch.Tensor        # [R, T] rows of query/output in the step's token order
     block_ids: torch.Tensor        # [R, NB] physical KV blocks (padding repeats a real block)
-    visible: torch.Tensor          # [R, T, NB*B] key column visible to query
-    sink_cols: int                 # the first sink_cols columns may hold sink tokens
-    sink_col_mask: torch.Tensor    # [R, sink_cols] column holds a sink token
+    bias: torch.Tensor             # [R, NB, 1, T, 1, B] 0 where the key is visible, else -inf
+    sink_blocks: int               # the first sink_blocks blocks of every row may hold sinks
+    sink_col_mask: torch.Tensor    # [R, sink_blocks, 1, 1, B] column holds a sink token
     sink_rotation: torch.Tensor | None  # [R, T, rotary_dim] cos|sin, None if every query is dense
 
 
@@ -73,14 +73,19 @@ def _group(rows: list[tuple[list[int], list[int], list[int]]], block_table: torc
     col, q = colpos[:, None, :], qpos[:, :, None]
     visible = ((col >= 0) & (col <= q)
                & ((col < cfg.sink_tokens) | (col > q - cfg.window_tokens)))
-    sink_cols = -(-cfg.sink_tokens // block_size) * block_size
-    sink_cols = min(sink_cols, colpos.shape[1])
-    sink_col_mask = (colpos[:, :sink_cols] >= 0) & (colpos[:, :sink_cols] < cfg.sink_tokens)
+    R, T, NB = qpos.shape[0], qpos.shape[1], num_blocks
+    bias = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
+    bias = bias.view(R, T, NB, block_size).permute(0, 2, 1, 3)[:, :, None, :, None, :]
+    sink_blocks = min(-(-cfg.sink_tokens // block_size), NB)
+    sink_cols = colpos[:, :sink_blocks * block_size]
+    sink_col_mask = ((sink_cols >= 0) & (sink_cols < cfg.sink_tokens)).view(
+        R, sink_blocks, 1, 1, block_size)
     sink_rotation = None
     if cfg.sink_tokens and bool((qpos >= cfg.cache_tokens).any()):
         delta = qpos.clamp(max=cfg.cache_tokens - 1) - qpos                    # <= 0
         sink_rotation = rope.cos_sin(delta.flatten(), dtype).view(*qpos.shape, -1)
-    return AttentionGroup(token_idx, physical, visible, sink_cols, sink_col_mask, sink_rotation)
+    return AttentionGroup(token_idx, physical, bias.contiguous(), sink_blocks, sink_col_mask,
+                          sink_rotation)
 
 
 def plan_step(cfg: StreamsinkConfig, rope: RopeSpec, block_size: int, seq_lens: list[int],

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from streamsink.config import StreamsinkConfigError
 from streamsink.model_store import ModelNotFoundError, resolve_model
 
 
@@ -16,6 +17,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from streamsink.serving.demo import run_demo
 
     return run_demo(args)
+
+
+def _cmd_ppl(args: argparse.Namespace) -> int:
+    from streamsink.serving.ppl import run_ppl
+
+    return run_ppl(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,9 +38,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="one long generated stream with live stats")
     p.add_argument("--model", help="local checkpoint directory or hub id")
-    p.add_argument("--tokens", type=int, default=200, help="tokens to generate")
+    p.add_argument("--tokens", type=int, default=3000, help="tokens to generate (default 3000)")
+    p.add_argument("--sink", type=int, default=4, help="attention sink tokens S (default 4)")
+    p.add_argument("--window", type=int, default=1020, help="window tokens W (default 1020)")
     p.add_argument("--prompt", default="Tell me a long story about a lighthouse keeper.")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("ppl", help="streaming perplexity of a text (the paper's evaluation)")
+    p.add_argument("--text", required=True, help="plain-text file")
+    p.add_argument("--model", help="local checkpoint directory or hub id")
+    p.add_argument("--sink", type=int, default=4, help="attention sink tokens S (default 4)")
+    p.add_argument("--window", type=int, default=1020,
+                   help="window tokens W (default 1020); larger than the text means dense")
+    p.add_argument("--offset", type=int, default=0, help="skip the first K tokens")
+    p.add_argument("--max-tokens", type=int, default=None, help="use at most N tokens")
+    p.add_argument("--out", help="write the per-token NLLs (natural log), one per line")
+    p.add_argument("--chunk", type=int, default=2048, help="prefill chunk size (default 2048)")
+    p.set_defaults(func=_cmd_ppl)
     return parser
 
 
@@ -41,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ModelNotFoundError as exc:
+    except (ModelNotFoundError, StreamsinkConfigError) as exc:
         print(f"streamsink: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

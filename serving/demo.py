@@ -1,25 +1,52 @@
-"""`streamsink demo`: a generation on the default model through vLLM with streamsink loaded."""
+"""`streamsink demo`: one long generated stream with a live line of tokens, speed and KV blocks.
+
+The blocks held climb while the stream is shorter than S+W, then stay flat: the KV policy frees
+the oldest window block each time a new one fills.
+"""
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from vllm import SamplingParams
-
-    from streamsink.serving.engine import make_llm
+    from streamsink.config import parse_config
+    from streamsink.serving.engine import make_llm, scheduler_of, streaming_blocks_held
 
     if args.tokens < 1:
-        raise SystemExit("streamsink: error: --tokens must be at least 1")
-    llm = make_llm(args.model, streamsink={}, enforce_eager=True)
+        print("streamsink: error: --tokens must be at least 1", file=sys.stderr)
+        return 2
+    cfg = parse_config({"sink_tokens": args.sink, "window_tokens": args.window})
+    print(f"streamsink demo: {args.tokens} tokens, {cfg.sink_tokens} sinks + "
+          f"{cfg.window_tokens}-token window (cache {cfg.cache_tokens}); starting the engine...",
+          flush=True)
+    llm = make_llm(args.model, streamsink=vars(cfg), in_process=True, enforce_eager=True,
+                   max_model_len=args.tokens + 512)
+    from vllm import SamplingParams
+
+    tokenizer = llm.get_tokenizer()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
+                                           tokenize=False, add_generation_prompt=True)
     params = SamplingParams(max_tokens=args.tokens, temperature=0.8, top_p=0.95, seed=0,
-                            ignore_eos=True)
-    messages = [{"role": "user", "content": args.prompt}]
-    start = time.perf_counter()
-    out = llm.chat(messages, params, use_tqdm=False)[0]
+                            ignore_eos=True, repetition_penalty=1.1)
+    engine = llm.llm_engine
+    engine.add_request("demo", prompt, params)
+    block_size = scheduler_of(llm).kv_cache_manager.block_size
+    start, peak, text = time.perf_counter(), 0, ""
+    n = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            n, text = len(out.outputs[0].token_ids), out.outputs[0].text
+        held = streaming_blocks_held(llm)
+        peak = max(peak, held)
+        rate = n / max(time.perf_counter() - start, 1e-9)
+        tail = text[-48:].replace("\n", " ")
+        sys.stdout.write(f"\r{n:>7} tokens | {rate:6.1f} tok/s | KV blocks held {held:>3} "
+                         f"({held * block_size} token slots, peak {peak}) | …{tail:<48}")
+        sys.stdout.flush()
     elapsed = time.perf_counter() - start
-    n = len(out.outputs[0].token_ids)
-    print(out.outputs[0].text)
-    print(f"\n[{n} tokens in {elapsed:.1f} s, {n / elapsed:.1f} tokens/s]")
+    print(f"\n\n{n} tokens in {elapsed:.1f} s ({n / elapsed:.1f} tok/s); KV blocks held peaked at "
+          f"{peak} ({peak * block_size} token slots) for a stream of {n} tokens.")
+    print("\nLast 400 characters of the stream:\n" + text[-400:])
     return 0

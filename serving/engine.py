@@ -25,8 +25,28 @@ def engine_kwargs(model: str | None = None, streamsink: dict | None = None,
     return kwargs
 
 
-def make_llm(model: str | None = None, streamsink: dict | None = None, **overrides: Any):
+def make_llm(model: str | None = None, streamsink: dict | None = None, in_process: bool = False,
+             **overrides: Any):
+    """A vllm.LLM. in_process=True keeps the engine core in this process, so callers can step
+    it and read its scheduler (live stats, progress)."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    if in_process:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if streamsink is not None:
+        # Streams outgrow the model's position table by design; RoPE comes from streamsink.
+        os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
     from vllm import LLM
 
     return LLM(**engine_kwargs(model, streamsink, **overrides))
+
+
+def scheduler_of(llm):
+    """The scheduler of an in-process engine (make_llm(in_process=True))."""
+    return llm.llm_engine.engine_core.engine_core.scheduler
+
+
+def streaming_blocks_held(llm) -> int:
+    """Physical KV blocks held right now by all requests of an in-process engine."""
+    manager = scheduler_of(llm).kv_cache_manager
+    return sum(m.held_blocks_all() for m in manager.coordinator.single_type_managers
+               if hasattr(m, "held_blocks_all"))

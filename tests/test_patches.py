@@ -26,9 +26,10 @@ def test_rotary_embedding_patch_target():
     from streamsink.patches import rotary_embedding
 
     assert RotaryEmbedding.forward is rotary_embedding._streaming_forward
-    params = list(inspect.signature(RotaryEmbedding.forward_static).parameters)
-    assert params == ["positions", "query", "key", "head_size", "rotary_dim", "cos_sin_cache",
-                      "is_neox_style"]
+    from vllm import _custom_ops as ops
+
+    params = list(inspect.signature(ops.rotary_embedding).parameters)
+    assert params[:6] == ["positions", "query", "key", "head_size", "cos_sin_cache", "is_neox"]
     from vllm.model_executor.custom_op import CustomOp
 
     # The wrapped forward must be CustomOp's dispatcher, not a RoPE-specific override.
