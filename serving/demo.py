@@ -32,12 +32,14 @@ def run_demo(args: argparse.Namespace) -> int:
                             ignore_eos=True, repetition_penalty=1.1)
     engine = llm.llm_engine
     engine.add_request("demo", prompt, params)
-    block_size = scheduler_of(llm).kv_cache_manager.block_size
+    block_size = scheduler_of(llm).kv_cache_manager.coordinator.single_type_managers[0].block_size
     start, peak, text = time.perf_counter(), 0, ""
     n = 0
     while engine.has_unfinished_requests():
         for out in engine.step():
             n, text = len(out.outputs[0].token_ids), out.outputs[0].text
+        if not engine.has_unfinished_requests():
+            break  # finished: its blocks are back in the pool; keep the last line as it was
         held = streaming_blocks_held(llm)
         peak = max(peak, held)
         rate = n / max(time.perf_counter() - start, 1e-9)
