@@ -13,7 +13,7 @@ test: setup
 	$(PY) -m pytest tests
 
 bench: setup
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/decode_latency.py
 
 clean:
 	rm -rf .venv

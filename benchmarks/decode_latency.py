@@ -10,7 +10,7 @@ import gc
 import statistics
 import time
 
-import common  # noqa: F401  (environment first)
+import common  # noqa: F401  (environment first; benchmarks/ is on sys.path as the script dir)
 
 
 def time_decode(llm, prompts: list[list[int]], steps: int) -> float:
