@@ -1,0 +1,68 @@
+"""The per-step plan sees exactly V(i) = {j <= i : j < S or j > i - W} for every query."""
+import random
+
+import pytest
+import torch
+
+from streamsink.config import StreamsinkConfig
+from streamsink.rope import RopeSpec
+from streamsink.step_plan import plan_step
+
+ROPE = RopeSpec(head_dim=64, rotary_dim=64, theta=10000.0)
+
+
+def visible_positions(group, row, t, block_size, logical_of_physical):
+    bias = group.bias[row, :, 0, t, 0, :]                      # [NB, B]
+    seen = set()
+    for b, physical in enumerate(group.block_ids[row].tolist()):
+        for off in range(block_size):
+            if bias[b, off] == 0:
+                seen.add(logical_of_physical[physical] * block_size + off)
+    return seen
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_plan_visibility_matches_semantics(seed):
+    rng = random.Random(seed)
+    block_size = rng.choice([4, 8, 32])
+    cfg = StreamsinkConfig(sink_tokens=rng.choice([0, 1, 4, 9]), window_tokens=rng.randint(1, 40))
+    reqs = [(rng.randint(1, 150), rng.choice([1, 1, rng.randint(2, 40)])) for _ in range(4)]
+    reqs = [(max(seq, q), q) for seq, q in reqs]
+    max_blocks = max(-(-seq // block_size) for seq, _ in reqs)
+    # Distinct physical ids per request, so a wrong row or block would show.
+    table = torch.arange(len(reqs) * max_blocks).view(len(reqs), max_blocks) + 100
+    logical_of_physical = {int(p): i % max_blocks for i, p in enumerate(table.flatten())}
+    query_start, positions = [0], []
+    for seq, q in reqs:
+        query_start.append(query_start[-1] + q)
+        positions += list(range(seq - q, seq))
+    plan = plan_step(cfg, ROPE, block_size, [s for s, _ in reqs], query_start, table,
+                     torch.tensor(positions), torch.float32)
+    if all(seq <= cfg.cache_tokens for seq, _ in reqs):
+        assert plan.dense and not plan.groups
+        return
+    covered = {}
+    for g in plan.groups:
+        for row in range(g.token_idx.shape[0]):
+            for t in range(g.token_idx.shape[1]):
+                token = int(g.token_idx[row, t])
+                i = positions[token]
+                req = next(r for r in range(len(reqs)) if query_start[r] <= token
+                           < query_start[r + 1])
+                assert all(p // max_blocks == req for p in
+                           [(int(x) - 100) for x in g.block_ids[row]])
+                expected = {j for j in range(i + 1)
+                            if j < cfg.sink_tokens or j > i - cfg.window_tokens}
+                assert visible_positions(g, row, t, block_size, logical_of_physical) == expected
+                covered[token] = True
+    assert sorted(covered) == list(range(len(positions)))
+
+
+def test_sink_rotation_moves_query_to_its_cache_slot():
+    cfg = StreamsinkConfig(sink_tokens=4, window_tokens=12)
+    table = torch.arange(10).view(1, 10)
+    plan = plan_step(cfg, ROPE, 8, [40], [0, 1], table, torch.tensor([39]), torch.float64)
+    (group,) = plan.groups
+    # Query 39 sits at slot C-1 = 15: rotation by 15 - 39 = -24 positions.
+    assert torch.allclose(group.sink_rotation[0, 0], ROPE.cos_sin(torch.tensor([-24]),
+                                                                   torch.float64)[0])
