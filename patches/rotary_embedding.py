@@ -18,13 +18,11 @@ from streamsink.patches import PatchTargetMoved
 _original_forward = None
 
 
-def current_plan():
+def _current_plan():
     """The streamsink StepPlan of the step being executed, if any."""
-    from vllm.forward_context import get_forward_context, is_forward_context_available
-
-    if not is_forward_context_available():
+    if not _is_forward_context_available():
         return None
-    metadata = get_forward_context().attn_metadata
+    metadata = _get_forward_context().attn_metadata
     if isinstance(metadata, list):
         metadata = metadata[0] if metadata else None
     if not metadata:
@@ -33,21 +31,23 @@ def current_plan():
 
 
 def _streaming_forward(self, positions, query, key=None):
-    plan = current_plan()
+    # Runs per layer per step: imports are resolved once, in apply().
+    plan = _current_plan()
     if plan is None:
         return _original_forward(self, positions, query, key)
     if plan.rope_cos_sin.shape[0] != positions.shape[0]:
         raise RuntimeError("streamsink: RoPE table does not match the step's positions")
     # vLLM's own in-place CPU RoPE op, fed the step's table and row indices into it.
-    from vllm import _custom_ops as ops
-
-    ops.rotary_embedding(plan.rope_index, query, key, self.head_size, plan.rope_cos_sin,
+    _ops.rotary_embedding(plan.rope_index, query, key, self.head_size, plan.rope_cos_sin,
                          self.is_neox_style)
     return query, key
 
 
+_ops = _get_forward_context = _is_forward_context_available = None
+
+
 def apply() -> None:
-    global _original_forward
+    global _original_forward, _ops, _get_forward_context, _is_forward_context_available
     from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
 
     if _original_forward is not None:
@@ -64,5 +64,9 @@ def apply() -> None:
         raise PatchTargetMoved("RotaryEmbedding changed: expected CustomOp.forward and "
                                "ops.rotary_embedding(positions, query, key, head_size, "
                                "cos_sin_cache, is_neox)")
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    _ops, _get_forward_context = ops, get_forward_context
+    _is_forward_context_available = is_forward_context_available
     _original_forward = RotaryEmbedding.forward
     RotaryEmbedding.forward = _streaming_forward
