@@ -22,8 +22,9 @@ def check_version() -> None:
 
 
 def apply_all() -> None:
-    from streamsink.patches import engine_config, rotary_embedding
+    from streamsink.patches import engine_config, hf_gpt_neox_rope, rotary_embedding
 
     check_version()
     rotary_embedding.apply()
+    hf_gpt_neox_rope.apply()
     engine_config.apply()

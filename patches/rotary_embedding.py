@@ -18,8 +18,8 @@ from streamsink.patches import PatchTargetMoved
 _original_forward = None
 
 
-def _current_plan():
-    """The streamsink StepPlan of the step being executed, if any."""
+def current_plan():
+    """The streamsink StepPlan of the step being executed, if any (cheap: runs per layer)."""
     if not _is_forward_context_available():
         return None
     metadata = _get_forward_context().attn_metadata
@@ -32,7 +32,7 @@ def _current_plan():
 
 def _streaming_forward(self, positions, query, key=None):
     # Runs per layer per step: imports are resolved once, in apply().
-    plan = _current_plan()
+    plan = current_plan()
     if plan is None:
         return _original_forward(self, positions, query, key)
     if plan.rope_cos_sin.shape[0] != positions.shape[0]:

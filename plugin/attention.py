@@ -5,17 +5,19 @@ on CPU goes through these classes; for an engine without a streamsink config the
 stock classes. With one:
 
 - the KV write is stock (keys rotated at their absolute positions, stock cache layout);
-- while every request of a step is shorter than S+W, attention is dense and the stock C++ kernel
-  runs unchanged;
-- otherwise each layer reads the sink and window blocks the step plan lists and computes the
-  logits itself: window keys as stored, sink keys against the query re-rotated to its in-cache slot
-  (RoPE option 2 of DESIGN.md §3: O(S) extra work per query, none per window key).
+- every layer runs vLLM's C++ kernel with a sliding window of C = S+W when the step allows it
+  (dense requests, and decodes past C after writing the S sink "shadows": DESIGN.md §3 option 4,
+  O(S) writes per decode per layer, see step_plan.py);
+- otherwise (prefill chunks past C) each layer reads the sink and window blocks the step plan
+  lists and computes the logits in PyTorch: window keys as stored, sink keys against the query
+  re-rotated to its in-cache slot (option 2: O(S) extra work per query, none per window key).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from vllm import _custom_ops as ops
 from vllm.config import get_current_vllm_config
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
@@ -28,7 +30,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from streamsink.config import StreamsinkConfig, config_from_additional
 from streamsink.kv_policy import StreamingSinkSpec
 from streamsink.rope import RopeSpec, rope_spec_from_hf_config, rotate
-from streamsink.step_plan import AttentionGroup, StepPlan, plan_step
+from streamsink.step_plan import AttentionGroup, ShadowWrites, StepPlan, plan_step
 
 # The streamsink config of the engine whose model this process built last. vLLM asks the backend
 # to customize KV specs (customize_spec) without passing the config; one process builds one
@@ -59,7 +61,7 @@ class StreamsinkMetadataBuilder(CPUAttentionMetadataBuilder):
             seq_lens=cm.seq_lens[:cm.num_reqs].tolist(),
             query_start=cm.query_start_loc_cpu[:cm.num_reqs + 1].tolist(),
             block_table=cm.block_table_tensor[:cm.num_reqs],
-            positions=cm.positions, dtype=self.dtype)
+            positions=cm.positions, dtype=self.dtype, kv_heads=self.num_kv_heads)
         return out
 
 
@@ -113,11 +115,26 @@ class StreamsinkAttentionImpl(CPUAttentionBackendImpl):
         self.rope: RopeSpec | None = None
         if self.streamsink is not None:
             self.rope = rope_spec_from_hf_config(vllm_config.model_config.hf_text_config)
+            # The kernel's left window; the metadata builder picks it up from the layers.
+            self.sliding_window = self.streamsink.cache_tokens
+
+    def _write_shadows(self, layer, kv_cache: torch.Tensor, shadows: ShadowWrites) -> None:
+        """Sink j's K/V, rotated from position j to i-C+1+j, into the slots the window left.
+        Four ops per layer: two gathers, vLLM's in-place RoPE op, vLLM's KV write."""
+        flat = kv_cache.view(-1)
+        width = self.num_kv_heads * self.head_size
+        k = flat[shadows.key_index].view(-1, width)  # the RoPE op wants [tokens, heads*dim]
+        v = flat[shadows.value_index].view(-1, self.num_kv_heads, self.head_size)
+        ops.rotary_embedding(shadows.rotation_index, k, None, self.head_size, shadows.rotation,
+                             True)
+        super().do_kv_cache_update(layer, k.view_as(v), v, kv_cache, shadows.slots)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
         plan = getattr(attn_metadata, "streamsink", None)
-        if plan is None or plan.dense:
+        if plan is None or plan.kernel:
+            if plan is not None and plan.shadows is not None:
+                self._write_shadows(layer, kv_cache, plan.shadows)
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
         keys, values = _split_kv_cache(kv_cache)

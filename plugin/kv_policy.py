@@ -5,9 +5,12 @@ The spec subclasses SlidingWindowSpec on purpose: vLLM then sizes the pool and a
 the window (max_admission_blocks_per_request) instead of by max_model_len, which is what lets a
 prompt of any length stream through chunked prefill.
 
-Block accounting (DESIGN.md §2): with block size B, a stream holds the ceil(S/B) sink blocks for
-its whole life, plus the blocks covering the W-1 tokens before the next query and the Q tokens
-scheduled in the step: at most ceil(S/B) + ceil((W-1+Q)/B) + 1 blocks, whatever its length.
+Block accounting: with block size B, a stream holds the ceil(S/B) sink blocks for its whole life,
+plus the blocks covering the C-1 = S+W-1 tokens before the next query and the Q tokens scheduled
+in the step: at most ceil(S/B) + ceil((S+W-1+Q)/B) + 1 blocks, whatever its length. The S slots
+kept beyond the window are where decode writes the sinks' "shadows" (attention.py) so that vLLM's
+own kernel can run; DESIGN.md §2's bound ceil(S/B) + ceil((W+Q)/B) + 1 is the same number unless
+S-1 extra tokens cross a block boundary (never for the default 4+1020 at B=128).
 """
 from __future__ import annotations
 
@@ -28,9 +31,16 @@ class StreamingSinkSpec(SlidingWindowSpec):
     def sink_blocks(self) -> int:
         return cdiv(self.sink_tokens, self.block_size)
 
+    @property
+    def retained_tokens(self) -> int:
+        """Tokens kept before the next query: the window's W-1 plus S shadow slots."""
+        return self.sink_tokens + self.sliding_window - 1
+
     def max_admission_blocks_per_request(self, max_in_flight_tokens: int,
                                          max_model_len: int) -> int:
-        window = super().max_admission_blocks_per_request(max_in_flight_tokens, max_model_len)
+        held = self.retained_tokens + self.extra_retained_tokens + max_in_flight_tokens
+        # +1: the retained run need not start on a block boundary.
+        window = cdiv(held, self.block_size) + 1
         return min(self.sink_blocks + window, cdiv(max_model_len, self.block_size))
 
     @property
@@ -50,11 +60,15 @@ class StreamingSinkManager(SlidingWindowManager):
     def __init__(self, kv_cache_spec: StreamingSinkSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
         self.sink_blocks = kv_cache_spec.sink_blocks
-        self._evicted_tokens: dict[str, int] = {}
+        self.retained_tokens = kv_cache_spec.retained_tokens
+
+    def get_num_skipped_tokens(self, num_computed_tokens: int) -> int:
+        # Tokens before the retained run: no present or future query sees them, and they are not
+        # a decode step's shadow slots.
+        return max(0, num_computed_tokens - self.retained_tokens - self.extra_retained_tokens)
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:
-        # Tokens < processed - W + 1 are invisible to the next query and to every later one.
         invisible = self.get_num_skipped_tokens(processed_computed_tokens)
         blocks = self.req_to_blocks.get(request_id)
         if invisible <= 0 or not blocks:

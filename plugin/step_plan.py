@@ -9,6 +9,15 @@ Semantics (DESIGN.md §1): query i sees j <= i with j < S or j > i - W; with n =
 query sits at slot n-1 and a window key j at slot n-1-(i-j), so keys rotated at their absolute
 positions already give the right window logits. Only sink logits need the query rotated by
 (n-1) - i, a rotation by a non-positive angle that is zero while i < C.
+
+Two ways to compute a step (DESIGN.md §3 options 4 and 2):
+- kernel step: every request is dense (all its queries < C) or a decode at i >= C+S-1. For each
+  such decode the plan lists "shadow" writes: sink j's K/V, re-rotated to position i-C+1+j, into
+  the slots of the S tokens just evicted. The last C slots then read as one contiguous run of
+  exactly the keys query i must see, at the right distances, and vLLM's C++ kernel with a
+  sliding window of C computes StreamingLLM attention unchanged.
+- PyTorch step (any other step, e.g. a prefill chunk past C): per-request groups of blocks and
+  visibility masks for attend_group in attention.py.
 """
 from __future__ import annotations
 
@@ -37,10 +46,26 @@ class AttentionGroup:
 
 
 @dataclass
+class ShadowWrites:
+    """Sink K/V to copy, re-rotated, into the slots the window just left (kernel steps).
+
+    Sources are flat indices into one layer's KV cache tensor (the same for every layer), in the
+    CPU backend's "vec" layout: per (block, KV head) a page of [head_dim, B] keys, then [B,
+    head_dim] values."""
+
+    key_index: torch.Tensor        # [N * Hkv * D] flat index of sink keys, as [N, Hkv, D]
+    value_index: torch.Tensor      # [N * Hkv * D] flat index of sink values, as [N, Hkv, D]
+    rotation_index: torch.Tensor   # arange(N): rows of rotation
+    rotation: torch.Tensor         # [N, rotary_dim] cos|sin: from position j to i-C+1+j
+    slots: torch.Tensor            # [N] destination slot (block * B + offset)
+
+
+@dataclass
 class StepPlan:
     rope_index: torch.Tensor       # arange(num_tokens): rows of rope_cos_sin
     rope_cos_sin: torch.Tensor     # [num_tokens, rotary_dim] RoPE table at absolute positions
-    dense: bool                    # every request still shorter than S+W: plain causal attention
+    kernel: bool                   # vLLM's kernel with a window of C computes this step
+    shadows: ShadowWrites | None = None
     groups: list[AttentionGroup] = field(default_factory=list)
 
 
@@ -88,14 +113,56 @@ def _group(rows: list[tuple[list[int], list[int], list[int]]], block_table: torc
                           sink_rotation)
 
 
+def _kernel_can_run(cfg: StreamsinkConfig, seq_len: int, query_len: int) -> bool:
+    # Dense, or a decode whose shadow slots (i-C+1 .. i-C+S) lie past the real sinks.
+    return (seq_len <= cfg.cache_tokens
+            or (query_len == 1 and seq_len - 1 >= cfg.cache_tokens + cfg.sink_tokens - 1))
+
+
+def _vec_layout_index(blocks: torch.Tensor, offsets: torch.Tensor, kv_heads: int,
+                      head_dim: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices of the keys and values of tokens (block, offset): [N, kv_heads, head_dim]."""
+    page = 2 * block_size * head_dim
+    heads = torch.arange(kv_heads)[None, :, None]
+    dims = torch.arange(head_dim)[None, None, :]
+    base = blocks[:, None, None] * kv_heads * page + heads * page
+    keys = base + dims * block_size + offsets[:, None, None]
+    values = base + block_size * head_dim + offsets[:, None, None] * head_dim + dims
+    return keys.flatten(), values.flatten()
+
+
+def _shadow_writes(cfg: StreamsinkConfig, rope: RopeSpec, block_size: int,
+                   seq_lens: list[int], block_table: torch.Tensor, kv_heads: int,
+                   dtype: torch.dtype) -> ShadowWrites | None:
+    rows = [(r, n - 1) for r, n in enumerate(seq_lens) if n > cfg.cache_tokens]
+    if not rows or not cfg.sink_tokens:
+        return None
+    sinks = torch.arange(cfg.sink_tokens)
+    req = torch.tensor([r for r, _ in rows]).repeat_interleave(cfg.sink_tokens)
+    shift = torch.tensor([i - cfg.cache_tokens + 1 for _, i in rows])     # i - C + 1 >= S
+    source = sinks.repeat(len(rows))
+    dest = shift.repeat_interleave(cfg.sink_tokens) + source
+    sink_blocks = block_table[req, source // block_size].long()
+    dest_blocks = block_table[req, dest // block_size].long()
+    key_index, value_index = _vec_layout_index(sink_blocks, source % block_size, kv_heads,
+                                               rope.head_dim, block_size)
+    return ShadowWrites(key_index=key_index, value_index=value_index,
+                        rotation_index=torch.arange(len(dest)),
+                        rotation=rope.cos_sin(shift.repeat_interleave(cfg.sink_tokens), dtype),
+                        slots=dest_blocks * block_size + dest % block_size)
+
+
 def plan_step(cfg: StreamsinkConfig, rope: RopeSpec, block_size: int, seq_lens: list[int],
               query_start: list[int], block_table: torch.Tensor, positions: torch.Tensor,
-              dtype: torch.dtype) -> StepPlan:
+              dtype: torch.dtype, kv_heads: int = 1) -> StepPlan:
     num_tokens = positions.shape[0]
+    query_lens = [query_start[r + 1] - query_start[r] for r in range(len(seq_lens))]
     plan = StepPlan(rope_index=torch.arange(num_tokens),
                     rope_cos_sin=rope.cos_sin(positions, dtype),
-                    dense=all(n <= cfg.cache_tokens for n in seq_lens))
-    if plan.dense:
+                    kernel=all(_kernel_can_run(cfg, n, q) for n, q in zip(seq_lens, query_lens)))
+    if plan.kernel:
+        plan.shadows = _shadow_writes(cfg, rope, block_size, seq_lens, block_table, kv_heads,
+                                      dtype)
         return plan
     decode_rows, decode_reqs = [], []
     for r, seq_len in enumerate(seq_lens):

@@ -36,6 +36,16 @@ def test_rotary_embedding_patch_target():
     assert rotary_embedding._original_forward is CustomOp.forward
 
 
+def test_hf_gpt_neox_rope_patch_target():
+    from transformers.models.gpt_neox import modeling_gpt_neox as hf
+
+    from streamsink.patches import hf_gpt_neox_rope
+
+    assert hf.GPTNeoXRotaryEmbedding.forward is hf_gpt_neox_rope._streaming_forward
+    original = inspect.signature(hf_gpt_neox_rope._original_forward)
+    assert list(original.parameters) == ["self", "x", "position_ids"]
+
+
 def test_engine_config_patch_target():
     from vllm.platforms.cpu import CpuPlatform
 

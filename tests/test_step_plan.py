@@ -38,8 +38,13 @@ def test_plan_visibility_matches_semantics(seed):
         positions += list(range(seq - q, seq))
     plan = plan_step(cfg, ROPE, block_size, [s for s, _ in reqs], query_start, table,
                      torch.tensor(positions), torch.float32)
-    if all(seq <= cfg.cache_tokens for seq, _ in reqs):
-        assert plan.dense and not plan.groups
+    if plan.kernel:
+        # vLLM's kernel attends to the last C slots; that is exact only when every request is
+        # dense, or a decode whose S shadow slots lie past the real sinks.
+        for seq, q in reqs:
+            assert seq <= cfg.cache_tokens or (q == 1 and seq - 1 >= cfg.cache_tokens
+                                               + cfg.sink_tokens - 1)
+        assert not plan.groups
         return
     covered = {}
     for g in plan.groups:
@@ -58,11 +63,29 @@ def test_plan_visibility_matches_semantics(seed):
     assert sorted(covered) == list(range(len(positions)))
 
 
+def test_shadows_fill_the_slots_the_window_just_left():
+    """Decode at i: the C slots (i-C, i] hold sink j, rotated to i-C+1+j, then the window."""
+    cfg = StreamsinkConfig(sink_tokens=4, window_tokens=12)        # C = 16
+    block_size, table = 8, torch.arange(10).view(1, 10) + 3
+    plan = plan_step(cfg, ROPE, block_size, [40], [0, 1], table, torch.tensor([39]),
+                     torch.float64, kv_heads=2)
+    assert plan.kernel and not plan.groups
+    shadows = plan.shadows
+    dest = [24, 25, 26, 27]                                        # i-C+1+j for i = 39
+    assert shadows.slots.tolist() == [int(table[0, p // block_size]) * block_size
+                                      + p % block_size for p in dest]
+    expected = ROPE.cos_sin(torch.tensor([24] * 4), torch.float64)  # rotate j -> 24 + j
+    assert torch.allclose(shadows.rotation, expected)
+    assert shadows.key_index.numel() == 4 * 2 * ROPE.head_dim
+
+
 def test_sink_rotation_moves_query_to_its_cache_slot():
     cfg = StreamsinkConfig(sink_tokens=4, window_tokens=12)
     table = torch.arange(10).view(1, 10)
-    plan = plan_step(cfg, ROPE, 8, [40], [0, 1], table, torch.tensor([39]), torch.float64)
+    # A prefill chunk past C goes through the PyTorch path.
+    plan = plan_step(cfg, ROPE, 8, [40], [0, 2], table, torch.tensor([38, 39]), torch.float64)
+    assert not plan.kernel
     (group,) = plan.groups
     # Query 39 sits at slot C-1 = 15: rotation by 15 - 39 = -24 positions.
-    assert torch.allclose(group.sink_rotation[0, 0], ROPE.cos_sin(torch.tensor([-24]),
+    assert torch.allclose(group.sink_rotation[0, 1], ROPE.cos_sin(torch.tensor([-24]),
                                                                    torch.float64)[0])

@@ -18,6 +18,44 @@ LLAMA_CASES = [
 ]
 NEOX_CASES = [(4, 60, 2048, 400), (1, 100, 7, 300)]
 MIXED = (4, 60, [30, 64, 65, 333, 500])
+# Past the models' 4096-position table: RoPE must come from streamsink's float64 tables.
+LONG = (4, 60, 5000)
+# Decode past C (the kernel with sink shadows), batched, prompts shorter and longer than C:
+# (family, S, W, prompt lengths, generated tokens)
+DECODE_CASES = [("llama", 4, 60, [50, 57, 200], 200), ("llama", 8, 37, [20, 90], 150),
+                ("llama", 0, 50, [10], 120), ("neox", 1, 100, [30, 150], 150)]
+
+
+def greedy_decode(model, sink, window, prompts, new_tokens):
+    """Generated tokens and their NLLs (sampled-token log-probabilities) per prompt."""
+    from vllm import SamplingParams
+
+    llm = tiny_engine(model, {"sink_tokens": sink, "window_tokens": window},
+                      max_num_seqs=len(prompts))
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, logprobs=0, detokenize=False,
+                            ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    del llm
+    gc.collect()
+    result = []
+    for o in outs:
+        tokens = list(o.outputs[0].token_ids)
+        result.append((tokens, [-lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, tokens)]))
+    return result
+
+
+@pytest.fixture(scope="module")
+def decoded(tiny_llama, tiny_gpt_neox):
+    """Decode every DECODE_CASES case, then compute all their references in one subprocess."""
+    models = {"llama": tiny_llama, "neox": tiny_gpt_neox}
+    cases, jobs = [], []
+    for family, sink, window, lengths, new in DECODE_CASES:
+        prompts = [random_tokens(n, seed=n) for n in lengths]
+        for prompt, (tokens, nlls) in zip(prompts, greedy_decode(models[family], sink, window,
+                                                                  prompts, new)):
+            cases.append((family, sink, window, len(prompt), nlls))
+            jobs.append((models[family], prompt + tokens, sink, window))
+    return [(case, ref) for case, ref in zip(cases, compute_references(jobs))]
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +71,10 @@ def references(tiny_llama, tiny_gpt_neox):
     for n in lengths:
         keys.append(("mixed", n))
         jobs.append((tiny_llama, random_tokens(n, seed=n), s, w))
+    s, w, n = LONG
+    for family, model in (("llama", tiny_llama), ("neox", tiny_gpt_neox)):
+        keys.append(("long", family))
+        jobs.append((model, random_tokens(n, seed=5), s, w))
     # Sensitivity controls: dense attention and a window without sinks.
     keys += [("dense",), ("no-sink",)]
     jobs += [(tiny_llama, random_tokens(360), 4, 10_000), (tiny_llama, random_tokens(360), 0, 64)]
@@ -81,3 +123,19 @@ def test_mixed_batch_short_and_long_llama(tiny_llama, references):
 def test_gpt_neox_matches_reference(tiny_gpt_neox, references, sink, window, chunk, length):
     got = run_engine(tiny_gpt_neox, [random_tokens(length, seed=3)], sink, window, chunk)[0]
     assert max_diff(got, references[("neox", sink, window, chunk, length)]) < TOLERANCE
+
+
+@pytest.mark.parametrize("family", ["llama", "neox"])
+def test_positions_past_the_model_table(tiny_llama, tiny_gpt_neox, references, family):
+    sink, window, length = LONG
+    model = {"llama": tiny_llama, "neox": tiny_gpt_neox}[family]
+    got = run_engine(model, [random_tokens(length, seed=5)], sink, window, 2048)[0]
+    assert max_diff(got, references[("long", family)]) < TOLERANCE
+
+
+def test_decode_past_cache_matches_reference(decoded):
+    """Greedy decode far past S+W, batched: every generated token's log-probability matches
+    the reference run over prompt + generated tokens."""
+    for (family, sink, window, prompt_len, nlls), ref in decoded:
+        expected = ref[prompt_len - 1:]
+        assert max_diff(nlls, expected) < TOLERANCE, (family, sink, window, prompt_len)
