@@ -87,9 +87,9 @@ def max_diff(a, b):
 
 
 def run_engine(model, tokens, sink, window, chunk, **extra):
+    # max_num_batched_tokens is the prefill chunk (one request at a time for chunks < 8).
     llm = tiny_engine(model, {"sink_tokens": sink, "window_tokens": window},
-                      max_num_batched_tokens=max(chunk, 8), max_num_seqs=min(8, chunk),
-                      long_prefill_token_threshold=chunk if chunk < 8 else 0, **extra)
+                      max_num_batched_tokens=chunk, max_num_seqs=min(8, chunk), **extra)
     got = prompt_nlls(llm, tokens)
     del llm
     gc.collect()
