@@ -14,6 +14,7 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/decode_latency.py
+	$(PY) benchmarks/ppl_speed.py
 
 clean:
 	rm -rf .venv

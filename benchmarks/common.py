@@ -13,7 +13,8 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results")
+# STREAMSINK_BENCH_RESULTS redirects output (the CI smoke test keeps the committed results).
+RESULTS = os.environ.get("STREAMSINK_BENCH_RESULTS") or os.path.join(HERE, "results")
 # The team's shared data folder sits beside the repository (books for perplexity).
 SHARED_DATA = os.path.join(HERE, "..", "..", "shared", "data")
 
@@ -33,3 +34,22 @@ def save(name: str, payload: dict) -> str:
     with open(path, "w") as f:
         json.dump({**payload, "machine": machine()}, f, indent=2)
     return path
+
+
+def figure(ncols: int = 1, size: tuple[float, float] = (6.5, 4)):
+    """A matplotlib figure without a display (Agg) and its axes (a list)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=size, squeeze=False)
+    return fig, list(axes[0])
+
+
+def save_figure(fig, axes, path: str) -> None:
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -38,14 +38,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=20_000)
     parser.add_argument("--sink", type=int, default=4)
     parser.add_argument("--window", type=int, default=1020)
-    parser.add_argument("--quick", action="store_true", help="2,000 tokens, cache 256")
+    parser.add_argument("--quick", action="store_true", help="1,000 tokens, cache 256")
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
     from streamsink.model_store import resolve_model
     from streamsink.serving.ppl import load_token_ids
 
-    tokens, window = (2000, 252) if args.quick else (args.tokens, args.window)
+    tokens, window = (1000, 252) if args.quick else (args.tokens, args.window)
     model = resolve_model(args.model)
     ids = load_token_ids(args.text, AutoTokenizer.from_pretrained(model), 0, tokens)
     rows = {}

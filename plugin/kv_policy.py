@@ -61,6 +61,7 @@ class StreamingSinkManager(SlidingWindowManager):
         super().__init__(kv_cache_spec, **kwargs)
         self.sink_blocks = kv_cache_spec.sink_blocks
         self.retained_tokens = kv_cache_spec.retained_tokens
+        self._freed: dict[str, int] = {}  # per request: blocks replaced by the null block
 
     def get_num_skipped_tokens(self, num_computed_tokens: int) -> int:
         # Tokens before the retained run: no present or future query sees them, and they are not
@@ -69,17 +70,29 @@ class StreamingSinkManager(SlidingWindowManager):
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:
-        invisible = self.get_num_skipped_tokens(processed_computed_tokens)
         blocks = self.req_to_blocks.get(request_id)
-        if invisible <= 0 or not blocks:
+        invisible = self.get_num_skipped_tokens(processed_computed_tokens)
+        if not blocks or invisible < self.block_size:
             return
-        last = min(invisible // self.block_size, len(blocks))
-        before = sum(1 for b in blocks if b is not self._null_block)
-        self._remove_blocks_in_range(request_id, self.sink_blocks, last)
-        freed = before - sum(1 for b in blocks if b is not self._null_block)
+        # Newest first, stopping at the first block already freed: O(blocks freed now), not
+        # O(stream length), on this per-step path.
+        freed = []
+        for i in range(min(invisible // self.block_size, len(blocks)) - 1,
+                       self.sink_blocks - 1, -1):
+            if blocks[i] is self._null_block:
+                break
+            freed.append(blocks[i])
+            blocks[i] = self._null_block
         if freed:
-            type(self).blocks_freed_total += freed
-            type(self).tokens_evicted_total += freed * self.block_size
+            self.block_pool.free_blocks(freed)
+            self._freed[request_id] = self._freed.get(request_id, 0) + len(freed)
+            type(self).blocks_freed_total += len(freed)
+            type(self).tokens_evicted_total += len(freed) * self.block_size
+
+    def pop_blocks_for_free(self, request_id: str):
+        # Finish, abort and preemption all come through here (free() included).
+        self._freed.pop(request_id, None)
+        return super().pop_blocks_for_free(request_id)
 
     @classmethod
     def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, *args,
@@ -89,7 +102,8 @@ class StreamingSinkManager(SlidingWindowManager):
 
     def held_blocks(self, request_id: str) -> int:
         """Physical blocks this request holds now (freed positions hold the null block)."""
-        return sum(1 for b in self.req_to_blocks.get(request_id, ()) if b is not self._null_block)
+        blocks = self.req_to_blocks.get(request_id)
+        return len(blocks) - self._freed.get(request_id, 0) if blocks else 0
 
     def held_blocks_all(self) -> int:
         return sum(self.held_blocks(r) for r in self.req_to_blocks)

@@ -55,6 +55,7 @@ def test_long_stream_stays_within_block_bound(engine):
         steps += 1
         for req_id, blocks in manager.req_to_blocks.items():  # vLLM may suffix request ids
             held.append(manager.held_blocks(req_id))
+            assert held[-1] == sum(1 for b in blocks if not b.is_null)
             assert not blocks[0].is_null, "sink block freed"
             if len(blocks) > bound:  # longer than the bound: the middle must have been freed
                 assert any(b.is_null for b in blocks[1:-2])

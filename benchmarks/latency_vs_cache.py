@@ -1,0 +1,110 @@
+"""Per-token decode latency against cache size C (paper Fig. 10), three ways on the same vLLM:
+- streamsink: S=4 sinks + window C-4, stream past C (each token attends C keys);
+- sliding window with re-computation (the paper's baseline): each new token re-prefills the last
+  C tokens from scratch (stock engine, prefix caching off);
+- stock vLLM with C tokens of history (dense attention, as far as the model's context allows).
+
+    .venv/bin/python benchmarks/latency_vs_cache.py [--quick] [--model M]
+Writes benchmarks/results/latency_vs_cache[_quick].json and .png.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import time
+
+import common
+
+
+def prompt(n: int, seed: int = 0) -> list[int]:
+    return [(31 * j + seed) % 5000 + 100 for j in range(n)]
+
+
+def decode_ms(llm, context: int, steps: int) -> float:
+    """Median ms per decode step, batch 1, starting at `context` tokens."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    engine.add_request(f"d{context}", {"prompt_token_ids": prompt(context)},
+                       SamplingParams(max_tokens=steps + 4, ignore_eos=True, detokenize=False))
+    while not any(o.outputs[0].token_ids for o in engine.step()):
+        pass
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return 1000 * statistics.median(times)
+
+
+def recompute_ms(llm, cache: int, repeats: int) -> float:
+    """Median ms to produce one token by prefilling the last C tokens from scratch."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, detokenize=False)
+    times = []
+    for r in range(repeats):
+        t = time.perf_counter()
+        llm.generate([{"prompt_token_ids": prompt(cache, seed=r + 1)}], params, use_tqdm=False)
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    caches = [r["cache"] for r in rows]
+    fig, (ax,) = common.figure()
+    for key, label in (("recompute_ms", "sliding window + re-computation"),
+                       ("stock_dense_ms", "stock vLLM, C tokens of history"),
+                       ("streamsink_ms", "streamsink (4 sinks + window)")):
+        ax.plot(caches, [r[key] for r in rows], marker="o", label=label)
+    ax.set(yscale="log", xlabel="cache size C (tokens)",
+           ylabel="ms per generated token", title="Per-token decode latency (batch 1)")
+    ax.set_xscale("log", base=2)
+    ax.minorticks_off()
+    ax.set_xticks(caches, [str(c) for c in caches])
+    common.save_figure(fig, [ax], path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--quick", action="store_true", help="C in {256, 512}")
+    parser.add_argument("--sink", type=int, default=4)
+    args = parser.parse_args()
+    from streamsink.serving.engine import make_llm
+
+    caches = [256, 512] if args.quick else [256, 512, 1024, 2048, 4096]
+    steps, repeats = (8, 2) if args.quick else (24, 3)
+    base = dict(in_process=True, enforce_eager=True, max_num_seqs=1, enable_prefix_caching=False)
+    rows = []
+    stock = make_llm(args.model, streamsink=None, max_model_len=max(caches) + 64, **base)
+    for cache in caches:
+        rows.append({"cache": cache, "stock_dense_ms": decode_ms(stock, cache - steps, steps),
+                     "recompute_ms": recompute_ms(stock, cache, repeats)})
+    del stock
+    gc.collect()
+    for row in rows:
+        cache = row["cache"]
+        llm = make_llm(args.model, streamsink={"sink_tokens": args.sink,
+                                               "window_tokens": cache - args.sink},
+                       max_model_len=cache + 512, **base)
+        row["streamsink_ms"] = decode_ms(llm, cache + 100, steps)
+        row["speedup_vs_recompute"] = row["recompute_ms"] / row["streamsink_ms"]
+        row["ratio_vs_stock_dense"] = row["streamsink_ms"] / row["stock_dense_ms"]
+        print(f"C={cache:>5}: streamsink {row['streamsink_ms']:.1f} ms, recompute "
+              f"{row['recompute_ms']:.1f} ms ({row['speedup_vs_recompute']:.1f}x), stock dense "
+              f"{row['stock_dense_ms']:.1f} ms", flush=True)
+        del llm
+        gc.collect()
+    name = "latency_vs_cache" + ("_quick" if args.quick else "")
+    png = os.path.join(common.RESULTS, name + ".png")
+    plot(rows, png)
+    print("wrote", common.save(name, {"sink_tokens": args.sink, "rows": rows}), png)
+
+
+if __name__ == "__main__":
+    main()
