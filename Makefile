@@ -15,6 +15,10 @@ test: setup
 bench: setup
 	$(PY) benchmarks/decode_latency.py
 	$(PY) benchmarks/ppl_speed.py
+	$(PY) benchmarks/latency_vs_cache.py
+	$(PY) benchmarks/perplexity.py
+	$(PY) benchmarks/memory.py
+	$(PY) benchmarks/many_streams.py
 
 clean:
 	rm -rf .venv

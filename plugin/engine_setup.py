@@ -31,6 +31,11 @@ def configure_streaming_engine(vllm_config) -> None:
         raise StreamsinkConfigError(
             f"streamsink does not support {arch} (supported: "
             f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
+    if getattr(model_config.hf_text_config, "sliding_window", None) is not None:
+        # vLLM would give such layers its own sliding-window KV manager, which frees the sinks.
+        raise StreamsinkConfigError(
+            f"streamsink does not support models with their own sliding window "
+            f"(sliding_window={model_config.hf_text_config.sliding_window}); set it to null")
     try:
         rope_spec_from_hf_config(model_config.hf_text_config)
     except ValueError as exc:

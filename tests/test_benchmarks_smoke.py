@@ -60,3 +60,10 @@ def test_ppl_speed_quick(tmp_path):
     result, _ = run_quick("ppl_speed.py", tmp_path)
     assert result["ppl_relative_difference"] < 1e-4
     assert result["speedup"] > 0
+
+
+def test_many_streams_quick(tmp_path):
+    result, png = run_quick("many_streams.py", tmp_path)
+    assert set(result["throughput_ratio_streamsink_over_stock"]) == {"1", "8"}
+    assert all(r["generated_tokens"] == r["streams"] * 256 for r in result["rows"])
+    assert png.exists()

@@ -50,6 +50,16 @@ def test_engine_refuses_unsupported_architecture(tmp_path):
         engine_config(str(tmp_path), additional_config={"streamsink": {}})
 
 
+def test_engine_refuses_model_with_own_sliding_window(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    MistralForCausalLM(MistralConfig(hidden_size=256, intermediate_size=256, num_hidden_layers=1,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                     vocab_size=256, sliding_window=512)).save_pretrained(tmp_path)
+    with pytest.raises(Exception, match="own sliding window"):
+        engine_config(str(tmp_path), additional_config={"streamsink": {}})
+
+
 def test_engine_refuses_quantized_kv_cache(tiny_llama):
     with pytest.raises(Exception, match="unquantized KV cache"):
         engine_config(tiny_llama, additional_config={"streamsink": {}}, kv_cache_dtype="fp8")

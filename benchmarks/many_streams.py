@@ -1,0 +1,106 @@
+"""Many concurrent long streams on the same KV memory budget: aggregate generated tokens/s and
+per-token latency (p50/p99 of the gaps between a stream's tokens), streamsink against stock vLLM.
+
+Stock vLLM keeps every stream's whole history, so a fixed pool holds few long streams at once
+(the rest wait or are preempted); streamsink holds each stream in a constant number of blocks.
+
+    .venv/bin/python benchmarks/many_streams.py [--quick] [--model M]
+Writes benchmarks/results/many_streams[_quick].json and .png.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import time
+
+import common
+
+
+def run_streams(llm, streams: int, prompt_len: int, new_tokens: int) -> dict:
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, detokenize=False)
+    for i in range(streams):
+        engine.add_request(f"s{streams}-{i}",
+                           {"prompt_token_ids": [(17 * j + 101 * i) % 5000 + 100
+                                                 for j in range(prompt_len)]}, params)
+    last_seen: dict[str, tuple[int, float]] = {}
+    gaps, generated = [], 0
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        now = time.perf_counter()
+        for out in outs:
+            n = len(out.outputs[0].token_ids)
+            prev_n, prev_t = last_seen.get(out.request_id, (0, None))
+            if n > prev_n:
+                if prev_t is not None:  # gaps after the first token: inter-token latency
+                    gaps.extend([(now - prev_t) / (n - prev_n)] * (n - prev_n))
+                generated += n - prev_n
+                last_seen[out.request_id] = (n, now)
+    elapsed = time.perf_counter() - start
+    gaps.sort()
+    return {"streams": streams, "generated_tokens": generated, "seconds": elapsed,
+            "tokens_per_second": generated / elapsed,
+            "itl_p50_ms": 1000 * statistics.median(gaps),
+            "itl_p99_ms": 1000 * gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--quick", action="store_true",
+                        help="1 and 8 streams, 128 + 256 tokens each, a 96 MiB pool")
+    parser.add_argument("--sink", type=int, default=4)
+    parser.add_argument("--window", type=int, default=252)
+    args = parser.parse_args()
+    from streamsink.serving.engine import make_llm
+
+    if args.quick:
+        counts, prompt_len, new_tokens, pool = [1, 8], 128, 256, 96 << 20
+    else:
+        counts, prompt_len, new_tokens, pool = [1, 8, 32, 64], 512, 1536, 1 << 30
+    rows = []
+    for label, streamsink in (("stock", None),
+                              ("streamsink", {"sink_tokens": args.sink,
+                                              "window_tokens": args.window})):
+        llm = make_llm(args.model, streamsink=streamsink, in_process=True, enforce_eager=True,
+                       max_model_len=prompt_len + new_tokens + 64, max_num_seqs=max(counts),
+                       kv_cache_memory_bytes=pool, enable_prefix_caching=False)
+        for streams in counts:
+            row = {"engine": label, **run_streams(llm, streams, prompt_len, new_tokens)}
+            rows.append(row)
+            print(f"{label:>10} {streams:>3} streams: {row['tokens_per_second']:7.1f} tok/s, "
+                  f"p50 {row['itl_p50_ms']:.0f} ms, p99 {row['itl_p99_ms']:.0f} ms", flush=True)
+        del llm
+        gc.collect()
+    ratios = {}
+    for streams in counts:
+        stock = next(r for r in rows if r["engine"] == "stock" and r["streams"] == streams)
+        ours = next(r for r in rows if r["engine"] == "streamsink" and r["streams"] == streams)
+        ratios[str(streams)] = ours["tokens_per_second"] / stock["tokens_per_second"]
+    fig, (ax1, ax2) = common.figure(2, size=(11, 4))
+    for label in ("stock", "streamsink"):
+        mine = [r for r in rows if r["engine"] == label]
+        ax1.plot(counts, [r["tokens_per_second"] for r in mine], marker="o", label=label)
+        ax2.plot(counts, [r["itl_p99_ms"] for r in mine], marker="o", label=f"{label} p99")
+        ax2.plot(counts, [r["itl_p50_ms"] for r in mine], marker="x", linestyle="--",
+                 label=f"{label} p50")
+    ax1.set(xlabel="concurrent streams", ylabel="generated tokens/s (all streams)",
+            title=f"throughput, KV pool {pool >> 20} MiB")
+    ax2.set(xlabel="concurrent streams", ylabel="ms between a stream's tokens",
+            title="per-token latency", yscale="log")
+    name = "many_streams" + ("_quick" if args.quick else "")
+    png = os.path.join(common.RESULTS, name + ".png")
+    common.save_figure(fig, [ax1, ax2], png)
+    print("wrote", common.save(name, {
+        "prompt_tokens": prompt_len, "new_tokens": new_tokens, "kv_pool_bytes": pool,
+        "sink_tokens": args.sink, "window_tokens": args.window, "rows": rows,
+        "throughput_ratio_streamsink_over_stock": ratios}), png)
+
+
+if __name__ == "__main__":
+    main()
