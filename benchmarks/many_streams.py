@@ -62,7 +62,7 @@ def main() -> None:
     if args.quick:
         counts, prompt_len, new_tokens, pool = [1, 8], 128, 256, 96 << 20
     else:
-        counts, prompt_len, new_tokens, pool = [1, 8, 32, 64], 512, 1536, 1 << 30
+        counts, prompt_len, new_tokens, pool = [1, 8, 32, 64], 512, 512, 512 << 20
     rows = []
     for label, streamsink in (("stock", None),
                               ("streamsink", {"sink_tokens": args.sink,

@@ -55,6 +55,11 @@ def plot(results: dict, path: str) -> None:
         xs = [r["tokens"] for r in rows]
         ax1.plot(xs, [r["blocks_held"] for r in rows], label=label)
         ax2.plot(xs, [r["rss_mib"] for r in rows], label=label)
+    from matplotlib.ticker import FuncFormatter
+
+    thousands = FuncFormatter(lambda x, _: f"{x / 1000:g}k")
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_formatter(thousands)
     ax1.set(xlabel="tokens in the stream", ylabel="KV blocks held", title="KV cache")
     ax2.set(xlabel="tokens in the stream", ylabel="process RSS (MiB)", title="process memory")
     common.save_figure(fig, [ax1, ax2], path)
