@@ -49,6 +49,24 @@ def run_streams(llm, streams: int, prompt_len: int, new_tokens: int) -> dict:
             "itl_p99_ms": 1000 * gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))]}
 
 
+def plot(rows: list[dict], pool: int, path: str) -> None:
+    fig, (ax1, ax2) = common.figure(2, size=(11, 4))
+    for label, color in (("stock", "tab:blue"), ("streamsink", "tab:orange")):
+        mine = sorted((r for r in rows if r["engine"] == label), key=lambda r: r["streams"])
+        counts = [r["streams"] for r in mine]
+        ax1.plot(counts, [r["tokens_per_second"] for r in mine], marker="o", color=color,
+                 label=label)
+        ax2.plot(counts, [r["itl_p99_ms"] for r in mine], marker="o", color=color,
+                 label=f"{label} p99")
+        ax2.plot(counts, [r["itl_p50_ms"] for r in mine], marker="x", linestyle="--",
+                 color=color, label=f"{label} p50")
+    ax1.set(xlabel="concurrent streams", ylabel="generated tokens/s (all streams)",
+            title=f"throughput, KV pool {pool >> 20} MiB")
+    ax2.set(xlabel="concurrent streams", ylabel="ms between a stream's tokens",
+            title="per-token latency (after the first token)", yscale="log")
+    common.save_figure(fig, [ax1, ax2], path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=None)
@@ -82,20 +100,9 @@ def main() -> None:
         stock = next(r for r in rows if r["engine"] == "stock" and r["streams"] == streams)
         ours = next(r for r in rows if r["engine"] == "streamsink" and r["streams"] == streams)
         ratios[str(streams)] = ours["tokens_per_second"] / stock["tokens_per_second"]
-    fig, (ax1, ax2) = common.figure(2, size=(11, 4))
-    for label in ("stock", "streamsink"):
-        mine = [r for r in rows if r["engine"] == label]
-        ax1.plot(counts, [r["tokens_per_second"] for r in mine], marker="o", label=label)
-        ax2.plot(counts, [r["itl_p99_ms"] for r in mine], marker="o", label=f"{label} p99")
-        ax2.plot(counts, [r["itl_p50_ms"] for r in mine], marker="x", linestyle="--",
-                 label=f"{label} p50")
-    ax1.set(xlabel="concurrent streams", ylabel="generated tokens/s (all streams)",
-            title=f"throughput, KV pool {pool >> 20} MiB")
-    ax2.set(xlabel="concurrent streams", ylabel="ms between a stream's tokens",
-            title="per-token latency", yscale="log")
     name = "many_streams" + ("_quick" if args.quick else "")
     png = os.path.join(common.RESULTS, name + ".png")
-    common.save_figure(fig, [ax1, ax2], png)
+    plot(rows, pool, png)
     print("wrote", common.save(name, {
         "prompt_tokens": prompt_len, "new_tokens": new_tokens, "kv_pool_bytes": pool,
         "sink_tokens": args.sink, "window_tokens": args.window, "rows": rows,
