@@ -52,9 +52,9 @@ class StreamsinkMetadataBuilder(CPUAttentionMetadataBuilder):
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        out = StreamsinkMetadata(**vars(md))
         if self.streamsink is None:
-            return out
+            return md  # stock engine: stock metadata, nothing added per step
+        out = StreamsinkMetadata(**vars(md))
         cm = common_attn_metadata
         out.streamsink = plan_step(
             self.streamsink, self.rope, self.block_size,
