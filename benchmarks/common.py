@@ -10,11 +10,11 @@ import sys
 # In-process engines: the scripts step them directly and build several one after another.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # STREAMSINK_BENCH_RESULTS redirects output (the CI smoke test keeps the committed results).
 RESULTS = os.environ.get("STREAMSINK_BENCH_RESULTS") or os.path.join(HERE, "results")
+os.makedirs(RESULTS, exist_ok=True)
 # The team's shared data folder sits beside the repository (books for perplexity).
 SHARED_DATA = os.path.join(HERE, "..", "..", "shared", "data")
 

@@ -55,10 +55,11 @@ def main() -> None:
     cache = 256 if args.quick else args.cache
     batches = [1, 4] if args.quick else [1, 16]
     steps = 8 if args.quick else args.steps
-    common_kwargs = dict(in_process=True, enforce_eager=True, max_model_len=cache + 2048,
-                         max_num_seqs=max(batches), enable_prefix_caching=False)
+    common_kwargs = dict(in_process=True, enforce_eager=True, max_num_seqs=max(batches),
+                         enable_prefix_caching=False)
     engines = {
-        "stock": make_llm(args.model, streamsink=None, **common_kwargs),
+        "stock": make_llm(args.model, streamsink=None, max_model_len=cache + 2048,
+                          **common_kwargs),
         "streamsink": make_llm(args.model, streamsink={"sink_tokens": args.sink,
                                                        "window_tokens": cache - args.sink},
                                **common_kwargs),

@@ -71,22 +71,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=None)
     parser.add_argument("--quick", action="store_true",
-                        help="1 and 8 streams, 128 + 256 tokens each, a 96 MiB pool")
+                        help="1 and 8 streams, 128 + 256 tokens each, a 256 MiB pool")
     parser.add_argument("--sink", type=int, default=4)
     parser.add_argument("--window", type=int, default=252)
     args = parser.parse_args()
     from streamsink.serving.engine import make_llm
 
     if args.quick:
-        counts, prompt_len, new_tokens, pool = [1, 8], 128, 256, 96 << 20
+        # The pool must hold one request's window plus a whole prefill chunk (vLLM's default
+        # 4096 tokens for a streaming engine): ~200 MB for SmolLM2.
+        counts, prompt_len, new_tokens, pool = [1, 8], 128, 256, 256 << 20
     else:
         counts, prompt_len, new_tokens, pool = [1, 8, 32, 64], 512, 512, 512 << 20
     rows = []
     for label, streamsink in (("stock", None),
                               ("streamsink", {"sink_tokens": args.sink,
                                               "window_tokens": args.window})):
+        # Stock holds each stream's whole history, so it needs max_model_len >= its length;
+        # a streaming engine runs past max_model_len (its own default).
+        length = {} if streamsink else {"max_model_len": prompt_len + new_tokens + 64}
         llm = make_llm(args.model, streamsink=streamsink, in_process=True, enforce_eager=True,
-                       max_model_len=prompt_len + new_tokens + 64, max_num_seqs=max(counts),
+                       max_num_seqs=max(counts), **length,
                        kv_cache_memory_bytes=pool, enable_prefix_caching=False)
         for streams in counts:
             row = {"engine": label, **run_streams(llm, streams, prompt_len, new_tokens)}

@@ -89,7 +89,7 @@ def main() -> None:
     for cache in caches:
         for sink in sinks:
             llm = make_llm(model, streamsink={"sink_tokens": sink, "window_tokens": cache - sink},
-                           max_model_len=tokens + 64, **base)
+                           **base)
             for book, ids in books.items():
                 nlls[(book, sink, cache)] = streaming_nlls(llm, ids, progress=False)
             del llm

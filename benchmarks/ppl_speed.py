@@ -21,8 +21,8 @@ def run(model: str, ids: list[int], sink: int, window: int, chunk: int) -> tuple
 
     # chunk == 1: the scheduler gives the request one token per step, as decoding would.
     llm = make_llm(model, streamsink={"sink_tokens": sink, "window_tokens": window},
-                   in_process=True, enforce_eager=True, max_model_len=len(ids) + 16,
-                   max_num_seqs=1, max_num_batched_tokens=chunk)
+                   in_process=True, enforce_eager=True, max_num_seqs=1,
+                   max_num_batched_tokens=chunk)
     start = time.perf_counter()
     nlls = streaming_nlls(llm, ids)
     elapsed = time.perf_counter() - start

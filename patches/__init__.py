@@ -22,9 +22,25 @@ def check_version() -> None:
 
 
 def apply_all() -> None:
-    from streamsink.patches import engine_config, hf_gpt_neox_rope, rotary_embedding
+    from streamsink.patches import (
+        engine_config,
+        hf_gpt_neox_rope,
+        input_length,
+        openai_max_tokens,
+        openai_prompt_length,
+        renderer_length,
+        rotary_embedding,
+        scheduler_length_cap,
+        worker_batch_rows,
+    )
 
     check_version()
     rotary_embedding.apply()
     hf_gpt_neox_rope.apply()
     engine_config.apply()
+    input_length.apply()
+    renderer_length.apply()
+    openai_prompt_length.apply()
+    openai_max_tokens.apply()
+    scheduler_length_cap.apply()
+    worker_batch_rows.apply()

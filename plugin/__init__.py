@@ -23,7 +23,10 @@ def register() -> None:
     from streamsink.kv_policy import register_kv_policy
     from streamsink.patches import apply_all
 
+    from streamsink.metrics import register_collector
+
     register_kv_policy()
+    register_collector()
     register_attention_backend()
     apply_all()
     # A child of vLLM's logger, so the line carries vLLM's process prefix (EngineCore, Worker).

@@ -30,6 +30,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from streamsink.config import StreamsinkConfig, config_from_additional
 from streamsink.kv_policy import StreamingSinkSpec
 from streamsink.rope import RopeSpec, rope_spec_from_hf_config, rotate
+from streamsink.row_window import row_offsets
 from streamsink.step_plan import AttentionGroup, ShadowWrites, StepPlan, plan_step
 
 # The streamsink config of the engine whose model this process built last. vLLM asks the backend
@@ -61,7 +62,8 @@ class StreamsinkMetadataBuilder(CPUAttentionMetadataBuilder):
             seq_lens=cm.seq_lens[:cm.num_reqs].tolist(),
             query_start=cm.query_start_loc_cpu[:cm.num_reqs + 1].tolist(),
             block_table=cm.block_table_tensor[:cm.num_reqs],
-            positions=cm.positions, dtype=self.dtype, kv_heads=self.num_kv_heads)
+            positions=cm.positions, dtype=self.dtype, kv_heads=self.num_kv_heads,
+            offsets=row_offsets(cm.num_reqs).tolist())
         return out
 
 

@@ -17,6 +17,19 @@ logger = init_logger("vllm.plugins.streamsink")
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "GPTNeoXForCausalLM"}
 
 
+# Model configs of the streaming engines built in this process (the API server's length
+# patches ask whether the engine they serve streams).
+_streaming_model_configs: list = []
+
+
+def is_streaming_model_config(model_config) -> bool:
+    return any(m is model_config for m in _streaming_model_configs)
+
+
+def streaming_engine_built() -> bool:
+    return bool(_streaming_model_configs)
+
+
 def configure_streaming_engine(vllm_config) -> None:
     """Before the platform's own checks: validate, and force eager mode (the platform derives
     its compilation settings from it). No-op for an engine without a streamsink config."""
@@ -41,18 +54,29 @@ def configure_streaming_engine(vllm_config) -> None:
     except ValueError as exc:
         raise StreamsinkConfigError(str(exc)) from None
     _force_eager(vllm_config)
+    if not is_streaming_model_config(model_config):
+        _streaming_model_configs.append(model_config)
 
 
 def finish_streaming_engine(vllm_config) -> None:
     """After the platform's checks (which pick the block size): KV layout and prefix caching."""
-    if vllm_config.model_config is None or \
-            config_from_additional(vllm_config.additional_config) is None:
+    if vllm_config.model_config is None:
+        return
+    cfg = config_from_additional(vllm_config.additional_config)
+    if cfg is None:
         return
     cache_config = vllm_config.cache_config
     if cache_config.cache_dtype not in ("auto", None):
         raise StreamsinkConfigError(
             f"streamsink needs an unquantized KV cache, got kv_cache_dtype={cache_config.cache_dtype}")
     _check_kv_layout(vllm_config.model_config, cache_config)
+    _check_row_width(vllm_config, cfg)
+    # The worker rows of long streams are rebased (row_window.py); the speculative-decoding and
+    # pipeline-parallel paths write those rows in ways it does not follow.
+    if vllm_config.speculative_config is not None:
+        raise StreamsinkConfigError("streamsink does not support speculative decoding")
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        raise StreamsinkConfigError("streamsink does not support pipeline parallelism")
     if cache_config.enable_prefix_caching:
         # A streaming block's KV depends on what was evicted before it, not only on the token
         # prefix that the cache is keyed by: never share them.
@@ -71,6 +95,22 @@ def _check_kv_layout(model_config, cache_config) -> None:
         raise StreamsinkConfigError(
             f"streamsink supports the CPU attention layout 'vec' only; dtype {model_config.dtype}, "
             f"head_dim {head_dim}, block size {block_size} select {isa!r} (try dtype=float32)")
+
+
+def _check_row_width(vllm_config, cfg) -> None:
+    """A stream runs past max_model_len, but one step (sinks, window, chunk) must fit the
+    worker's batch row of max_model_len tokens (row_window.py)."""
+    from streamsink.row_window import min_row_tokens
+
+    block_size = vllm_config.cache_config.block_size or 128
+    step = vllm_config.scheduler_config.max_num_batched_tokens
+    need = min_row_tokens(cfg, block_size, step)
+    have = vllm_config.model_config.max_model_len
+    if have < need:
+        raise StreamsinkConfigError(
+            f"streamsink needs max_model_len >= {need} for sink_tokens={cfg.sink_tokens}, "
+            f"window_tokens={cfg.window_tokens}, max_num_batched_tokens={step}, block size "
+            f"{block_size} (got {have}); streams still run past max_model_len")
 
 
 def _force_eager(vllm_config) -> None:

@@ -20,6 +20,8 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
 from vllm.v1.kv_cache_interface import SlidingWindowSpec
 
+from streamsink import metrics
+
 
 @dataclass(frozen=True, kw_only=True)
 class StreamingSinkSpec(SlidingWindowSpec):
@@ -62,6 +64,7 @@ class StreamingSinkManager(SlidingWindowManager):
         self.sink_blocks = kv_cache_spec.sink_blocks
         self.retained_tokens = kv_cache_spec.retained_tokens
         self._freed: dict[str, int] = {}  # per request: blocks replaced by the null block
+        metrics.track(self)
 
     def get_num_skipped_tokens(self, num_computed_tokens: int) -> int:
         # Tokens before the retained run: no present or future query sees them, and they are not
@@ -88,11 +91,20 @@ class StreamingSinkManager(SlidingWindowManager):
             self._freed[request_id] = self._freed.get(request_id, 0) + len(freed)
             type(self).blocks_freed_total += len(freed)
             type(self).tokens_evicted_total += len(freed) * self.block_size
+            metrics.publish()
+
+    def allocate_new_blocks(self, request_id: str, num_tokens: int, *args, **kwargs):
+        blocks = super().allocate_new_blocks(request_id, num_tokens, *args, **kwargs)
+        if blocks:
+            metrics.publish()
+        return blocks
 
     def pop_blocks_for_free(self, request_id: str):
         # Finish, abort and preemption all come through here (free() included).
         self._freed.pop(request_id, None)
-        return super().pop_blocks_for_free(request_id)
+        blocks = super().pop_blocks_for_free(request_id)
+        metrics.publish(force=True)
+        return blocks
 
     @classmethod
     def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, *args,

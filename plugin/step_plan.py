@@ -5,6 +5,10 @@ window blocks), which key columns each query may see, and the rotation that move
 absolute position to its in-cache slot for the sink logits. Everything here is about positions and
 blocks; no model tensors.
 
+Positions here are *row positions* (see row_window.py): a long stream's worker row is rebased so
+that its recent tokens sit at p' = p - offset. Visibility and slots only use differences of row
+positions; RoPE angles (the model's table, the sink rotations, the shadows) add the offset back.
+
 Semantics (DESIGN.md §1): query i sees j <= i with j < S or j > i - W; with n = min(i+1, C) the
 query sits at slot n-1 and a window key j at slot n-1-(i-j), so keys rotated at their absolute
 positions already give the right window logits. Only sink logits need the query rotated by
@@ -79,9 +83,10 @@ def _logical_blocks(first_query: int, last_query: int, cfg: StreamsinkConfig,
 
 
 def _group(rows: list[tuple[list[int], list[int], list[int]]], block_table: torch.Tensor,
-           row_requests: list[int], cfg: StreamsinkConfig, rope: RopeSpec,
-           block_size: int, dtype: torch.dtype) -> AttentionGroup:
-    """rows: (token indices, query positions, logical blocks) per row; equal T per row."""
+           row_requests: list[int], position_offsets: list[int], cfg: StreamsinkConfig,
+           rope: RopeSpec, block_size: int, dtype: torch.dtype) -> AttentionGroup:
+    """rows: (token indices, query row positions, logical blocks) per row; equal T per row;
+    position_offsets: absolute minus row position, per row."""
     num_blocks = max(len(r[2]) for r in rows)
     token_idx = torch.tensor([r[0] for r in rows], dtype=torch.long)
     qpos = torch.tensor([r[1] for r in rows], dtype=torch.long)               # [R, T]
@@ -106,8 +111,11 @@ def _group(rows: list[tuple[list[int], list[int], list[int]]], block_table: torc
     sink_col_mask = ((sink_cols >= 0) & (sink_cols < cfg.sink_tokens)).view(
         R, sink_blocks, 1, 1, block_size)
     sink_rotation = None
-    if cfg.sink_tokens and bool((qpos >= cfg.cache_tokens).any()):
-        delta = qpos.clamp(max=cfg.cache_tokens - 1) - qpos                    # <= 0
+    absolute = qpos + torch.tensor(position_offsets, dtype=torch.long)[:, None]
+    if cfg.sink_tokens and bool((absolute >= cfg.cache_tokens).any()):
+        # From the query's absolute position to its in-cache slot n-1 (row positions of a
+        # rebased row are >= C-1, like the absolute ones, so the clamp reads the same).
+        delta = qpos.clamp(max=cfg.cache_tokens - 1) - absolute                # <= 0
         sink_rotation = rope.cos_sin(delta.flatten(), dtype).view(*qpos.shape, -1)
     return AttentionGroup(token_idx, physical, bias.contiguous(), sink_blocks, sink_col_mask,
                           sink_rotation)
@@ -132,14 +140,15 @@ def _vec_layout_index(blocks: torch.Tensor, offsets: torch.Tensor, kv_heads: int
 
 
 def _shadow_writes(cfg: StreamsinkConfig, rope: RopeSpec, block_size: int,
-                   seq_lens: list[int], block_table: torch.Tensor, kv_heads: int,
-                   dtype: torch.dtype) -> ShadowWrites | None:
+                   seq_lens: list[int], offsets: list[int], block_table: torch.Tensor,
+                   kv_heads: int, dtype: torch.dtype) -> ShadowWrites | None:
     rows = [(r, n - 1) for r, n in enumerate(seq_lens) if n > cfg.cache_tokens]
     if not rows or not cfg.sink_tokens:
         return None
     sinks = torch.arange(cfg.sink_tokens)
     req = torch.tensor([r for r, _ in rows]).repeat_interleave(cfg.sink_tokens)
     shift = torch.tensor([i - cfg.cache_tokens + 1 for _, i in rows])     # i - C + 1 >= S
+    angle_shift = shift + torch.tensor([offsets[r] for r, _ in rows])     # absolute positions
     source = sinks.repeat(len(rows))
     dest = shift.repeat_interleave(cfg.sink_tokens) + source
     sink_blocks = block_table[req, source // block_size].long()
@@ -148,21 +157,30 @@ def _shadow_writes(cfg: StreamsinkConfig, rope: RopeSpec, block_size: int,
                                                rope.head_dim, block_size)
     return ShadowWrites(key_index=key_index, value_index=value_index,
                         rotation_index=torch.arange(len(dest)),
-                        rotation=rope.cos_sin(shift.repeat_interleave(cfg.sink_tokens), dtype),
+                        rotation=rope.cos_sin(angle_shift.repeat_interleave(cfg.sink_tokens),
+                                              dtype),
                         slots=dest_blocks * block_size + dest % block_size)
 
 
 def plan_step(cfg: StreamsinkConfig, rope: RopeSpec, block_size: int, seq_lens: list[int],
               query_start: list[int], block_table: torch.Tensor, positions: torch.Tensor,
-              dtype: torch.dtype, kv_heads: int = 1) -> StepPlan:
+              dtype: torch.dtype, kv_heads: int = 1,
+              offsets: list[int] | None = None) -> StepPlan:
+    """seq_lens, positions and block_table in row positions; offsets[r] = absolute minus row
+    position of request r (None: all zero)."""
     num_tokens = positions.shape[0]
     query_lens = [query_start[r + 1] - query_start[r] for r in range(len(seq_lens))]
+    offsets = offsets if offsets is not None else [0] * len(seq_lens)
+    absolute = positions.clone()
+    for r, offset in enumerate(offsets):
+        if offset:
+            absolute[query_start[r]:query_start[r + 1]] += offset
     plan = StepPlan(rope_index=torch.arange(num_tokens),
-                    rope_cos_sin=rope.cos_sin(positions, dtype),
+                    rope_cos_sin=rope.cos_sin(absolute, dtype),
                     kernel=all(_kernel_can_run(cfg, n, q) for n, q in zip(seq_lens, query_lens)))
     if plan.kernel:
-        plan.shadows = _shadow_writes(cfg, rope, block_size, seq_lens, block_table, kv_heads,
-                                      dtype)
+        plan.shadows = _shadow_writes(cfg, rope, block_size, seq_lens, offsets, block_table,
+                                      kv_heads, dtype)
         return plan
     decode_rows, decode_reqs = [], []
     for r, seq_len in enumerate(seq_lens):
@@ -177,8 +195,10 @@ def plan_step(cfg: StreamsinkConfig, rope: RopeSpec, block_size: int, seq_lens: 
             p0, p1 = first + (t0 - start), first + (t1 - start) - 1
             row = (list(range(t0, t1)), list(range(p0, p1 + 1)),
                    _logical_blocks(p0, p1, cfg, block_size))
-            plan.groups.append(_group([row], block_table, [r], cfg, rope, block_size, dtype))
+            plan.groups.append(_group([row], block_table, [r], [offsets[r]], cfg, rope,
+                                      block_size, dtype))
     if decode_rows:
-        plan.groups.append(_group(decode_rows, block_table, decode_reqs, cfg, rope, block_size,
+        plan.groups.append(_group(decode_rows, block_table, decode_reqs,
+                                  [offsets[r] for r in decode_reqs], cfg, rope, block_size,
                                   dtype))
     return plan

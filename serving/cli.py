@@ -1,4 +1,4 @@
-"""The `streamsink` command line: model-path, demo (more subcommands join as they land)."""
+"""The `streamsink` command line: model-path, demo, ppl, serve."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +23,12 @@ def _cmd_ppl(args: argparse.Namespace) -> int:
     from streamsink.serving.ppl import run_ppl
 
     return run_ppl(args)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from streamsink.serving.serve import run_serve
+
+    return run_serve(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,11 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the per-token NLLs (natural log), one per line")
     p.add_argument("--chunk", type=int, default=2048, help="prefill chunk size (default 2048)")
     p.set_defaults(func=_cmd_ppl)
+
+    p = sub.add_parser("serve", help="vLLM's OpenAI-compatible server with streaming on "
+                                     "(/v1/completions, /v1/chat/completions, /metrics); "
+                                     "other arguments (--port, ...) are vLLM's")
+    p.add_argument("--model", help="local checkpoint directory or hub id")
+    p.add_argument("--sink", type=int, default=4, help="attention sink tokens S (default 4)")
+    p.add_argument("--window", type=int, default=1020, help="window tokens W (default 1020)")
+    p.set_defaults(func=_cmd_serve, passes_through=True)  # other arguments go to vLLM
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "passes_through", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.vllm_args = extra
     try:
         return args.func(args)
     except (ModelNotFoundError, StreamsinkConfigError) as exc:

@@ -21,8 +21,7 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"streamsink demo: {args.tokens} tokens, {cfg.sink_tokens} sinks + "
           f"{cfg.window_tokens}-token window (cache {cfg.cache_tokens}); starting the engine...",
           flush=True)
-    llm = make_llm(args.model, streamsink=vars(cfg), in_process=True, enforce_eager=True,
-                   max_model_len=args.tokens + 512)
+    llm = make_llm(args.model, streamsink=vars(cfg), in_process=True, enforce_eager=True)
     from vllm import SamplingParams
 
     tokenizer = llm.get_tokenizer()

@@ -70,9 +70,12 @@ def run_ppl(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"streamsink: error: {exc}", file=sys.stderr)
         return 2
+    if cfg.window_tokens > len(ids):
+        # A window wider than the text never evicts anything (dense): the narrower window is
+        # the same computation and keeps the engine's rows and KV admission small.
+        cfg = parse_config({"sink_tokens": cfg.sink_tokens, "window_tokens": len(ids)})
     llm = make_llm(model, streamsink=vars(cfg), in_process=True, enforce_eager=True,
-                   max_model_len=len(ids) + 16, max_num_batched_tokens=args.chunk,
-                   max_num_seqs=1)
+                   max_num_batched_tokens=args.chunk, max_num_seqs=1)
     nlls = streaming_nlls(llm, ids)
     if args.out:
         with open(args.out, "w") as f:

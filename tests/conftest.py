@@ -5,8 +5,6 @@ import sys
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-# Tiny test models have 4096 positions; streams run past them (RoPE comes from streamsink).
-os.environ.setdefault("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for path in (ROOT, os.path.join(ROOT, "tests")):
@@ -44,7 +42,7 @@ def tiny_engine(model_path: str, streamsink: dict | None, **overrides):
     from vllm import LLM
 
     kwargs = dict(model=model_path, skip_tokenizer_init=True, dtype="float32",
-                  enforce_eager=True, max_model_len=8192, kv_cache_memory_bytes=1 << 28,
+                  enforce_eager=True, max_model_len=4096, kv_cache_memory_bytes=1 << 28,
                   max_num_seqs=8, max_num_batched_tokens=2048)
     if streamsink is not None:
         kwargs["additional_config"] = {"streamsink": streamsink}

@@ -28,8 +28,9 @@ def test_invalid_values_are_refused(raw, message):
 def engine_config(model, **kwargs):
     from vllm.engine.arg_utils import EngineArgs
 
+    max_model_len = kwargs.pop("max_model_len_override", 4096)
     return EngineArgs(model=model, skip_tokenizer_init=True, dtype="float32",
-                      max_model_len=2048, **kwargs).create_engine_config()
+                      max_model_len=max_model_len, **kwargs).create_engine_config()
 
 
 @pytest.mark.parametrize("streamsink,message", [
@@ -47,7 +48,8 @@ def test_engine_refuses_unsupported_architecture(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_embd=128, n_layer=1, n_head=2, vocab_size=256)).save_pretrained(
         tmp_path)
     with pytest.raises(Exception, match="streamsink does not support GPT2LMHeadModel"):
-        engine_config(str(tmp_path), additional_config={"streamsink": {}})
+        engine_config(str(tmp_path), additional_config={"streamsink": {}},
+                      max_model_len_override=1024)
 
 
 def test_engine_refuses_model_with_own_sliding_window(tmp_path):
@@ -63,6 +65,14 @@ def test_engine_refuses_model_with_own_sliding_window(tmp_path):
 def test_engine_refuses_quantized_kv_cache(tiny_llama):
     with pytest.raises(Exception, match="unquantized KV cache"):
         engine_config(tiny_llama, additional_config={"streamsink": {}}, kv_cache_dtype="fp8")
+
+
+def test_engine_refuses_rows_too_narrow_for_one_step(tiny_llama):
+    """Streams run past max_model_len, but one step (sinks, window, chunk) must fit a row."""
+    with pytest.raises(Exception, match="needs max_model_len >= 1536") as err:
+        engine_config(tiny_llama, additional_config={"streamsink": {"window_tokens": 1020}},
+                      max_num_batched_tokens=256, max_model_len_override=1024)
+    assert "streamsink needs" in str(err.value)
 
 
 def test_streaming_engine_settings(tiny_llama):

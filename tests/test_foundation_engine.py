@@ -58,3 +58,15 @@ def test_bad_model_path_is_one_line_error(bad):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and bad in lines[0], done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_demo_streams_in_bounded_blocks(default_model_path):
+    """`make demo`'s command, short: it streams, reports the blocks held, and they stay small."""
+    done = subprocess.run(STREAMSINK + ["demo", "--tokens", "600", "--window", "60"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = [line for line in done.stdout.splitlines() if "KV blocks held peaked at" in line]
+    assert summary and summary[0].startswith("600 tokens"), done.stdout[-2000:]
+    peak = int(summary[0].split("peaked at ")[1].split()[0])
+    # The sink block and the window blocks of 4+60 at B=128; the whole stream would need 5+.
+    assert 1 <= peak <= 3

@@ -6,6 +6,7 @@ import pytest
 from conftest import random_tokens, tiny_engine
 
 SINK, WINDOW, CHUNK = 4, 300, 512
+MAX_MODEL_LEN = 2048  # the streams below run far past it
 
 
 def kv_internals(llm):
@@ -22,7 +23,7 @@ def block_bound(sink, window, step_tokens, block_size):
 @pytest.fixture(scope="module")
 def engine(tiny_llama):
     llm = tiny_engine(tiny_llama, {"sink_tokens": SINK, "window_tokens": WINDOW},
-                      max_model_len=40_000, max_num_batched_tokens=CHUNK)
+                      max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=CHUNK)
     yield llm
     del llm
     gc.collect()
@@ -39,12 +40,17 @@ def test_spec_and_manager_are_streamsink(engine):
 
 
 def test_long_stream_stays_within_block_bound(engine):
-    """A 20,000-token prompt through chunked prefill, then decode: the blocks the stream holds stay
-    within the bound at every step, and its sink block is never freed."""
+    """A 20,000-token prompt through chunked prefill, then decode, ten times max_model_len: the
+    blocks the stream holds stay within the bound at every step, its sink block is never freed,
+    and the metrics published for /metrics follow the manager."""
     from vllm import SamplingParams
+
+    from streamsink import metrics
 
     _, manager, pool = kv_internals(engine)
     free_before = pool.get_num_free_blocks()
+    metrics.publish(force=True)
+    totals_before = metrics.read_totals()
     bound = block_bound(SINK, WINDOW, CHUNK, manager.block_size)
     engine.llm_engine.add_request("long", {"prompt_token_ids": random_tokens(20_000)},
                                   SamplingParams(max_tokens=300, ignore_eos=True,
@@ -59,11 +65,22 @@ def test_long_stream_stays_within_block_bound(engine):
             assert not blocks[0].is_null, "sink block freed"
             if len(blocks) > bound:  # longer than the bound: the middle must have been freed
                 assert any(b.is_null for b in blocks[1:-2])
+        if steps == 20:
+            metrics.publish(force=True)
+            assert metrics.read_totals()["held_blocks"] == manager.held_blocks_all() > 0
+            assert metrics.read_totals()["streams"] == 1
     assert steps > 300  # ~40 prefill chunks + 300 decode steps
     assert max(held) <= bound, (max(held), bound)
     # Without eviction a 20,300-token stream would hold ~159 blocks.
     assert len(held) > 300 and held[-1] <= block_bound(SINK, WINDOW, 1, manager.block_size)
     assert pool.get_num_free_blocks() == free_before
+    totals = metrics.read_totals()
+    freed = totals["freed_blocks"] - totals_before["freed_blocks"]
+    # Everything but the last retained run and the sink block was freed by the policy.
+    assert freed >= (20_300 // manager.block_size) - bound
+    assert totals["evicted_tokens"] - totals_before["evicted_tokens"] == \
+        freed * manager.block_size
+    assert totals["held_blocks"] == totals["streams"] == 0
 
 
 def test_pool_restored_after_finish_and_abort(engine):
@@ -89,13 +106,14 @@ def test_pool_restored_after_finish_and_abort(engine):
 
 
 def test_pool_restored_after_preemption(tiny_llama):
-    """A pool too small for all streams at once forces preemptions; every block comes back."""
+    """A pool too small for all streams at once forces preemptions (a preempted stream is
+    recomputed from its start, past max_model_len); every block comes back."""
     from vllm import SamplingParams
     from vllm.v1.core.sched.scheduler import Scheduler
 
     page = 2 * 2 * 2 * 128 * 64 * 4  # layers x (K,V) x kv heads x block x head_dim x fp32
     llm = tiny_engine(tiny_llama, {"sink_tokens": SINK, "window_tokens": 100},
-                      max_model_len=8192, max_num_batched_tokens=256,
+                      max_model_len=1024, max_num_batched_tokens=256,
                       kv_cache_memory_bytes=12 * page)
     scheduler, manager, pool = kv_internals(llm)
     preemptions = []
@@ -107,7 +125,7 @@ def test_pool_restored_after_preemption(tiny_llama):
 
     scheduler._preempt_request = spy
     free_before = pool.get_num_free_blocks()
-    params = SamplingParams(max_tokens=400, ignore_eos=True, detokenize=False)
+    params = SamplingParams(max_tokens=800, ignore_eos=True, detokenize=False)
     for i in range(8):
         llm.llm_engine.add_request(f"p{i}", {"prompt_token_ids": random_tokens(300, seed=i)},
                                    params)
@@ -116,7 +134,7 @@ def test_pool_restored_after_preemption(tiny_llama):
         for out in llm.llm_engine.step():
             if out.finished:
                 finished.add(out.request_id)
-                assert len(out.outputs[0].token_ids) == 400
+                assert len(out.outputs[0].token_ids) == 800
     assert preemptions, "pool was large enough: no preemption exercised"
     assert finished == {f"p{i}" for i in range(8)}
     assert pool.get_num_free_blocks() == free_before

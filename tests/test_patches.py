@@ -77,3 +77,48 @@ def test_attention_backend_override():
 
     assert AttentionBackendEnum.CPU_ATTN.get_class() is StreamsinkAttentionBackend
     assert StreamsinkAttentionBackend.get_name() == "CPU_ATTN"
+
+
+LENGTH_PATCHES = ["worker_batch_rows", "scheduler_length_cap", "input_length", "renderer_length"]
+
+
+@pytest.mark.parametrize("name", LENGTH_PATCHES)
+def test_length_patch_targets_are_where_expected(name):
+    import importlib
+
+    importlib.import_module(f"streamsink.patches.{name}").check_target()
+
+
+@pytest.mark.parametrize("name", LENGTH_PATCHES)
+def test_length_patch_refuses_a_moved_target(name, monkeypatch):
+    """Each guard reads vLLM's source for the lines it relies on: if they change, it refuses."""
+    import importlib
+
+    module = importlib.import_module(f"streamsink.patches.{name}")
+    monkeypatch.setattr(inspect, "getsource", lambda obj: "def moved(): pass\n")
+    with pytest.raises(patches.PatchTargetMoved):
+        module.check_target()
+
+
+def test_length_patches_are_installed():
+    from vllm.renderers.base import BaseRenderer
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from streamsink.patches import (
+        input_length,
+        renderer_length,
+        scheduler_length_cap,
+        worker_batch_rows,
+    )
+
+    assert InputBatch.add_request is worker_batch_rows._add_request
+    assert GPUModelRunner._update_states is worker_batch_rows._update_states
+    assert GPUModelRunner._prepare_inputs is worker_batch_rows._prepare_inputs
+    assert Scheduler.__init__.__module__ == scheduler_length_cap.__name__
+    assert InputProcessor._validate_prompt_len is input_length._validate_prompt_len
+    assert InputProcessor.process_inputs is input_length._process_inputs
+    for name in renderer_length.NAMES:
+        assert BaseRenderer.__dict__[name] is not renderer_length._originals[name]

@@ -89,3 +89,35 @@ def test_sink_rotation_moves_query_to_its_cache_slot():
     # Query 39 sits at slot C-1 = 15: rotation by 15 - 39 = -24 positions.
     assert torch.allclose(group.sink_rotation[0, 1], ROPE.cos_sin(torch.tensor([-24]),
                                                                    torch.float64)[0])
+
+
+@pytest.mark.parametrize("query_len", [1, 2])
+def test_rebased_row_keeps_absolute_angles(query_len):
+    """A row rebased by `offset` (row_window.py) plans the same blocks and visibility in row
+    positions, and every RoPE angle at the absolute position: model table, sink rotation and
+    shadows equal those of the same step planned at absolute positions."""
+    cfg = StreamsinkConfig(sink_tokens=4, window_tokens=12)        # C = 16
+    block_size, offset = 8, 1_000_000 - 40                         # a multiple of 8
+    table = torch.arange(10).view(1, 10) + 3
+    rel = list(range(40 - query_len, 40))
+    kwargs = dict(dtype=torch.float64, kv_heads=2)
+    row = plan_step(cfg, ROPE, block_size, [40], [0, query_len], table, torch.tensor(rel),
+                    offsets=[offset], **kwargs)
+    absolute = [p + offset for p in rel]
+    assert torch.allclose(row.rope_cos_sin, ROPE.cos_sin(torch.tensor(absolute), torch.float64))
+    if query_len == 1:
+        assert row.kernel
+        # Sink j moves to absolute position i-C+1+j, into the row slots (i'-C+1+j).
+        expected = ROPE.cos_sin(torch.tensor([absolute[0] - 15] * 4), torch.float64)
+        assert torch.allclose(row.shadows.rotation, expected)
+        assert row.shadows.slots.tolist() == [int(table[0, p // 8]) * 8 + p % 8
+                                             for p in (24, 25, 26, 27)]
+    else:
+        (group,) = row.groups
+        plain = plan_step(cfg, ROPE, block_size, [40], [0, 2], table, torch.tensor(rel),
+                          **kwargs).groups[0]
+        assert torch.equal(group.bias, plain.bias) and torch.equal(group.block_ids,
+                                                                     plain.block_ids)
+        # The query at absolute a sits at slot C-1: rotation by 15 - a.
+        want = ROPE.cos_sin(torch.tensor([15 - a for a in absolute]), torch.float64)
+        assert torch.allclose(group.sink_rotation[0], want)

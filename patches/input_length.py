@@ -1,0 +1,68 @@
+"""Patch: prompts longer than max_model_len, and the default max_tokens, for streaming engines.
+
+Why: vLLM's InputProcessor (API process) refuses a prompt of max_model_len tokens or more, and
+turns an unset max_tokens into max_model_len - prompt_len (zero or negative for a long prompt).
+A streaming engine serves prompts of any length in bounded memory.
+How: InputProcessor._validate_prompt_len is wrapped to keep only the "empty prompt" check for the
+decoder prompt of a streaming engine; InputProcessor.process_inputs is wrapped to give an unset
+max_tokens the value max_model_len (up to one model context of new tokens, whatever the prompt
+length) before vLLM's own default applies. Stock engines take the original paths.
+Delete when: vLLM asks the KV cache spec (or a plugin hook) for the longest request it serves
+instead of using max_model_len.
+"""
+from __future__ import annotations
+
+import inspect
+
+from streamsink.patches import PatchTargetMoved
+
+_originals: dict[str, object] = {}
+
+
+def _is_streaming(processor) -> bool:
+    from streamsink.config import config_from_additional
+
+    return config_from_additional(processor.vllm_config.additional_config) is not None
+
+
+def _validate_prompt_len(self, prompt_len, prompt_type):
+    if prompt_type == "decoder" and prompt_len > 0 and _is_streaming(self):
+        return
+    return _originals["_validate_prompt_len"](self, prompt_len, prompt_type)
+
+
+def _process_inputs(self, request_id, prompt, params, *args, **kwargs):
+    from vllm.sampling_params import SamplingParams
+
+    if isinstance(params, SamplingParams) and params.max_tokens is None and _is_streaming(self):
+        params = params.clone()  # the caller's params may be shared
+        params.max_tokens = self.model_config.max_model_len
+    return _originals["process_inputs"](self, request_id, prompt, params, *args, **kwargs)
+
+
+def check_target() -> None:
+    """Raise PatchTargetMoved unless InputProcessor is the one this patch was written for."""
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    expected = {"_validate_prompt_len": ["self", "prompt_len", "prompt_type"],
+                "process_inputs": ["self", "request_id", "prompt", "params"]}
+    for name, params in expected.items():
+        target = _originals.get(name) or InputProcessor.__dict__.get(name)
+        if target is None or list(inspect.signature(target).parameters)[:len(params)] != params:
+            raise PatchTargetMoved(f"InputProcessor.{name}({', '.join(params)}) changed")
+    source = inspect.getsource(_originals.get("process_inputs") or InputProcessor.process_inputs)
+    if "if sampling_params.max_tokens is None:" not in source or \
+            "self.vllm_config = vllm_config" not in inspect.getsource(InputProcessor.__init__):
+        raise PatchTargetMoved("InputProcessor's max_tokens default or vllm_config moved")
+
+
+def apply() -> None:
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    if _originals:
+        return
+    check_target()
+    _originals.update(_validate_prompt_len=InputProcessor._validate_prompt_len,
+                      process_inputs=InputProcessor.process_inputs)
+    InputProcessor._validate_prompt_len = _validate_prompt_len
+    InputProcessor.process_inputs = _process_inputs

@@ -1,0 +1,60 @@
+"""Patch: no max_model_len limit on prompts in vLLM's renderer, for streaming engines.
+
+Why: before the InputProcessor sees a prompt, the renderer (API process) checks its length
+against TokenizeParams.max_total_tokens = max_model_len and refuses longer prompts ("This model's
+maximum context length is ..."). A streaming engine serves prompts of any length.
+How: the renderer's default tokenization parameters (BaseRenderer.default_cmpl_tok_params and
+default_chat_tok_params, cached properties used by vllm.LLM) are wrapped to carry
+max_total_tokens=None ("no limit", vLLM's own meaning) when the engine has a streamsink config.
+Delete when: vLLM derives the renderer's limit from a hook a KV cache spec or plugin can set.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from functools import cached_property
+
+from streamsink.patches import PatchTargetMoved
+
+NAMES = ("default_cmpl_tok_params", "default_chat_tok_params")
+_originals: dict[str, cached_property] = {}
+
+
+def _unlimited_for_streaming(original: cached_property) -> cached_property:
+    def tok_params(self):
+        from streamsink.config import config_from_additional
+
+        params = original.func(self)
+        if config_from_additional(self.config.additional_config) is None:
+            return params
+        return dataclasses.replace(params, max_total_tokens=None)
+
+    wrapped = cached_property(tok_params)
+    wrapped.__set_name__(None, original.attrname)
+    return wrapped
+
+
+def check_target() -> None:
+    """Raise PatchTargetMoved unless the renderer's limits are where this patch expects them."""
+    from vllm.renderers.base import BaseRenderer
+    from vllm.renderers.params import TokenizeParams
+
+    for name in NAMES:
+        target = _originals.get(name) or BaseRenderer.__dict__.get(name)
+        if not isinstance(target, cached_property) or \
+                "max_total_tokens=model_config.max_model_len" not in inspect.getsource(target.func):
+            raise PatchTargetMoved(f"BaseRenderer.{name} no longer a cached_property of "
+                                   "max_total_tokens=max_model_len")
+    if "max_total_tokens" not in {f.name for f in dataclasses.fields(TokenizeParams)}:
+        raise PatchTargetMoved("TokenizeParams.max_total_tokens is gone")
+
+
+def apply() -> None:
+    from vllm.renderers.base import BaseRenderer
+
+    if _originals:
+        return
+    check_target()
+    for name in NAMES:
+        _originals[name] = BaseRenderer.__dict__[name]
+        setattr(BaseRenderer, name, _unlimited_for_streaming(_originals[name]))

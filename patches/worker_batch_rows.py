@@ -1,0 +1,132 @@
+"""Patch: streams longer than a worker batch row (max_model_len) in vLLM's model runner.
+
+Why: the worker keeps each request's token ids and block ids in rows max_model_len wide, indexed
+by absolute position; vLLM copies every prompt token and block into them, appends until the row
+overflows, and compares row counters with the request's absolute length. A stream past
+max_model_len breaks all three.
+How: streamsink.row_window.RowWindow keeps only the sink blocks and the recent part of a stream
+in its row, in row positions (absolute minus a per-request offset). Three methods are wrapped,
+each only for an engine with a streamsink config:
+- InputBatch.add_request: a request that does not fit its row is added without tokens and
+  blocks and its row written by RowWindow.rebase;
+- GPUModelRunner._update_states: before it, rows whose step would overflow are rebased; after
+  it, num_computed_tokens (set from the scheduler's absolute numbers) is made relative and the
+  step's offsets published for the attention metadata builder;
+- GPUModelRunner._prepare_inputs: after it, "discard the sampled token" (a partial prefill) is
+  recomputed from absolute lengths (vLLM compares the row's seq_len with the request's length).
+Delete when: vLLM's worker buffers are bounded by a window for windowed attention (a ring of
+max_num_batched_tokens + window tokens per request) instead of max_model_len.
+"""
+from __future__ import annotations
+
+import inspect
+
+from streamsink.patches import PatchTargetMoved
+
+_originals: dict[str, object] = {}
+
+
+def _rows_of(runner):
+    """The RowWindow of a runner's batch; None for stock engines. Created on first use."""
+    batch = runner.input_batch
+    rows = getattr(batch, "_streamsink_rows", None)
+    if rows is None:
+        from streamsink.config import config_from_additional
+        from streamsink.row_window import RowWindow
+
+        cfg = config_from_additional(runner.vllm_config.additional_config)
+        rows = False
+        if cfg is not None:
+            table = batch.block_table[0]
+            rows = RowWindow(cfg, table.block_size, batch.token_ids_cpu.shape[1],
+                             table.max_num_blocks_per_req)
+        batch._streamsink_rows = rows
+    return rows
+
+
+def _add_request(self, request):
+    rows = getattr(self, "_streamsink_rows", None)
+    if not rows:
+        return _originals["add_request"](self, request)
+    return rows.add_request(self, request, _originals["add_request"])
+
+
+def _update_states(self, scheduler_output):
+    rows = _rows_of(self)
+    if not rows:
+        return _originals["_update_states"](self, scheduler_output)
+    rows.step_tokens = scheduler_output.num_scheduled_tokens
+    cached = scheduler_output.scheduled_cached_reqs
+    for i, req_id in enumerate(cached.req_ids):
+        row = self.input_batch.req_id_to_index.get(req_id)
+        if row is None or req_id in cached.resumed_req_ids:
+            continue  # (re-)added below by add_request
+        request = self.requests[req_id]
+        first = cached.num_computed_tokens[i]
+        new_blocks = cached.new_block_ids[i]
+        num_blocks = len(request.block_ids[0]) + (len(new_blocks[0]) if new_blocks else 0)
+        rows.ensure_room(self.input_batch, row, request, first,
+                         first + scheduler_output.num_scheduled_tokens[req_id], num_blocks)
+    result = _originals["_update_states"](self, scheduler_output)
+    rows.to_row_positions(self.input_batch, self.requests)
+    return result
+
+
+def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
+    result = _originals["_prepare_inputs"](self, scheduler_output, num_scheduled_tokens,
+                                           *args, **kwargs)
+    rows = getattr(self.input_batch, "_streamsink_rows", None)
+    if rows and rows.offsets:
+        batch = self.input_batch
+        mask = self.discard_request_mask
+        for row, req_id in enumerate(batch.req_ids[:batch.num_reqs]):
+            offset = rows.offsets.get(req_id, 0)
+            if offset:
+                seq_len = int(self.optimistic_seq_lens_cpu[row]) + offset
+                mask.np[row] = seq_len < self.requests[req_id].num_tokens
+        mask.copy_to_gpu(batch.num_reqs)
+    return result
+
+
+def _check(cls, name: str, params: list[str], source_needles: list[str]) -> None:
+    target = _originals.get(name) or cls.__dict__.get(name)
+    if target is None or list(inspect.signature(target).parameters)[:len(params)] != params:
+        raise PatchTargetMoved(f"{cls.__name__}.{name}({', '.join(params)}) changed")
+    source = inspect.getsource(target)
+    for needle in source_needles:
+        if needle not in source:
+            raise PatchTargetMoved(f"{cls.__name__}.{name} no longer contains {needle!r}")
+
+
+def check_target() -> None:
+    """Raise PatchTargetMoved unless vLLM's worker is the one this patch was written for."""
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    # What the row bookkeeping relies on: where vLLM writes rows and the absolute counters.
+    _check(InputBatch, "add_request", ["self", "request"],
+           ["self.token_ids_cpu[req_index, :num_prompt_tokens] = request.prompt_token_ids",
+            "self.block_table.add_row(request.block_ids, req_index)",
+            "self.req_output_token_ids[req_index] = request.output_token_ids"])
+    _check(GPUModelRunner, "_update_states", ["self", "scheduler_output"],
+           ["self.input_batch.num_computed_tokens_cpu[req_index] = num_computed_tokens",
+            "self.input_batch.block_table.append_row(new_block_ids, req_index)",
+            "self.input_batch.add_request(request)"])
+    _check(GPUModelRunner, "_prepare_inputs", ["self", "scheduler_output"],
+           ["self.discard_request_mask.np[:num_reqs] = (",
+            "positions_np + req_indices * self.input_batch.token_ids_cpu.shape[1]"])
+
+
+def apply() -> None:
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if _originals:
+        return
+    check_target()
+    _originals.update(add_request=InputBatch.add_request,
+                      _update_states=GPUModelRunner._update_states,
+                      _prepare_inputs=GPUModelRunner._prepare_inputs)
+    InputBatch.add_request = _add_request
+    GPUModelRunner._update_states = _update_states
+    GPUModelRunner._prepare_inputs = _prepare_inputs

@@ -1,0 +1,121 @@
+"""The KV policy's numbers on vLLM's /metrics.
+
+The numbers live in the engine core process (the scheduler's KV manager), /metrics is served by
+the API process, and vLLM ships only its own fixed SchedulerStats between them. So:
+- engine side: publish() writes a snapshot of this process's numbers to <dir>/<pid>.json
+  (atomic rename), at most every PUBLISH_INTERVAL seconds while blocks are freed and whenever a
+  request's blocks are released (finish, abort, preemption);
+- API side: StreamsinkCollector, registered on prometheus_client's default registry (the one
+  vLLM's /metrics serves with a single API server), sums the snapshots at every scrape.
+<dir> is $STREAMSINK_METRICS_DIR, created by the first process that loads the plugin (the API
+process) and inherited by the engine processes it starts.
+
+Metrics: vllm:streamsink_freed_blocks_total and vllm:streamsink_evicted_tokens_total (blocks and
+tokens the policy dropped from running streams), vllm:streamsink_held_blocks (KV blocks held by
+streaming requests now) and vllm:streamsink_streams (streaming requests holding blocks).
+"""
+from __future__ import annotations
+
+import atexit
+import glob
+import json
+import os
+import shutil
+import tempfile
+import time
+import weakref
+
+ENV_DIR = "STREAMSINK_METRICS_DIR"
+PUBLISH_INTERVAL = 0.25  # seconds
+
+_managers: "weakref.WeakSet" = weakref.WeakSet()
+_last_publish = 0.0
+
+
+def metrics_dir() -> str:
+    """This run's snapshot directory; created (and removed at exit) by the first process."""
+    path = os.environ.get(ENV_DIR)
+    if not path:
+        path = tempfile.mkdtemp(prefix="streamsink-metrics-")
+        os.environ[ENV_DIR] = path
+        atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+def track(manager) -> None:
+    """Count a StreamingSinkManager of this process in the snapshots."""
+    _managers.add(manager)
+
+
+def snapshot() -> dict:
+    from streamsink.kv_policy import StreamingSinkManager
+
+    managers = list(_managers)
+    return {"freed_blocks": StreamingSinkManager.blocks_freed_total,
+            "evicted_tokens": StreamingSinkManager.tokens_evicted_total,
+            "held_blocks": sum(m.held_blocks_all() for m in managers),
+            "streams": sum(len(m.req_to_blocks) for m in managers)}
+
+
+def publish(force: bool = False) -> None:
+    """Write this process's snapshot (throttled unless force)."""
+    global _last_publish
+    now = time.monotonic()
+    if not force and now - _last_publish < PUBLISH_INTERVAL:
+        return
+    _last_publish = now
+    path = os.path.join(metrics_dir(), f"{os.getpid()}.json")
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(snapshot(), f)
+    os.replace(tmp, path)
+
+
+def read_totals(path: str | None = None) -> dict:
+    """The sum of every process's latest snapshot."""
+    totals = {"freed_blocks": 0, "evicted_tokens": 0, "held_blocks": 0, "streams": 0}
+    for name in glob.glob(os.path.join(path or metrics_dir(), "*.json")):
+        try:
+            with open(name) as f:
+                values = json.load(f)
+        except (OSError, ValueError):
+            continue  # a process that just exited
+        for key in totals:
+            totals[key] += int(values.get(key, 0))
+    return totals
+
+
+class StreamsinkCollector:
+    """prometheus_client collector: the streaming KV numbers of every engine of this run."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        totals = read_totals(self.path)
+        yield CounterMetricFamily("vllm:streamsink_freed_blocks",
+                                  "KV blocks freed by the streamsink policy (evicted from a "
+                                  "stream's window)", value=totals["freed_blocks"])
+        yield CounterMetricFamily("vllm:streamsink_evicted_tokens",
+                                  "Tokens whose KV the streamsink policy dropped",
+                                  value=totals["evicted_tokens"])
+        yield GaugeMetricFamily("vllm:streamsink_held_blocks",
+                                "KV blocks held by streaming requests", value=totals["held_blocks"])
+        yield GaugeMetricFamily("vllm:streamsink_streams",
+                                "Streaming requests holding KV blocks", value=totals["streams"])
+
+
+_collector: StreamsinkCollector | None = None
+
+
+def register_collector() -> None:
+    """Expose the numbers on the default registry (idempotent per process)."""
+    global _collector
+    if _collector is not None:
+        return
+    from prometheus_client import REGISTRY
+
+    _collector = StreamsinkCollector(metrics_dir())
+    REGISTRY.register(_collector)

