@@ -79,7 +79,8 @@ def test_attention_backend_override():
     assert StreamsinkAttentionBackend.get_name() == "CPU_ATTN"
 
 
-LENGTH_PATCHES = ["worker_batch_rows", "scheduler_length_cap", "input_length", "renderer_length"]
+LENGTH_PATCHES = ["worker_batch_rows", "scheduler_length_cap", "input_length", "renderer_length",
+                  "openai_prompt_length", "openai_max_tokens"]
 
 
 @pytest.mark.parametrize("name", LENGTH_PATCHES)
@@ -89,7 +90,7 @@ def test_length_patch_targets_are_where_expected(name):
     importlib.import_module(f"streamsink.patches.{name}").check_target()
 
 
-@pytest.mark.parametrize("name", LENGTH_PATCHES)
+@pytest.mark.parametrize("name", LENGTH_PATCHES[:-1])
 def test_length_patch_refuses_a_moved_target(name, monkeypatch):
     """Each guard reads vLLM's source for the lines it relies on: if they change, it refuses."""
     import importlib
@@ -120,5 +121,25 @@ def test_length_patches_are_installed():
     assert Scheduler.__init__.__module__ == scheduler_length_cap.__name__
     assert InputProcessor._validate_prompt_len is input_length._validate_prompt_len
     assert InputProcessor.process_inputs is input_length._process_inputs
+    from vllm.entrypoints.openai.completion import serving
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    from streamsink.patches import openai_max_tokens, openai_prompt_length
+
+    assert serving.get_max_tokens is openai_max_tokens._streaming
+    assert CompletionRequest.build_tok_params is not openai_prompt_length._originals[
+        CompletionRequest]
     for name in renderer_length.NAMES:
         assert BaseRenderer.__dict__[name] is not renderer_length._originals[name]
+
+
+def test_max_tokens_patch_refuses_a_moved_target(monkeypatch):
+    """The server's max_tokens comes from api_utils.get_max_tokens, imported by name: if a
+    serving module stops using it, the guard refuses."""
+    from vllm.entrypoints.openai.completion import serving
+
+    from streamsink.patches import openai_max_tokens
+
+    monkeypatch.setattr(serving, "get_max_tokens", lambda *args, **kwargs: 16)
+    with pytest.raises(patches.PatchTargetMoved, match="completion.serving"):
+        openai_max_tokens.check_target()
