@@ -79,11 +79,15 @@ class RowWindow:
         if self.fits(offset, end, num_blocks):
             return
         new_offset = self.furthest_offset(first_query)
-        if new_offset <= offset or not self.fits(new_offset, end, num_blocks):
-            raise RuntimeError(
-                f"streamsink: request {request.req_id} does not fit its batch row "
-                f"({self.width} tokens) at positions {first_query}..{end}; raise max_model_len")
-        self.rebase(batch, row, request, new_offset, first_query)
+        if new_offset <= offset:
+            self._refuse(request, first_query, end)
+        self.rebase(batch, row, request, new_offset, first_query, end, num_blocks)
+
+    def _refuse(self, request, first_query: int, end: int) -> None:
+        # Unreachable when engine_setup's start-up check (min_row_tokens) holds.
+        raise RuntimeError(
+            f"streamsink: request {request.req_id} does not fit its batch row "
+            f"({self.width} tokens) at positions {first_query}..{end}; raise max_model_len")
 
     # -- row contents ---------------------------------------------------------------------
     @staticmethod
@@ -93,9 +97,12 @@ class RowWindow:
         out = request.output_token_ids
         return list(prompt[start:min(stop, n)]) + list(out[max(start - n, 0):max(stop - n, 0)])
 
-    def rebase(self, batch, row: int, request, offset: int, first_query: int) -> None:
+    def rebase(self, batch, row: int, request, offset: int, first_query: int, end: int,
+               num_blocks: int) -> None:
         """Rewrite the row of `request` so that row position p' holds absolute position
         p' (inside the sink blocks) or p' + offset (after them)."""
+        if not self.fits(offset, end, num_blocks):
+            self._refuse(request, first_query, end)
         head, num_prompt = self.head_tokens, len(request.prompt_token_ids)
         num_tokens = num_prompt + len(request.output_token_ids)
         head_len = min(head, num_tokens)
@@ -136,8 +143,8 @@ class RowWindow:
         if added and added[-1][0] == row:
             added[-1] = (row, request.sampling_params, request.prompt_token_ids,
                          request.output_token_ids)
-        offset = self.furthest_offset(first) if not self.fits(0, end, num_blocks) else 0
-        self.rebase(batch, row, request, offset, first)
+        offset = 0 if self.fits(0, end, num_blocks) else self.furthest_offset(first)
+        self.rebase(batch, row, request, offset, first, end, num_blocks)
         return row
 
     def to_row_positions(self, batch, requests) -> None:
