@@ -12,8 +12,6 @@ from streamsink.model_store import resolve_model
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 # vLLM's KV block size on CPU (platforms/cpu.py default).
 BLOCK_SIZE = 128
-
-
 # vLLM's max_num_batched_tokens for vllm.LLM on CPU when none is given (the rows of a streaming
 # engine must fit one such step; vLLM refuses at start-up, with our message, if this drifts).
 VLLM_DEFAULT_CHUNK = 4096
