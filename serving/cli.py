@@ -1,4 +1,4 @@
-"""The `streamsink` command line: model-path, demo, ppl, serve."""
+"""The `streamsink` command line: model-path, demo, ppl, serve, batch, loadtest."""
 from __future__ import annotations
 
 import argparse
@@ -69,7 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sink", type=int, default=4, help="attention sink tokens S (default 4)")
     p.add_argument("--window", type=int, default=1020, help="window tokens W (default 1020)")
     p.set_defaults(func=_cmd_serve, passes_through=True)  # other arguments go to vLLM
+
+    _add_module_command(sub, "batch", "batch",
+                        "offline generation over a JSONL file of prompts on Ray Data "
+                        "(resumable); other arguments are vLLM engine arguments")
+    _add_module_command(sub, "loadtest", "loadtest",
+                        "load-test a streaming server with a real Prometheus watching")
     return parser
+
+
+def _add_module_command(sub, name: str, module: str, help_text: str) -> None:
+    """A subcommand whose arguments and body live in streamsink.serving.<module>
+    (add_arguments(parser), run(args) -> exit code; the module imports nothing heavy at top)."""
+    import importlib
+
+    mod = importlib.import_module(f"streamsink.serving.{module}")
+    p = sub.add_parser(name, help=help_text)
+    mod.add_arguments(p)
+    p.set_defaults(func=mod.run, passes_through=getattr(mod, "PASSES_THROUGH", False))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ import sys
 
 from streamsink.config import parse_config
 from streamsink.model_store import resolve_model
+from streamsink.serving.engine import DEFAULT_KV_CACHE_BYTES
 
 
 def server_argv(model: str | None, sink: int, window: int, vllm_args: list[str]) -> list[str]:
@@ -23,6 +24,11 @@ def server_argv(model: str | None, sink: int, window: int, vllm_args: list[str])
         argv += ["--dtype", "float32"]
     if not any(a.startswith("--additional-config") for a in vllm_args):
         argv += ["--additional-config", json.dumps({"streamsink": vars(cfg)})]
+    if not any(a.startswith("--kv-cache-memory-bytes") for a in vllm_args) and \
+            "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+        # A KV budget that fits: without one vLLM's CPU worker wants 92% of the NUMA node's
+        # memory free, which ordinary page cache already breaks (DESIGN.md §4).
+        argv += ["--kv-cache-memory-bytes", str(DEFAULT_KV_CACHE_BYTES)]
     return argv + vllm_args
 
 
