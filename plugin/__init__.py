@@ -23,9 +23,11 @@ def register() -> None:
     from streamsink.kv_policy import register_kv_policy
     from streamsink.patches import apply_all
 
-    from streamsink.metrics import register_collector
+    from streamsink.metrics import register_collector, start_ray_export
 
     register_kv_policy()
+    # First: in a Ray Serve replica this picks the replica's own snapshot folder.
+    start_ray_export()
     register_collector()
     register_attention_backend()
     apply_all()

@@ -13,6 +13,13 @@ process) and inherited by the engine processes it starts.
 Metrics: vllm:streamsink_freed_blocks_total and vllm:streamsink_evicted_tokens_total (blocks and
 tokens the policy dropped from running streams), vllm:streamsink_held_blocks (KV blocks held by
 streaming requests now) and vllm:streamsink_streams (streaming requests holding blocks).
+
+In a Ray Serve replica (`streamsink serve --ray`) the process that hosts vLLM's engine client is
+the replica actor, and Ray exports only what goes through ray.util.metrics; vLLM's own engine
+metrics go that way (RayPrometheusStatLogger, tagged ReplicaId). start_ray_export() makes ours
+travel the same way: a thread of the replica actor reads the snapshots of its own engine
+processes every RAY_EXPORT_INTERVAL seconds and sets Ray metrics with the same ReplicaId tag.
+Ray sanitises ':' to '_' and prefixes 'ray_', so they appear as ray_vllm_streamsink_* .
 """
 from __future__ import annotations
 
@@ -27,6 +34,9 @@ import weakref
 
 ENV_DIR = "STREAMSINK_METRICS_DIR"
 PUBLISH_INTERVAL = 0.25  # seconds
+# Ray drops a gauge that is not set again within two of its export intervals (>= 1 s each),
+# so the replica re-sets ours at least every second.
+RAY_EXPORT_INTERVAL = 1.0
 
 _managers: "weakref.WeakSet" = weakref.WeakSet()
 _last_publish = 0.0
@@ -119,3 +129,70 @@ def register_collector() -> None:
 
     _collector = StreamsinkCollector(metrics_dir())
     REGISTRY.register(_collector)
+
+
+def ray_serve_replica_id() -> str | None:
+    """The Ray Serve replica this process is, or None (anywhere else, engine processes too)."""
+    import sys
+
+    if "ray" not in sys.modules:  # never import Ray into a process that does not use it
+        return None
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # RayServeException outside a replica; anything else means "not one"
+        return None
+
+
+_ray_export_started = False
+
+
+def start_ray_export() -> bool:
+    """In a Ray Serve replica: give its engine processes a snapshot folder of their own (the
+    replica may have inherited one through Ray's worker environment, shared with the other
+    replicas of the node) and export their totals as Ray metrics. False anywhere else."""
+    global _ray_export_started
+    replica_id = ray_serve_replica_id()
+    if replica_id is None:
+        return False
+    if not _ray_export_started:
+        _ray_export_started = True
+        os.environ.pop(ENV_DIR, None)
+        import threading
+
+        threading.Thread(target=_ray_export_loop, args=(metrics_dir(), replica_id),
+                         name="streamsink-ray-metrics", daemon=True).start()
+    return True
+
+
+def _ray_export_loop(path: str, replica_id: str) -> None:
+    from ray.util.metrics import Counter, Gauge
+
+    tags = {"ReplicaId": replica_id}
+    keys = ("ReplicaId",)
+    counters = {
+        "freed_blocks": Counter("vllm_streamsink_freed_blocks", tag_keys=keys,
+                                description="KV blocks freed by the streamsink policy (evicted "
+                                            "from a stream's window)"),
+        "evicted_tokens": Counter("vllm_streamsink_evicted_tokens", tag_keys=keys,
+                                  description="Tokens whose KV the streamsink policy dropped"),
+    }
+    gauges = {
+        "held_blocks": Gauge("vllm_streamsink_held_blocks", tag_keys=keys,
+                             description="KV blocks held by streaming requests"),
+        "streams": Gauge("vllm_streamsink_streams", tag_keys=keys,
+                         description="Streaming requests holding KV blocks"),
+    }
+    exported = {key: 0 for key in counters}
+    while True:
+        totals = read_totals(path)
+        for key, counter in counters.items():
+            # Ray counters only go up: export the growth of the engine's running totals.
+            delta = totals[key] - exported[key]
+            if delta > 0:
+                counter.inc(delta, tags=tags)
+            exported[key] = max(exported[key], totals[key])
+        for key, gauge in gauges.items():
+            gauge.set(totals[key], tags=tags)
+        time.sleep(RAY_EXPORT_INTERVAL)

@@ -64,10 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="vLLM's OpenAI-compatible server with streaming on "
                                      "(/v1/completions, /v1/chat/completions, /metrics); "
-                                     "other arguments (--port, ...) are vLLM's")
+                                     "--ray: N replicas on Ray Serve; other arguments are vLLM's")
     p.add_argument("--model", help="local checkpoint directory or hub id")
     p.add_argument("--sink", type=int, default=4, help="attention sink tokens S (default 4)")
     p.add_argument("--window", type=int, default=1020, help="window tokens W (default 1020)")
+    from streamsink.serving.ray_config import add_ray_arguments
+
+    add_ray_arguments(p)  # --ray, --replicas, --host, --port, --api-key, --metrics-port
     p.set_defaults(func=_cmd_serve, passes_through=True)  # other arguments go to vLLM
 
     _add_module_command(sub, "batch", "batch",

