@@ -8,6 +8,21 @@ VENV=.venv
 STAMP="$VENV/.streamsink-setup"
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 
+# Prometheus (a system program, not a Python package) for `streamsink loadtest` and its tests:
+# Debian's package when we are root and it is missing; otherwise one line on how to get it.
+# Checked on every run (cheap), before the stamp, so an existing .venv does not skip it.
+if ! command -v prometheus >/dev/null 2>&1 && [ ! -x /usr/bin/prometheus ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "streamsink: installing prometheus (apt) for streamsink loadtest"
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } ||
+            echo "streamsink: apt-get install prometheus failed; streamsink loadtest needs it"
+    else
+        echo "streamsink: prometheus not found; streamsink loadtest needs it:" \
+             "sudo apt-get install prometheus (Debian/Ubuntu) or a binary from prometheus.io on PATH"
+    fi
+fi
+
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "import streamsink" 2>/dev/null; then
     echo "streamsink: environment up to date ($VENV)"
     exit 0

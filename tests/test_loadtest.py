@@ -1,0 +1,123 @@
+"""`streamsink loadtest` end to end: the command starts a streaming server (the default model:
+an OpenAI server needs a real tokenizer) and a real Prometheus, runs a ~30-second load in which
+a third of the clients hang up mid-stream, and stops everything again.
+
+One run of the command serves the whole module (module-scoped fixture); the assertions read its
+report, its dashboard and the process table."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from streamsink.serving.prometheus_server import find_prometheus
+
+pytestmark = pytest.mark.skipif(find_prometheus() is None,
+                                reason="prometheus not installed (scripts/setup.sh installs it)")
+
+# C = 64 tokens; a stream of 448 tokens (3.5 blocks of 128) outgrows it by two blocks, which
+# the policy frees while it runs (the first block, holding the sinks, stays).
+SINK, WINDOW = 4, 60
+PROMPT, OUTPUT = 320, 128
+DURATION = 30
+
+
+def _cmd(out, *extra):
+    return [sys.executable, "-m", "streamsink.serving.cli", "loadtest", "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def loadtest(tmp_path_factory):
+    out = tmp_path_factory.mktemp("loadtest")
+    started = time.monotonic()
+    done = subprocess.run(
+        _cmd(out, "--duration", str(DURATION), "--concurrency", "4", "--requests", "200",
+             "--prompt-tokens", str(PROMPT), "--output-tokens", str(OUTPUT),
+             "--abort-fraction", "0.3", "--sink", str(SINK), "--window", str(WINDOW),
+             "--kv-cache-bytes", str(160 << 20), "--max-num-batched-tokens", "256",
+             "--max-model-len", "1024", "--max-num-seqs", "8",
+             # compilation buys nothing for a 30-second load and costs start-up time
+             "--server-arg=--enforce-eager", "--no-progress"),
+        capture_output=True, text=True, timeout=900)
+    elapsed = time.monotonic() - started
+    report_path = out / "report.json"
+    assert report_path.exists(), f"no report (rc {done.returncode}):\n{done.stdout[-3000:]}\n" \
+                                 f"{done.stderr[-3000:]}"
+    with open(report_path) as f:
+        report = json.load(f)
+    return done, report, out, elapsed
+
+
+def test_exit_and_summary_line(loadtest):
+    done, report, _out, _elapsed = loadtest
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    last = done.stdout.strip().splitlines()[-1]
+    fields = dict(kv.split("=") for kv in last.split())
+    assert list(fields) == ["requests", "ok", "errors", "aborted", "tokens_per_s",
+                            "ttft_p99_ms", "itl_p99_ms", "held_blocks_after"]
+    assert last == report["summary_line"]
+    # Every stream was released when the load drained: aborted clients included.
+    assert fields["held_blocks_after"] == "0"
+    assert report["runs"][0]["drained"] is True
+
+
+def test_client_counts_add_up(loadtest):
+    _done, report, _out, _elapsed = loadtest
+    c = report["runs"][0]["client"]
+    assert c["requests"] == c["ok"] + c["errors"] + c["aborted"]
+    assert c["errors"] == 0 and c["http_5xx"] == 0, c["error_samples"]
+    assert c["ok"] >= 4 and c["aborted_planned"] >= 1  # a 30% share of >= 8 requests
+    # Completed streams got every token they asked for; aborted ones hung up before the end.
+    assert c["ttft_ms"]["count"] == c["ok"]
+    # (one chunk a token; the server may merge a few, e.g. around partial UTF-8 characters)
+    assert 0.9 * c["ok"] * (OUTPUT - 1) <= c["itl_ms"]["count"] <= c["ok"] * (OUTPUT - 1)
+    assert c["tokens_received"] >= c["ok"] * OUTPUT
+    assert c["tokens_per_s"] > 0
+
+
+def test_prometheus_series(loadtest):
+    """Prometheus scraped the server during the load: the series are not empty, and they show
+    what happened (requests ran, streams held blocks and the policy freed some)."""
+    _done, report, _out, _elapsed = loadtest
+    series = report["runs"][0]["series"]
+    for key in ("running", "waiting", "kv_usage_pct", "held_blocks", "freed_blocks_per_s",
+                "gen_tokens_per_s", "itl_p50_ms", "itl_p99_ms", "ttft_p50_ms", "ttft_p99_ms"):
+        assert series[key], f"empty series {key}"
+    peak = lambda key: max(v for _t, v in series[key])  # noqa: E731
+    assert peak("running") >= 1
+    assert peak("held_blocks") >= 2
+    assert peak("freed_blocks_per_s") > 0
+    assert peak("gen_tokens_per_s") > 0
+    # The load started at t=0: Prometheus saw the held blocks go back to zero at the end.
+    assert series["held_blocks"][-1][1] == 0
+
+
+def test_dashboard_written(loadtest):
+    _done, report, out, _elapsed = loadtest
+    png = out / "dashboard.png"
+    assert png.exists() and png.stat().st_size > 20_000
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_everything_stopped(loadtest):
+    """Prometheus and the server (its whole process group) are gone after the command."""
+    _done, report, _out, _elapsed = loadtest
+    procs = report["processes"]
+    assert {p["what"] for p in procs} == {"streamsink server", "streamsink prometheus"}
+    for p in procs:
+        with pytest.raises(ProcessLookupError):
+            if p["group"]:
+                os.killpg(p["pid"], 0)
+            else:
+                os.kill(p["pid"], 0)
+
+
+def test_bad_input_is_one_line(tmp_path):
+    done = subprocess.run(_cmd(tmp_path, "--abort-fraction", "1.5"), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "streamsink loadtest: error: --abort-fraction must be within [0, 1]"]
