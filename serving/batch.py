@@ -80,6 +80,13 @@ def run(args) -> int:
         return _fail(str(exc))
     try:
         ok, errors, generated, seconds = _generate(args, setup, pending, writer)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # an engine that could not start or died: what is done is kept
+        print(f"streamsink batch: error: the batch stopped: {type(exc).__name__}: "
+              f"{_one_line(exc)} (finished records are in {args.output}; run the same command "
+              "to resume; --verbose shows the engines' logs)", file=sys.stderr)
+        return 1
     finally:
         writer.close()
     print(summary_line(len(records), ok, errors, skipped, generated,

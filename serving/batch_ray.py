@@ -17,6 +17,7 @@ from typing import Any, Iterator
 # 2-core machine the engine replica and Ray Data's small tasks wait for each other.
 MIN_LOGICAL_CPUS = 8
 OBJECT_STORE_BYTES = 512 << 20
+LOCAL_START_ATTEMPTS = 3
 
 
 def start_ray(verbose: bool) -> None:
@@ -29,8 +30,18 @@ def start_ray(verbose: bool) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
     else:
-        ray.init(address="local", num_cpus=max(MIN_LOGICAL_CPUS, os.cpu_count() or 1),
-                 include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES, **quiet)
+        for attempt in range(LOCAL_START_ATTEMPTS):
+            try:
+                ray.init(address="local", num_cpus=max(MIN_LOGICAL_CPUS, os.cpu_count() or 1),
+                         include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
+                         **quiet)
+                break
+            except Exception as exc:
+                # Ray gives its raylet a fixed 30 s to register; a busy machine misses that.
+                if "timed out during startup" not in str(exc) or \
+                        attempt == LOCAL_START_ATTEMPTS - 1:
+                    raise
+                ray.shutdown()
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
