@@ -23,6 +23,7 @@ def check_version() -> None:
 
 def apply_all() -> None:
     from streamsink.patches import (
+        default_chunk,
         engine_config,
         hf_gpt_neox_rope,
         input_length,
@@ -38,6 +39,7 @@ def apply_all() -> None:
     rotary_embedding.apply()
     hf_gpt_neox_rope.apply()
     engine_config.apply()
+    default_chunk.apply()
     input_length.apply()
     renderer_length.apply()
     openai_prompt_length.apply()

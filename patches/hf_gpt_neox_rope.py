@@ -1,14 +1,15 @@
-"""Patch: exact float64 RoPE for GPT-NeoX (Pythia) streams, which run on HF modeling code.
+"""Patch: float64 RoPE angles for GPT-NeoX (Pythia) streams, which run on HF modeling code.
 
 Why: vLLM 0.32.0 runs GPT-NeoX through its Transformers backend, so RoPE is Hugging Face's
-GPTNeoXRotaryEmbedding: fp32 angles from fp32 inverse frequencies, off by ~0.06 rad at position
-10^6. vLLM's RotaryEmbedding is not involved, so patches/rotary_embedding.py does not reach it.
-How: GPTNeoXRotaryEmbedding.forward is wrapped; when the step's attention metadata carries a
-streamsink plan, it returns the plan's float64-angle table (the step's positions, the same rows
-vLLM passes as position_ids) in HF's (cos, sin) layout. Other engines and plain transformers use
-the original.
-Delete when: vLLM has a native GPT-NeoX model using its own RotaryEmbedding, or transformers
-computes RoPE angles in float64.
+GPTNeoXRotaryEmbedding: fp32 angles from fp32 inverse frequencies (~3e-4 rad off at position
+4096), while streamsink re-rotates cached keys and sink logits with float64 angles; the two must
+agree. vLLM's RotaryEmbedding is not involved, so patches/rotary_embedding.py does not reach it.
+How: GPTNeoXRotaryEmbedding.__init__ is wrapped to mark the instances a streaming engine builds
+(and keep their inverse frequencies in float64); their forward computes cos/sin from float64
+angles of the same position_ids, as plain tensor ops (a compiled graph traces them like HF's
+own). Other engines and plain transformers use the original.
+Delete when: transformers computes RoPE angles in float64, or vLLM has a native GPT-NeoX model
+using its own RotaryEmbedding.
 """
 from __future__ import annotations
 
@@ -17,34 +18,42 @@ import inspect
 import torch
 
 from streamsink.patches import PatchTargetMoved
-from streamsink.patches.rotary_embedding import current_plan
 
+_original_init = None
 _original_forward = None
 
 
-def _streaming_forward(self, x, position_ids):
-    plan = current_plan()
-    if plan is None:
+def _init(self, config, *args, **kwargs):
+    _original_init(self, config, *args, **kwargs)
+    from streamsink.patches.rotary_embedding import _streaming_row_width
+    from streamsink.rope import rope_spec_from_hf_config
+
+    self._streamsink_inv_freq = None
+    if _streaming_row_width() is not None:
+        self._streamsink_inv_freq = rope_spec_from_hf_config(config).inv_freq()
+
+
+def _forward(self, x, position_ids):
+    inv_freq = getattr(self, "_streamsink_inv_freq", None)
+    if inv_freq is None:
         return _original_forward(self, x, position_ids)
-    table = plan.rope_cos_sin
-    if position_ids.numel() != table.shape[0]:
-        raise RuntimeError("streamsink: RoPE table does not match the step's positions")
-    half = table.shape[1] // 2
-    cos = torch.cat([table[:, :half], table[:, :half]], dim=-1).view(*position_ids.shape, -1)
-    sin = torch.cat([table[:, half:], table[:, half:]], dim=-1).view(*position_ids.shape, -1)
-    return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+    freqs = position_ids[..., None].to(torch.float64) * inv_freq.to(x.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype=x.dtype), emb.sin().to(dtype=x.dtype)
 
 
 def apply() -> None:
-    global _original_forward
+    global _original_init, _original_forward
     from transformers.models.gpt_neox import modeling_gpt_neox as hf
 
     if _original_forward is not None:
         return
-    target = hf.GPTNeoXRotaryEmbedding.forward
-    if list(inspect.signature(target).parameters) != ["self", "x", "position_ids"] or \
+    cls = hf.GPTNeoXRotaryEmbedding
+    if list(inspect.signature(cls.forward).parameters) != ["self", "x", "position_ids"] or \
+            list(inspect.signature(cls.__init__).parameters)[:2] != ["self", "config"] or \
+            "self.attention_scaling" not in inspect.getsource(cls.forward) or \
             not callable(getattr(hf, "rotate_half", None)):
-        raise PatchTargetMoved("transformers GPTNeoXRotaryEmbedding.forward(self, x, "
+        raise PatchTargetMoved("transformers GPTNeoXRotaryEmbedding(config).forward(x, "
                                "position_ids) with NeoX-style rotate_half changed")
-    _original_forward = target
-    hf.GPTNeoXRotaryEmbedding.forward = _streaming_forward
+    _original_init, _original_forward = cls.__init__, cls.forward
+    cls.__init__, cls.forward = _init, _forward

@@ -1,72 +1,98 @@
-"""Patch: RoPE at exact float64 angles for streaming engines.
+"""Patch: the RoPE table of a streaming engine covers its rows, from float64 angles.
 
-Why: vLLM's RotaryEmbedding looks positions up in a cos/sin table of max_position_embeddings rows
-built from fp32 angles. A stream runs past that table (out-of-range index, or a silent
-out-of-bounds read in the C++ op), and fp32 angles at position 10^6 are off by ~0.1 rad.
-How: RotaryEmbedding.forward (which only dispatches to forward_native/forward_cpu) is wrapped; when
-the step's attention metadata carries a streamsink plan, the rotation uses the plan's table, built
-once per step from float64 angles for exactly the step's positions, through vLLM's own
-in-place CPU RoPE op (the one stock eager mode uses), with row indices into that table.
-Other engines take the original path untouched.
-Delete when: vLLM computes RoPE angles on the fly (or in float64) for positions past the table, or
-offers a hook to supply per-step cos/sin.
+Why: a streaming engine feeds the model *row positions* (row_window.py), which stay below
+max_model_len however long a stream runs, so vLLM's own RotaryEmbedding, its table and a graph
+compiled once serve every step. Two things differ from stock: max_model_len may exceed the model's
+max_position_embeddings (a dense window wider than the model's context), and streamsink re-rotates
+cached keys and sink shadows with float64 angles, so the table should agree with them to the
+last bit rather than carry fp32 angle error (~3e-4 rad at position 4096).
+How: RotaryEmbeddingBase._compute_cos_sin_cache (called once, when the layer is built) is wrapped:
+for an engine with a streamsink config it returns max(max_position_embeddings, max_model_len)
+rows of cos/sin from float64 angles. get_rope caches instances by their parameters only, so its
+cache (_ROPE_DICT) is keyed also by the streaming engine's row width: a stock engine built in
+the same process never gets a streaming table, nor the other way round. Nothing runs per step.
+Delete when: vLLM sizes the table by max_model_len and computes it in float64 (or lets a plugin
+pick the table), and keys get_rope's cache by it.
 """
 from __future__ import annotations
 
+import inspect
+
+import torch
+
 from streamsink.patches import PatchTargetMoved
 
-_original_forward = None
+_original_compute = None
 
 
-def current_plan():
-    """The streamsink StepPlan of the step being executed, if any (cheap: runs per layer)."""
-    if not _is_forward_context_available():
+def _streaming_row_width() -> int | None:
+    """max_model_len of the streaming engine being built in this process, else None."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    from streamsink.config import config_from_additional
+
+    vllm_config = get_current_vllm_config_or_none()
+    if vllm_config is None or vllm_config.model_config is None or \
+            config_from_additional(vllm_config.additional_config) is None:
         return None
-    metadata = _get_forward_context().attn_metadata
-    if isinstance(metadata, list):
-        metadata = metadata[0] if metadata else None
-    if not metadata:
-        return None
-    return getattr(next(iter(metadata.values())), "streamsink", None)
+    return vllm_config.model_config.max_model_len
 
 
-def _streaming_forward(self, positions, query, key=None):
-    # Runs per layer per step: imports are resolved once, in apply().
-    plan = current_plan()
-    if plan is None:
-        return _original_forward(self, positions, query, key)
-    if plan.rope_cos_sin.shape[0] != positions.shape[0]:
-        raise RuntimeError("streamsink: RoPE table does not match the step's positions")
-    # vLLM's own in-place CPU RoPE op, fed the step's table and row indices into it.
-    _ops.rotary_embedding(plan.rope_index, query, key, self.head_size, plan.rope_cos_sin,
-                         self.is_neox_style)
-    return query, key
+def _compute_cos_sin_cache(self) -> torch.Tensor:
+    rows = _streaming_row_width()
+    if rows is None:
+        return _original_compute(self)
+    from streamsink.rope import RopeSpec
+
+    spec = RopeSpec(head_dim=self.head_size, rotary_dim=self.rotary_dim, theta=float(self.base))
+    positions = torch.arange(max(self.max_position_embeddings, rows))
+    return spec.cos_sin(positions, torch.float32)
 
 
-_ops = _get_forward_context = _is_forward_context_available = None
+class _RopeCacheByEngine(dict):
+    """get_rope's instance cache, with the streaming row width (or None) added to each key."""
+
+    @staticmethod
+    def _key(key):
+        return key, _streaming_row_width()
+
+    def __contains__(self, key):
+        return super().__contains__(self._key(key))
+
+    def __getitem__(self, key):
+        return super().__getitem__(self._key(key))
+
+    def __setitem__(self, key, value):
+        super().__setitem__(self._key(key), value)
+
+
+def check_target() -> None:
+    from vllm.model_executor.layers import rotary_embedding as rope_pkg
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
+
+    compute = _original_compute or RotaryEmbeddingBase.__dict__.get("_compute_cos_sin_cache")
+    source = inspect.getsource(rope_pkg.get_rope)
+    init = inspect.getsource(RotaryEmbeddingBase.__init__)
+    if compute is None or list(inspect.signature(compute).parameters) != ["self"] or \
+            "cache = self._compute_cos_sin_cache()" not in init or \
+            "if key in _ROPE_DICT:" not in source or "_ROPE_DICT[key] = rotary_emb" not in source:
+        raise PatchTargetMoved("RotaryEmbeddingBase._compute_cos_sin_cache(self) / get_rope's "
+                               "_ROPE_DICT cache changed")
+    for attr in ("head_size", "rotary_dim", "base", "max_position_embeddings"):
+        if f"self.{attr} = " not in init:
+            raise PatchTargetMoved(f"RotaryEmbeddingBase no longer sets self.{attr}")
 
 
 def apply() -> None:
-    global _original_forward, _ops, _get_forward_context, _is_forward_context_available
-    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
+    global _original_compute
+    from vllm.model_executor.layers import rotary_embedding as rope_pkg
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
 
-    if _original_forward is not None:
+    if _original_compute is not None:
         return
-    import inspect
-
-    from vllm import _custom_ops as ops
-    from vllm.model_executor.custom_op import CustomOp
-
-    op_params = list(inspect.signature(ops.rotary_embedding).parameters)
-    if RotaryEmbedding.forward is not CustomOp.forward or \
-            op_params[:6] != ["positions", "query", "key", "head_size", "cos_sin_cache",
-                              "is_neox"]:
-        raise PatchTargetMoved("RotaryEmbedding changed: expected CustomOp.forward and "
-                               "ops.rotary_embedding(positions, query, key, head_size, "
-                               "cos_sin_cache, is_neox)")
-    from vllm.forward_context import get_forward_context, is_forward_context_available
-
-    _ops, _get_forward_context = ops, get_forward_context
-    _is_forward_context_available = is_forward_context_available
-    _original_forward = RotaryEmbedding.forward
-    RotaryEmbedding.forward = _streaming_forward
+    check_target()
+    _original_compute = RotaryEmbeddingBase._compute_cos_sin_cache
+    RotaryEmbeddingBase._compute_cos_sin_cache = _compute_cos_sin_cache
+    cache = _RopeCacheByEngine()
+    cache.update({(k, None): v for k, v in rope_pkg._ROPE_DICT.items()})
+    rope_pkg._ROPE_DICT = cache

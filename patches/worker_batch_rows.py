@@ -9,9 +9,9 @@ in its row, in row positions (absolute minus a per-request offset). Three method
 each only for an engine with a streamsink config:
 - InputBatch.add_request: a request that does not fit its row is added without tokens and
   blocks and its row written by RowWindow.rebase;
-- GPUModelRunner._update_states: before it, rows whose step would overflow are rebased; after
-  it, num_computed_tokens (set from the scheduler's absolute numbers) is made relative and the
-  step's offsets published for the attention metadata builder;
+- GPUModelRunner._update_states: before it, rows whose step would overflow are rebased (and
+  their cached keys re-rotated to the new row positions); after it, num_computed_tokens (set
+  from the scheduler's absolute numbers) is made relative;
 - GPUModelRunner._prepare_inputs: after it, "discard the sampled token" (a partial prefill) is
   recomputed from absolute lengths (vLLM compares the row's seq_len with the request's length).
 Delete when: vLLM's worker buffers are bounded by a window for windowed attention (a ring of
@@ -34,12 +34,16 @@ def _rows_of(runner):
         from streamsink.config import config_from_additional
         from streamsink.row_window import RowWindow
 
+        from streamsink.rope import rope_spec_from_hf_config
+
         cfg = config_from_additional(runner.vllm_config.additional_config)
         rows = False
         if cfg is not None:
             table = batch.block_table[0]
+            model_config = runner.vllm_config.model_config
             rows = RowWindow(cfg, table.block_size, batch.token_ids_cpu.shape[1],
-                             table.max_num_blocks_per_req)
+                             table.max_num_blocks_per_req, kv_caches=runner.kv_caches,
+                             rope=rope_spec_from_hf_config(model_config.hf_text_config))
         batch._streamsink_rows = rows
     return rows
 
@@ -57,6 +61,8 @@ def _update_states(self, scheduler_output):
         return _originals["_update_states"](self, scheduler_output)
     rows.step_tokens = scheduler_output.num_scheduled_tokens
     cached = scheduler_output.scheduled_cached_reqs
+    for req_id in (*scheduler_output.finished_req_ids, *cached.resumed_req_ids):
+        rows.forget(req_id)  # their cached keys are gone (resumed: recomputed from scratch)
     for i, req_id in enumerate(cached.req_ids):
         row = self.input_batch.req_id_to_index.get(req_id)
         if row is None or req_id in cached.resumed_req_ids:

@@ -4,13 +4,14 @@ Registered over CPU_ATTN (vLLM's own override hook, register_backend), so every 
 on CPU goes through these classes; for an engine without a streamsink config they are exactly the
 stock classes. With one:
 
-- the KV write is stock (keys rotated at their absolute positions, stock cache layout);
-- every layer runs vLLM's C++ kernel with a sliding window of C = S+W when the step allows it
-  (dense requests, and decodes past C after writing the S sink "shadows": DESIGN.md §3 option 4,
-  O(S) writes per decode per layer, see step_plan.py);
-- otherwise (prefill chunks past C) each layer reads the sink and window blocks the step plan
-  lists and computes the logits in PyTorch: window keys as stored, sink keys against the query
-  re-rotated to its in-cache slot (option 2: O(S) extra work per query, none per window key).
+- the KV write is stock (keys rotated at their row positions, stock cache layout);
+- vLLM's C++ kernel with a sliding window of C = S+W computes every request it can (dense
+  requests, and decodes past C after writing the S sink "shadows": DESIGN.md §3 option 4, O(S)
+  writes per decode per layer, see step_plan.py) — the whole step in one call when all can;
+- the other requests (prefill chunks past C) read the window and sink blocks the step plan lists:
+  window keys as stored, through PyTorch's fused CPU attention, and sink keys against the query
+  re-rotated to its in-cache slot (option 2: O(S) extra work per query, none per window key),
+  merged by log-sum-exp.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from vllm import _custom_ops as ops
+from vllm import envs
 from vllm.config import get_current_vllm_config
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
@@ -30,8 +32,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from streamsink.config import StreamsinkConfig, config_from_additional
 from streamsink.kv_policy import StreamingSinkSpec
 from streamsink.rope import RopeSpec, rope_spec_from_hf_config, rotate
-from streamsink.row_window import row_offsets
-from streamsink.step_plan import AttentionGroup, ShadowWrites, StepPlan, plan_step
+from streamsink.step_plan import QueryTile, ShadowWrites, StepPlan, plan_step
 
 # The streamsink config of the engine whose model this process built last. vLLM asks the backend
 # to customize KV specs (customize_spec) without passing the config; one process builds one
@@ -57,14 +58,41 @@ class StreamsinkMetadataBuilder(CPUAttentionMetadataBuilder):
             return md  # stock engine: stock metadata, nothing added per step
         out = StreamsinkMetadata(**vars(md))
         cm = common_attn_metadata
-        out.streamsink = plan_step(
-            self.streamsink, self.rope, self.block_size,
-            seq_lens=cm.seq_lens[:cm.num_reqs].tolist(),
-            query_start=cm.query_start_loc_cpu[:cm.num_reqs + 1].tolist(),
-            block_table=cm.block_table_tensor[:cm.num_reqs],
-            positions=cm.positions, dtype=self.dtype, kv_heads=self.num_kv_heads,
-            offsets=row_offsets(cm.num_reqs).tolist())
+        seq_lens = cm.seq_lens[:cm.num_reqs].tolist()
+        query_start = cm.query_start_loc_cpu[:cm.num_reqs + 1].tolist()
+        out.streamsink = plan = plan_step(
+            self.streamsink, self.rope, self.block_size, seq_lens=seq_lens,
+            query_start=query_start, block_table=cm.block_table_tensor[:cm.num_reqs],
+            dtype=self.dtype, kv_heads=self.num_kv_heads)
+        if plan.kernel_reqs:
+            self._kernel_part(plan, md, seq_lens, query_start)
         return out
+
+    def _kernel_part(self, plan: StepPlan, md: CPUAttentionMetadata, seq_lens: list[int],
+                     query_start: list[int]) -> None:
+        """The kernel's metadata for the kernel requests of a mixed step (what super().build
+        makes for a whole decoder step, restricted to those rows)."""
+        reqs = plan.kernel_reqs
+        lens = [query_start[r + 1] - query_start[r] for r in reqs]
+        sub_start = torch.tensor([0] + lens, dtype=md.query_start_loc.dtype).cumsum(0).to(
+            md.query_start_loc.dtype)
+        sub_seq_lens = md.seq_lens[reqs]
+        ranges = [(query_start[r], query_start[r + 1]) for r in reqs]
+        if all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])):
+            plan.kernel_tokens = slice(ranges[0][0], ranges[-1][1])
+        else:
+            plan.kernel_tokens = torch.cat([torch.arange(a, b) for a, b in ranges])
+        scheduler_metadata = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=len(reqs), num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim, seq_lens=sub_seq_lens, dtype=self.dtype,
+            query_start_loc=sub_start, causal=True, sliding_window_size=self.window_size,
+            isa=self.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, dynamic_causal=None,
+            kv_cache_dtype=self.kv_cache_dtype)
+        plan.kernel_metadata = CPUAttentionMetadata(
+            num_actual_tokens=sum(lens), max_query_len=max(lens), query_start_loc=sub_start,
+            max_seq_len=max(seq_lens[r] for r in reqs), seq_lens=sub_seq_lens,
+            block_table=md.block_table[reqs], slot_mapping=md.slot_mapping,
+            scheduler_metadata=scheduler_metadata, causal=True)
 
 
 def _split_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,33 +106,58 @@ def _split_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return keys, values
 
 
-def attend_group(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                 g: AttentionGroup, scale: float, rotary_dim: int) -> torch.Tensor:
-    """Sink + window attention of one group. query [R, T, Hq, D] -> [R, Hkv, T*G, D] (by KV head).
+def rotate_cached_keys(kv_cache: torch.Tensor, blocks: torch.Tensor, cos_sin: torch.Tensor,
+                       rotary_dim: int) -> None:
+    """Rotate every key stored in `blocks` of one layer's cache by one angle set, in place
+    (cos_sin: [rotary_dim], cos | sin). Keys are [head_dim, B] per (block, KV head), so the
+    rotated halves are rows of that page."""
+    keys, _ = _split_kv_cache(kv_cache)
+    half = rotary_dim // 2
+    cos = cos_sin[:half, None].to(kv_cache.dtype)
+    sin = cos_sin[half:, None].to(kv_cache.dtype)
+    k = keys[blocks]                                          # [N, Hkv, D, B]
+    x1, x2 = k[:, :, :half], k[:, :, half:rotary_dim]
+    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=2)
+    keys[blocks, :, :rotary_dim] = rotated
 
-    Works block by block on the gathered blocks ([R, NB, Hkv, D, B] keys as the cache stores them),
-    so no gathered tensor is permuted; the softmax spans the (block, offset) dims together.
-    """
-    R, T, Hq, D = query.shape
+
+def attend_tile(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tile: QueryTile,
+                scale: float, rotary_dim: int) -> torch.Tensor:
+    """Sink + window attention of one tile. query [T, Hq, D] -> [T, Hq, D].
+
+    The window part runs in PyTorch's fused CPU attention (flash-style, multithreaded), which
+    returns the log-sum-exp too; the <= S sink logits use the query re-rotated to its in-cache
+    slot and join by log-sum-exp, as vLLM's cascade attention merges partial states."""
+    T, Hq, D = query.shape
     Hkv = keys.shape[1]
     G = Hq // Hkv
 
-    def by_kv_head(q):  # [R, T, Hq, D] -> [R, 1, Hkv, T*G, D], scaled
-        return (q.view(R, T, Hkv, G, D).transpose(1, 2).reshape(R, 1, Hkv, T * G, D) * scale)
+    def gather(blocks, k_layout):  # -> [Hq, NB*B, D], KV heads repeated for their query heads
+        if k_layout:
+            x = keys[blocks].permute(1, 0, 3, 2)     # [NB, Hkv, D, B] -> [Hkv, NB, B, D]
+        else:
+            x = values[blocks].transpose(0, 1)       # [NB, Hkv, B, D] -> [Hkv, NB, B, D]
+        return x.reshape(Hkv, -1, D).repeat_interleave(G, dim=0)
 
-    k = keys[g.block_ids]                                    # [R, NB, Hkv, D, B]
-    logits = torch.matmul(by_kv_head(query), k)              # [R, NB, Hkv, T*G, B]
-    if g.sink_rotation is not None:
-        sb = g.sink_blocks
-        sink_query = rotate(query, g.sink_rotation[:, :, None, :], rotary_dim)
-        sink_logits = torch.matmul(by_kv_head(sink_query), k[:, :sb])
-        logits[:, :sb] = torch.where(g.sink_col_mask, sink_logits, logits[:, :sb])
-    NB, B = logits.shape[1], logits.shape[-1]
-    biased = logits.view(R, NB, Hkv, T, G, B).add_(g.bias).view(R, NB, Hkv, T * G, B)
-    biased.sub_(biased.amax(dim=(1, 4), keepdim=True)).exp_()
-    denominator = biased.sum(dim=(1, 4), keepdim=True)[:, 0]  # [R, Hkv, T*G, 1]
-    v = values[g.block_ids]                                  # [R, NB, Hkv, B, D]
-    return torch.matmul(biased, v).sum(dim=1).div_(denominator)
+    q = query.transpose(0, 1)                        # [Hq, T, D]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q[None].contiguous(), gather(tile.window_blocks, True)[None],
+        gather(tile.window_blocks, False)[None], 0.0, False, attn_mask=tile.window_mask,
+        scale=scale)
+    out, lse = out[0], lse[0]                        # [Hq, T, D], [Hq, T]
+    if tile.sink_mask is not None:
+        S = tile.sink_mask.shape[-1]
+        sink_q = rotate(q, tile.sink_rotation[None], rotary_dim)
+        sink_k = gather(tile.sink_blocks, True)[:, :S]
+        sink_v = gather(tile.sink_blocks, False)[:, :S]
+        logits = torch.matmul(sink_q, sink_k.transpose(1, 2)).mul_(scale).add_(tile.sink_mask)
+        top = torch.maximum(lse, logits.amax(dim=-1))            # [Hq, T]
+        window_weight = (lse - top).exp_()
+        sink_weights = (logits - top[..., None]).exp_()          # [Hq, T, S]
+        denominator = window_weight + sink_weights.sum(dim=-1)
+        out = (out * window_weight[..., None] + torch.matmul(sink_weights, sink_v)) \
+            / denominator[..., None]
+    return out.transpose(0, 1)
 
 
 class StreamsinkAttentionImpl(CPUAttentionBackendImpl):
@@ -134,24 +187,32 @@ class StreamsinkAttentionImpl(CPUAttentionBackendImpl):
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
         plan = getattr(attn_metadata, "streamsink", None)
+        if plan is not None and plan.shadows is not None:
+            self._write_shadows(layer, kv_cache, plan.shadows)
         if plan is None or plan.kernel:
-            if plan is not None and plan.shadows is not None:
-                self._write_shadows(layer, kv_cache, plan.shadows)
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)
+        if plan.kernel_metadata is not None:
+            self._kernel_requests(layer, query, kv_cache, plan, output)
         keys, values = _split_kv_cache(kv_cache)
         out = output.view(output.shape[0], self.num_heads, self.head_size)
         q_all = query.view(query.shape[0], self.num_heads, self.head_size)
-        kv_heads = keys.shape[1]
-        group = self.num_heads // kv_heads
-        for g in plan.groups:
-            R, T = g.token_idx.shape
-            res = attend_group(q_all[g.token_idx], keys, values, g, self.scale,
-                               self.rope.rotary_dim)        # [R, Hkv, T*G, D]
-            res = res.view(R, kv_heads, T, group, self.head_size).transpose(1, 2)
-            out[g.token_idx.flatten()] = res.reshape(R * T, self.num_heads,
-                                                     self.head_size).to(out.dtype)
+        for tile in plan.tiles:
+            out[tile.tokens] = attend_tile(q_all[tile.tokens], keys, values, tile, self.scale,
+                                           self.rope.rotary_dim).to(out.dtype)
         return output
+
+    def _kernel_requests(self, layer, query, kv_cache, plan: StepPlan, output) -> None:
+        """vLLM's kernel on the kernel requests of a mixed step (their tokens are usually one
+        contiguous run: decodes come first in vLLM's batches)."""
+        tokens = plan.kernel_tokens
+        if isinstance(tokens, slice):
+            super().forward(layer, query[tokens], None, None, kv_cache, plan.kernel_metadata,
+                            output[tokens])
+            return
+        part = output[tokens]
+        super().forward(layer, query[tokens], None, None, kv_cache, plan.kernel_metadata, part)
+        output[tokens] = part
 
 
 class StreamsinkAttentionBackend(CPUAttentionBackend):

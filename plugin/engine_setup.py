@@ -31,8 +31,9 @@ def streaming_engine_built() -> bool:
 
 
 def configure_streaming_engine(vllm_config) -> None:
-    """Before the platform's own checks: validate, and force eager mode (the platform derives
-    its compilation settings from it). No-op for an engine without a streamsink config."""
+    """Before the platform's own checks: validate. No-op for an engine without a streamsink
+    config. The model runs as stock would (compiled by default): RoPE works on row positions
+    through vLLM's own table, and attention is a custom op outside the graph."""
     cfg = config_from_additional(vllm_config.additional_config)
     if cfg is None:
         return
@@ -53,7 +54,6 @@ def configure_streaming_engine(vllm_config) -> None:
         rope_spec_from_hf_config(model_config.hf_text_config)
     except ValueError as exc:
         raise StreamsinkConfigError(str(exc)) from None
-    _force_eager(vllm_config)
     if not is_streaming_model_config(model_config):
         _streaming_model_configs.append(model_config)
 
@@ -113,18 +113,20 @@ def _check_row_width(vllm_config, cfg) -> None:
             f"{block_size} (got {have}); streams still run past max_model_len")
 
 
-def _force_eager(vllm_config) -> None:
-    """Streaming RoPE takes per-step tables from the attention metadata, which a graph traced
-    once cannot see: run the model eagerly, as --enforce-eager would."""
-    from vllm.config import CompilationMode, CUDAGraphMode
+def fit_default_chunk(engine_args, max_model_len: int, default_chunk: int) -> int | None:
+    """The step size (max_num_batched_tokens) for a streaming engine whose user did not choose
+    one: vLLM's default, or the largest that fits the row when that does not. None: keep the
+    default (not streaming, or it fits, or nothing fits and the row check will say so)."""
+    cfg = config_from_additional(engine_args.additional_config)
+    if cfg is None:
+        return None
+    from streamsink.row_window import min_row_tokens
 
-    compilation = vllm_config.compilation_config
-    if vllm_config.model_config.enforce_eager and compilation.mode == CompilationMode.NONE:
-        return
-    logger.info("streamsink: running the model eagerly (as --enforce-eager)")
-    vllm_config.model_config.enforce_eager = True
-    compilation.mode = CompilationMode.NONE
-    compilation.cudagraph_mode = CUDAGraphMode.NONE
-    if "none" in compilation.custom_ops:
-        compilation.custom_ops.remove("none")
-        compilation.custom_ops.append("all")
+    block_size = engine_args.block_size or 128  # CpuPlatform's default block size
+    room = max_model_len - min_row_tokens(cfg, block_size, 0)
+    if default_chunk <= room or room < block_size:
+        return None
+    logger.info("streamsink: max_num_batched_tokens=%d (vLLM's default %d) so that one step "
+                "fits max_model_len=%d with sink_tokens=%d, window_tokens=%d", room,
+                default_chunk, max_model_len, cfg.sink_tokens, cfg.window_tokens)
+    return room

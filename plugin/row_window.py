@@ -11,31 +11,22 @@ num_tokens_no_spec, num_prompt_tokens) become relative to it.
 The worker then works in *row positions*: p' = p - offset past the sink blocks, p' = p inside
 them. Differences between window positions are unchanged, the sinks keep their places, and every
 query of a rebased row sits at p' >= C - 1, so the slot mapping, vLLM's kernel (sliding window C)
-and the step plan's visibility all work unchanged on row positions. Only RoPE angles need the
-absolute position back: the step plan adds `offset` (see row_offsets()).
+and the step plan's visibility all work unchanged on row positions. RoPE works on row positions
+too: the model rotates q and k at p' (vLLM's own RoPE, its table never outgrown, and a graph
+compiled once sees nothing of ours), and at a rebase the keys already cached for the kept blocks
+are re-rotated by -(new offset - old offset) in every layer: one rotation for all of them,
+since offsets are multiples of B. Each rebase adds ~1 ulp of rounding to those keys; a key lives
+through only a few rebases before it leaves the window.
 
-The rebase rewrites O(max_model_len) entries once every ~(max_model_len - C - chunk) tokens.
+The rebase rewrites O(max_model_len) entries and re-rotates O(C) keys per layer once every
+~(max_model_len - C - chunk) tokens.
 The scheduler keeps absolute numbers; the patches under patches/worker_*.py do the translation.
 """
 from __future__ import annotations
 
 import copy
 
-import numpy as np
-
 from streamsink.config import StreamsinkConfig
-
-# Per-row offsets of the step being prepared in this process, published by the runner patch
-# after it updated the batch and read by the attention metadata builder of the same step.
-_step_row_offsets: np.ndarray = np.zeros(0, dtype=np.int64)
-
-
-def row_offsets(num_reqs: int) -> np.ndarray:
-    """Offsets (absolute position minus row position) of the batch rows of the current step."""
-    if len(_step_row_offsets) < num_reqs:
-        return np.zeros(num_reqs, dtype=np.int64)
-    return _step_row_offsets[:num_reqs]
-
 
 def min_row_tokens(cfg: StreamsinkConfig, block_size: int, max_step_tokens: int) -> int:
     """The narrowest row that always fits one step: the sink blocks, the C-1 keys before the
@@ -49,13 +40,18 @@ class RowWindow:
     """The row bookkeeping of one streaming engine's InputBatch."""
 
     def __init__(self, cfg: StreamsinkConfig, block_size: int, token_width: int,
-                 block_width: int) -> None:
+                 block_width: int, kv_caches: list | None = None, rope=None) -> None:
         self.cfg = cfg
+        self.kv_caches = kv_caches if kv_caches is not None else []  # the runner's, per layer
+        self.rope = rope                                   # RopeSpec, for re-rotations
         self.block_size = block_size
         self.sink_blocks = -(-cfg.sink_tokens // block_size)
         self.head_tokens = self.sink_blocks * block_size   # row positions kept as they are
         self.width = min(token_width, block_width * block_size)
         self.offsets: dict[str, int] = {}                  # req_id -> offset (0 if absent)
+        # req_id -> the offset its cached keys are rotated for (0 if absent); outlives the
+        # request's row while it is out of the batch, until it finishes or is preempted.
+        self.kv_offsets: dict[str, int] = {}
         self.step_tokens: dict[str, int] = {}              # req_id -> tokens scheduled this step
         self.rebases = 0
 
@@ -121,7 +117,37 @@ class RowWindow:
         # Only the penalties' prompt tensor reads this: the prompt tokens still in the row.
         batch.num_prompt_tokens[row] = max(num_prompt - offset, 0)
         self.offsets[request.req_id] = offset
+        self._rerotate_cached_keys(request, offset)
         self.rebases += 1
+
+    def _rerotate_cached_keys(self, request, offset: int) -> None:
+        """Keys were cached rotated at the row positions of the offset they were computed
+        under; the kept blocks (the sinks excepted, which never move) now sit `delta` lower."""
+        delta = offset - self.kv_offsets.get(request.req_id, 0)
+        self.kv_offsets[request.req_id] = offset
+        if not delta or not self.kv_caches or self.rope is None:
+            return
+        import torch
+
+        from streamsink.attention import rotate_cached_keys
+
+        # Only blocks of the new row: older ids in block_ids were freed and may belong to
+        # another request by now.
+        kept = request.block_ids[0][self.sink_blocks + offset // self.block_size:]
+        if not kept:
+            return
+        blocks = torch.tensor(kept, dtype=torch.long)
+        cos_sin = self.rope.cos_sin(torch.tensor([-delta]), torch.float64)[0]
+        seen = set()
+        for kv_cache in self.kv_caches:
+            if kv_cache is None or kv_cache.data_ptr() in seen:
+                continue  # layers sharing one cache tensor rotate it once
+            seen.add(kv_cache.data_ptr())
+            rotate_cached_keys(kv_cache, blocks, cos_sin, self.rope.rotary_dim)
+
+    def forget(self, req_id: str) -> None:
+        """A finished or preempted request: its cached keys are gone."""
+        self.kv_offsets.pop(req_id, None)
 
     def add_request(self, batch, request, original_add_request) -> int:
         """InputBatch.add_request for a streaming engine: rows that cannot hold the whole
@@ -148,17 +174,13 @@ class RowWindow:
         return row
 
     def to_row_positions(self, batch, requests) -> None:
-        """After vLLM updated the batch with absolute num_computed_tokens: make them relative
-        and publish the step's per-row offsets."""
-        global _step_row_offsets
+        """After vLLM updated the batch with absolute num_computed_tokens: make them relative."""
         live = set(batch.req_id_to_index)
         for req_id in [r for r in self.offsets if r not in live]:
             del self.offsets[req_id]
-        num_reqs = batch.num_reqs
-        offsets = np.zeros(num_reqs, dtype=np.int64)
-        for row, req_id in enumerate(batch.req_ids[:num_reqs]):
+        if not self.offsets:
+            return
+        for row, req_id in enumerate(batch.req_ids[:batch.num_reqs]):
             offset = self.offsets.get(req_id, 0)
             if offset:
                 batch.num_computed_tokens_cpu[row] = requests[req_id].num_computed_tokens - offset
-                offsets[row] = offset
-        _step_row_offsets = offsets

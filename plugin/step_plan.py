@@ -6,22 +6,27 @@ absolute position to its in-cache slot for the sink logits. Everything here is a
 blocks; no model tensors.
 
 Positions here are *row positions* (see row_window.py): a long stream's worker row is rebased so
-that its recent tokens sit at p' = p - offset. Visibility and slots only use differences of row
-positions; RoPE angles (the model's table, the sink rotations, the shadows) add the offset back.
+that its recent tokens sit at p' = p - offset, and its cached keys are re-rotated to match, so the
+model's RoPE, the sink rotations and the shadows all work on row positions, which stay below
+max_model_len. Nothing here needs the absolute position.
 
 Semantics (DESIGN.md §1): query i sees j <= i with j < S or j > i - W; with n = min(i+1, C) the
 query sits at slot n-1 and a window key j at slot n-1-(i-j), so keys rotated at their absolute
 positions already give the right window logits. Only sink logits need the query rotated by
 (n-1) - i, a rotation by a non-positive angle that is zero while i < C.
 
-Two ways to compute a step (DESIGN.md §3 options 4 and 2):
-- kernel step: every request is dense (all its queries < C) or a decode at i >= C+S-1. For each
-  such decode the plan lists "shadow" writes: sink j's K/V, re-rotated to position i-C+1+j, into
-  the slots of the S tokens just evicted. The last C slots then read as one contiguous run of
+Two ways to compute a request's attention (DESIGN.md §3 options 4 and 2), chosen per request:
+- kernel: the request is dense (all its queries < C) or a decode at i >= C+S-1. For each such
+  decode the plan lists "shadow" writes: sink j's K/V, re-rotated to position i-C+1+j, into the
+  slots of the S tokens just evicted. The last C slots then read as one contiguous run of
   exactly the keys query i must see, at the right distances, and vLLM's C++ kernel with a
   sliding window of C computes StreamingLLM attention unchanged.
-- PyTorch step (any other step, e.g. a prefill chunk past C): per-request groups of blocks and
-  visibility masks for attend_group in attention.py.
+- PyTorch (any other request, e.g. a prefill chunk past C): per-request tiles of queries, the
+  window keys through PyTorch's fused attention and the sink keys merged in by log-sum-exp
+  (QueryTile, attend_tile in attention.py).
+A step whose requests all take the kernel is one kernel call, as in stock vLLM; a mixed step runs
+the kernel on its kernel requests and PyTorch only on the others, so decodes never wait on the
+slow path because a long prompt joined the batch.
 """
 from __future__ import annotations
 
@@ -32,21 +37,26 @@ import torch
 from streamsink.config import StreamsinkConfig
 from streamsink.rope import RopeSpec
 
-# Queries of one prefill chunk are processed in tiles of this many, so the logits of one tile
-# stay small (tile x (S + W + tile) per head) and each tile reads only the blocks it can see.
+# Queries of one prefill chunk are processed in tiles of this many, so the mask of one tile stays
+# small (tile x (W + tile) entries) and each tile reads only the blocks it can see.
 PREFILL_TILE = 256
 
 
 @dataclass
-class AttentionGroup:
-    """Rows of queries attended together: R rows of T queries over NB blocks each."""
+class QueryTile:
+    """T consecutive queries of one request that vLLM's kernel cannot compute (a prefill chunk
+    past C, or a decode right after C). Their keys split into two disjoint sets:
+    - window keys j with i-W < j <= i: stored as the model wrote them, so the logits are right as
+      they are; computed by PyTorch's fused CPU attention, which also returns the log-sum-exp;
+    - sink keys j < S with j <= i-W: the query re-rotated to its in-cache slot for these only
+      (O(S) per query), merged into the window result by log-sum-exp."""
 
-    token_idx: torch.Tensor        # [R, T] rows of query/output in the step's token order
-    block_ids: torch.Tensor        # [R, NB] physical KV blocks (padding repeats a real block)
-    bias: torch.Tensor             # [R, NB, 1, T, 1, B] 0 where the key is visible, else -inf
-    sink_blocks: int               # the first sink_blocks blocks of every row may hold sinks
-    sink_col_mask: torch.Tensor    # [R, sink_blocks, 1, 1, B] column holds a sink token
-    sink_rotation: torch.Tensor | None  # [R, T, rotary_dim] cos|sin, None if every query is dense
+    tokens: slice                       # the tile's tokens in the step's token order
+    window_blocks: torch.Tensor         # [NB] physical blocks holding the window keys, in order
+    window_mask: torch.Tensor           # [1, 1, T, NB*B] 0 where visible, -inf elsewhere
+    sink_blocks: torch.Tensor | None    # [ceil(S/B)] physical blocks of the sinks; None: no sink
+    sink_mask: torch.Tensor | None      # [1, T, S] 0 where sink j is visible (outside the window)
+    sink_rotation: torch.Tensor | None  # [T, rotary_dim] cos|sin: query position -> its slot
 
 
 @dataclass
@@ -66,59 +76,42 @@ class ShadowWrites:
 
 @dataclass
 class StepPlan:
-    rope_index: torch.Tensor       # arange(num_tokens): rows of rope_cos_sin
-    rope_cos_sin: torch.Tensor     # [num_tokens, rotary_dim] RoPE table at absolute positions
-    kernel: bool                   # vLLM's kernel with a window of C computes this step
+    kernel: bool                   # vLLM's kernel with a window of C computes the whole step
+    # A mixed step: the requests (batch rows) that vLLM's kernel computes; the others are tiles.
+    kernel_reqs: list[int] = field(default_factory=list)
     shadows: ShadowWrites | None = None
-    groups: list[AttentionGroup] = field(default_factory=list)
+    tiles: list[QueryTile] = field(default_factory=list)
+    # Set by the metadata builder for a mixed step: the kernel's metadata for kernel_reqs, and
+    # where their tokens sit in the step (a slice when contiguous, else an index tensor).
+    kernel_metadata: object = None
+    kernel_tokens: slice | torch.Tensor | None = None
 
 
-def _logical_blocks(first_query: int, last_query: int, cfg: StreamsinkConfig,
-                    block_size: int) -> list[int]:
-    """Logical block indices holding keys visible to queries first_query..last_query."""
-    sinks = range(0, -(-min(cfg.sink_tokens, last_query + 1) // block_size))
-    window_start = max(first_query - cfg.window_tokens + 1, 0)
-    window = range(window_start // block_size, last_query // block_size + 1)
-    return sorted(set(sinks) | set(window))
-
-
-def _group(rows: list[tuple[list[int], list[int], list[int]]], block_table: torch.Tensor,
-           row_requests: list[int], position_offsets: list[int], cfg: StreamsinkConfig,
-           rope: RopeSpec, block_size: int, dtype: torch.dtype) -> AttentionGroup:
-    """rows: (token indices, query row positions, logical blocks) per row; equal T per row;
-    position_offsets: absolute minus row position, per row."""
-    num_blocks = max(len(r[2]) for r in rows)
-    token_idx = torch.tensor([r[0] for r in rows], dtype=torch.long)
-    qpos = torch.tensor([r[1] for r in rows], dtype=torch.long)               # [R, T]
-    logical = torch.full((len(rows), num_blocks), -1, dtype=torch.long)
-    for i, (_, _, blocks) in enumerate(rows):
-        logical[i, :len(blocks)] = torch.tensor(blocks)
-    valid_block = logical >= 0
-    # Padding columns point at the row's first real block (finite data) and are never visible.
-    physical = block_table[torch.tensor(row_requests)[:, None], logical.clamp(min=0)].long()
-    physical = torch.where(valid_block, physical, physical[:, :1])
-    offsets = torch.arange(block_size)
-    colpos = (logical[:, :, None] * block_size + offsets).flatten(1)         # [R, NB*B]
-    colpos = torch.where(valid_block.repeat_interleave(block_size, dim=1), colpos, -1)
-    col, q = colpos[:, None, :], qpos[:, :, None]
-    visible = ((col >= 0) & (col <= q)
-               & ((col < cfg.sink_tokens) | (col > q - cfg.window_tokens)))
-    R, T, NB = qpos.shape[0], qpos.shape[1], num_blocks
-    bias = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
-    bias = bias.view(R, T, NB, block_size).permute(0, 2, 1, 3)[:, :, None, :, None, :]
-    sink_blocks = min(-(-cfg.sink_tokens // block_size), NB)
-    sink_cols = colpos[:, :sink_blocks * block_size]
-    sink_col_mask = ((sink_cols >= 0) & (sink_cols < cfg.sink_tokens)).view(
-        R, sink_blocks, 1, 1, block_size)
-    sink_rotation = None
-    absolute = qpos + torch.tensor(position_offsets, dtype=torch.long)[:, None]
-    if cfg.sink_tokens and bool((absolute >= cfg.cache_tokens).any()):
-        # From the query's absolute position to its in-cache slot n-1 (row positions of a
-        # rebased row are >= C-1, like the absolute ones, so the clamp reads the same).
-        delta = qpos.clamp(max=cfg.cache_tokens - 1) - absolute                # <= 0
-        sink_rotation = rope.cos_sin(delta.flatten(), dtype).view(*qpos.shape, -1)
-    return AttentionGroup(token_idx, physical, bias.contiguous(), sink_blocks, sink_col_mask,
-                          sink_rotation)
+def _query_tile(start: int, first: int, last: int, request: int, block_table: torch.Tensor,
+                cfg: StreamsinkConfig, rope: RopeSpec, block_size: int,
+                dtype: torch.dtype) -> QueryTile:
+    """Queries at row positions first..last of one request, its tokens from `start` on."""
+    window_lo = max(first - cfg.window_tokens + 1, 0)
+    logical = torch.arange(window_lo // block_size, last // block_size + 1)
+    qpos = torch.arange(first, last + 1)[:, None]
+    col = logical[0] * block_size + torch.arange(len(logical) * block_size)[None, :]
+    window = (col <= qpos) & (col > qpos - cfg.window_tokens)
+    mask = torch.zeros(window.shape, dtype=dtype).masked_fill_(~window, float("-inf"))
+    tile = QueryTile(tokens=slice(start, start + last - first + 1),
+                     window_blocks=block_table[request, logical].long(),
+                     window_mask=mask[None, None], sink_blocks=None, sink_mask=None,
+                     sink_rotation=None)
+    sinks = torch.arange(cfg.sink_tokens)[None, :]
+    outside = (sinks <= qpos - cfg.window_tokens) & (sinks <= qpos)   # not already a window key
+    if bool(outside.any()):
+        tile.sink_blocks = block_table[request, :-(-cfg.sink_tokens // block_size)].long()
+        tile.sink_mask = torch.zeros(outside.shape, dtype=dtype).masked_fill_(
+            ~outside, float("-inf"))[None]
+        # From the query's position to its in-cache slot n-1 (row positions of a rebased row
+        # are >= C-1, like the absolute ones, so the clamp reads the same).
+        delta = qpos[:, 0].clamp(max=cfg.cache_tokens - 1) - qpos[:, 0]        # <= 0
+        tile.sink_rotation = rope.cos_sin(delta, dtype)
+    return tile
 
 
 def _kernel_can_run(cfg: StreamsinkConfig, seq_len: int, query_len: int) -> bool:
@@ -140,15 +133,15 @@ def _vec_layout_index(blocks: torch.Tensor, offsets: torch.Tensor, kv_heads: int
 
 
 def _shadow_writes(cfg: StreamsinkConfig, rope: RopeSpec, block_size: int,
-                   seq_lens: list[int], offsets: list[int], block_table: torch.Tensor,
+                   seq_lens: list[int], requests: list[int], block_table: torch.Tensor,
                    kv_heads: int, dtype: torch.dtype) -> ShadowWrites | None:
-    rows = [(r, n - 1) for r, n in enumerate(seq_lens) if n > cfg.cache_tokens]
+    """Shadows for the decodes past C among `requests` (all of them kernel requests)."""
+    rows = [(r, seq_lens[r] - 1) for r in requests if seq_lens[r] > cfg.cache_tokens]
     if not rows or not cfg.sink_tokens:
         return None
     sinks = torch.arange(cfg.sink_tokens)
     req = torch.tensor([r for r, _ in rows]).repeat_interleave(cfg.sink_tokens)
     shift = torch.tensor([i - cfg.cache_tokens + 1 for _, i in rows])     # i - C + 1 >= S
-    angle_shift = shift + torch.tensor([offsets[r] for r, _ in rows])     # absolute positions
     source = sinks.repeat(len(rows))
     dest = shift.repeat_interleave(cfg.sink_tokens) + source
     sink_blocks = block_table[req, source // block_size].long()
@@ -157,48 +150,30 @@ def _shadow_writes(cfg: StreamsinkConfig, rope: RopeSpec, block_size: int,
                                                rope.head_dim, block_size)
     return ShadowWrites(key_index=key_index, value_index=value_index,
                         rotation_index=torch.arange(len(dest)),
-                        rotation=rope.cos_sin(angle_shift.repeat_interleave(cfg.sink_tokens),
-                                              dtype),
+                        rotation=rope.cos_sin(shift.repeat_interleave(cfg.sink_tokens), dtype),
                         slots=dest_blocks * block_size + dest % block_size)
 
 
 def plan_step(cfg: StreamsinkConfig, rope: RopeSpec, block_size: int, seq_lens: list[int],
-              query_start: list[int], block_table: torch.Tensor, positions: torch.Tensor,
-              dtype: torch.dtype, kv_heads: int = 1,
-              offsets: list[int] | None = None) -> StepPlan:
-    """seq_lens, positions and block_table in row positions; offsets[r] = absolute minus row
-    position of request r (None: all zero)."""
-    num_tokens = positions.shape[0]
+              query_start: list[int], block_table: torch.Tensor, dtype: torch.dtype,
+              kv_heads: int = 1) -> StepPlan:
+    """seq_lens and block_table in row positions, one entry per request of the step."""
     query_lens = [query_start[r + 1] - query_start[r] for r in range(len(seq_lens))]
-    offsets = offsets if offsets is not None else [0] * len(seq_lens)
-    absolute = positions.clone()
-    for r, offset in enumerate(offsets):
-        if offset:
-            absolute[query_start[r]:query_start[r + 1]] += offset
-    plan = StepPlan(rope_index=torch.arange(num_tokens),
-                    rope_cos_sin=rope.cos_sin(absolute, dtype),
-                    kernel=all(_kernel_can_run(cfg, n, q) for n, q in zip(seq_lens, query_lens)))
+    on_kernel = [_kernel_can_run(cfg, n, q) for n, q in zip(seq_lens, query_lens)]
+    kernel_reqs = [r for r, ok in enumerate(on_kernel) if ok]
+    plan = StepPlan(kernel=all(on_kernel))
+    plan.shadows = _shadow_writes(cfg, rope, block_size, seq_lens, kernel_reqs, block_table,
+                                  kv_heads, dtype)
     if plan.kernel:
-        plan.shadows = _shadow_writes(cfg, rope, block_size, seq_lens, offsets, block_table,
-                                      kv_heads, dtype)
         return plan
-    decode_rows, decode_reqs = [], []
+    plan.kernel_reqs = kernel_reqs
     for r, seq_len in enumerate(seq_lens):
+        if on_kernel[r]:
+            continue
         start, end = query_start[r], query_start[r + 1]
         first = seq_len - (end - start)
-        if end - start == 1:
-            decode_rows.append(([start], [first], _logical_blocks(first, first, cfg, block_size)))
-            decode_reqs.append(r)
-            continue
         for t0 in range(start, end, PREFILL_TILE):
             t1 = min(t0 + PREFILL_TILE, end)
-            p0, p1 = first + (t0 - start), first + (t1 - start) - 1
-            row = (list(range(t0, t1)), list(range(p0, p1 + 1)),
-                   _logical_blocks(p0, p1, cfg, block_size))
-            plan.groups.append(_group([row], block_table, [r], [offsets[r]], cfg, rope,
-                                      block_size, dtype))
-    if decode_rows:
-        plan.groups.append(_group(decode_rows, block_table, decode_reqs,
-                                  [offsets[r] for r in decode_reqs], cfg, rope, block_size,
-                                  dtype))
+            plan.tiles.append(_query_tile(t0, first + t0 - start, first + t1 - 1 - start, r,
+                                          block_table, cfg, rope, block_size, dtype))
     return plan

@@ -76,6 +76,6 @@ def compute_references(jobs: list[tuple[str, list[int], int, int]]) -> list[list
         "    out.append(streaming_nll(AutoModelForCausalLM.from_pretrained(path), tokens, s, w))\n"
         "print(json.dumps(out))\n")
     done = subprocess.run([sys.executable, "-c", script], input=json.dumps(jobs), cwd=ROOT,
-                          capture_output=True, text=True, timeout=1200)
+                          capture_output=True, text=True, timeout=3600)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])

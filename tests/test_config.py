@@ -80,7 +80,23 @@ def test_streaming_engine_settings(tiny_llama):
 
     config = engine_config(tiny_llama, additional_config={"streamsink": {}})
     assert config.cache_config.enable_prefix_caching is False
-    assert config.compilation_config.mode == CompilationMode.NONE
+    # Compiled like stock (vLLM's default CPU mode), not forced eager.
+    assert config.compilation_config.mode != CompilationMode.NONE
+    assert config.model_config.enforce_eager is False
+
+
+def test_unset_step_size_is_fitted_to_the_row(tiny_llama):
+    """vLLM's default step does not fit max_model_len 2048 with 4+1020: an unset
+    max_num_batched_tokens becomes the largest step that fits, instead of a refusal."""
+    from streamsink.row_window import min_row_tokens
+
+    config = engine_config(tiny_llama, additional_config={"streamsink": {}},
+                           max_model_len_override=2048)
+    step = config.scheduler_config.max_num_batched_tokens
+    assert step == 2048 - min_row_tokens(StreamsinkConfig(), 128, 0) == 768
+    assert config.scheduler_config.max_num_seqs <= step
+    stock = engine_config(tiny_llama, max_model_len_override=2048)
+    assert stock.scheduler_config.max_num_batched_tokens > step  # stock keeps vLLM's default
 
 
 def test_engine_without_streamsink_is_stock(tiny_llama):

@@ -21,19 +21,63 @@ def test_pinned_version_guard(monkeypatch):
 
 
 def test_rotary_embedding_patch_target():
+    from vllm.model_executor.layers import rotary_embedding as rope_pkg
     from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
 
     from streamsink.patches import rotary_embedding
 
-    assert RotaryEmbedding.forward is rotary_embedding._streaming_forward
-    from vllm import _custom_ops as ops
+    assert RotaryEmbedding._compute_cos_sin_cache is rotary_embedding._compute_cos_sin_cache
+    assert isinstance(rope_pkg._ROPE_DICT, rotary_embedding._RopeCacheByEngine)
+    rotary_embedding.check_target()
 
-    params = list(inspect.signature(ops.rotary_embedding).parameters)
-    assert params[:6] == ["positions", "query", "key", "head_size", "cos_sin_cache", "is_neox"]
-    from vllm.model_executor.custom_op import CustomOp
 
-    # The wrapped forward must be CustomOp's dispatcher, not a RoPE-specific override.
-    assert rotary_embedding._original_forward is CustomOp.forward
+def test_rotary_table_is_float64_and_row_wide_for_streaming_engines_only():
+    """Built inside a streaming engine's config, the table covers max_model_len rows from
+    float64 angles; outside one (stock) it is vLLM's own; get_rope never mixes the two."""
+    import torch
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    from streamsink.rope import RopeSpec
+
+    class FakeModelConfig:  # only what the patch reads
+        max_model_len = 6000
+
+    streaming = VllmConfig(additional_config={"streamsink": {}})
+    object.__setattr__(streaming, "model_config", FakeModelConfig())
+    with set_current_vllm_config(VllmConfig()):
+        stock = get_rope(64, 4096, dtype=torch.float32)
+    with set_current_vllm_config(streaming):
+        ours = get_rope(64, 4096, dtype=torch.float32)
+    assert ours is not stock
+    assert stock.cos_sin_cache.shape[0] == 4096 and ours.cos_sin_cache.shape[0] == 6000
+    want = RopeSpec(64, 64, 10000.0).cos_sin(torch.arange(6000), torch.float32)
+    assert torch.equal(ours.cos_sin_cache, want)
+    # vLLM's fp32 angles differ from float64 ones at large positions: the tables are distinct.
+    assert not torch.equal(stock.cos_sin_cache, want[:4096])
+    with set_current_vllm_config(VllmConfig()):
+        assert get_rope(64, 4096, dtype=torch.float32) is stock
+
+
+def test_rotary_embedding_patch_refuses_a_moved_target(monkeypatch):
+    from streamsink.patches import rotary_embedding
+
+    monkeypatch.setattr(inspect, "getsource", lambda obj: "def moved(): pass\n")
+    with pytest.raises(patches.PatchTargetMoved):
+        rotary_embedding.check_target()
+
+
+def test_default_chunk_patch_target(monkeypatch):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from streamsink.patches import default_chunk
+
+    assert EngineArgs._set_default_max_num_seqs_and_batched_tokens_args is \
+        default_chunk._set_defaults
+    default_chunk.check_target()
+    monkeypatch.setattr(inspect, "getsource", lambda obj: "def moved(): pass\n")
+    with pytest.raises(patches.PatchTargetMoved):
+        default_chunk.check_target()
 
 
 def test_hf_gpt_neox_rope_patch_target():
@@ -41,7 +85,8 @@ def test_hf_gpt_neox_rope_patch_target():
 
     from streamsink.patches import hf_gpt_neox_rope
 
-    assert hf.GPTNeoXRotaryEmbedding.forward is hf_gpt_neox_rope._streaming_forward
+    assert hf.GPTNeoXRotaryEmbedding.forward is hf_gpt_neox_rope._forward
+    assert hf.GPTNeoXRotaryEmbedding.__init__ is hf_gpt_neox_rope._init
     original = inspect.signature(hf_gpt_neox_rope._original_forward)
     assert list(original.parameters) == ["self", "x", "position_ids"]
 

@@ -11,13 +11,18 @@ from streamsink.step_plan import plan_step
 ROPE = RopeSpec(head_dim=64, rotary_dim=64, theta=10000.0)
 
 
-def visible_positions(group, row, t, block_size, logical_of_physical):
-    bias = group.bias[row, :, 0, t, 0, :]                      # [NB, B]
+def visible_positions(tile, t, block_size, logical_of_physical):
+    """Positions query t of a tile attends to: window columns plus sinks, as the plan says."""
     seen = set()
-    for b, physical in enumerate(group.block_ids[row].tolist()):
+    mask = tile.window_mask[0, 0, t]                               # [NB*B]
+    for b, physical in enumerate(tile.window_blocks.tolist()):
         for off in range(block_size):
-            if bias[b, off] == 0:
+            if mask[b * block_size + off] == 0:
                 seen.add(logical_of_physical[physical] * block_size + off)
+    if tile.sink_mask is not None:
+        assert [logical_of_physical[int(p)] for p in tile.sink_blocks] == list(
+            range(len(tile.sink_blocks)))
+        seen |= {j for j in range(tile.sink_mask.shape[-1]) if tile.sink_mask[0, t, j] == 0}
     return seen
 
 
@@ -37,39 +42,44 @@ def test_plan_visibility_matches_semantics(seed):
         query_start.append(query_start[-1] + q)
         positions += list(range(seq - q, seq))
     plan = plan_step(cfg, ROPE, block_size, [s for s, _ in reqs], query_start, table,
-                     torch.tensor(positions), torch.float32)
+                     torch.float32)
+    # vLLM's kernel attends to the last C slots; that is exact only for a request that is
+    # dense, or a decode whose S shadow slots lie past the real sinks.
+    on_kernel = [seq <= cfg.cache_tokens or (q == 1 and seq - 1 >= cfg.cache_tokens
+                                             + cfg.sink_tokens - 1) for seq, q in reqs]
+    assert plan.kernel == all(on_kernel)
     if plan.kernel:
-        # vLLM's kernel attends to the last C slots; that is exact only when every request is
-        # dense, or a decode whose S shadow slots lie past the real sinks.
-        for seq, q in reqs:
-            assert seq <= cfg.cache_tokens or (q == 1 and seq - 1 >= cfg.cache_tokens
-                                               + cfg.sink_tokens - 1)
-        assert not plan.groups
+        assert not plan.tiles
         return
-    covered = {}
-    for g in plan.groups:
-        for row in range(g.token_idx.shape[0]):
-            for t in range(g.token_idx.shape[1]):
-                token = int(g.token_idx[row, t])
-                i = positions[token]
-                req = next(r for r in range(len(reqs)) if query_start[r] <= token
-                           < query_start[r + 1])
-                assert all(p // max_blocks == req for p in
-                           [(int(x) - 100) for x in g.block_ids[row]])
-                expected = {j for j in range(i + 1)
-                            if j < cfg.sink_tokens or j > i - cfg.window_tokens}
-                assert visible_positions(g, row, t, block_size, logical_of_physical) == expected
-                covered[token] = True
-    assert sorted(covered) == list(range(len(positions)))
+    assert plan.kernel_reqs == [r for r, ok in enumerate(on_kernel) if ok]
+    covered = {token: True for r in plan.kernel_reqs
+               for token in range(query_start[r], query_start[r + 1])}
+    for tile in plan.tiles:
+        for t, token in enumerate(range(tile.tokens.start, tile.tokens.stop)):
+            i = positions[token]
+            req = next(r for r in range(len(reqs)) if query_start[r] <= token
+                       < query_start[r + 1])
+            assert all((int(x) - 100) // max_blocks == req for x in tile.window_blocks)
+            expected = {j for j in range(i + 1)
+                        if j < cfg.sink_tokens or j > i - cfg.window_tokens}
+            assert visible_positions(tile, t, block_size, logical_of_physical) == expected
+            assert token not in covered
+            covered[token] = True
+    assert sorted(covered) == list(range(len(positions)))  # each token by one path
+    # Shadows only for kernel decodes past C (a PyTorch request reads the real sinks).
+    shadow_reqs = [r for r in plan.kernel_reqs if reqs[r][0] > cfg.cache_tokens]
+    if cfg.sink_tokens and shadow_reqs:
+        assert plan.shadows.slots.numel() == cfg.sink_tokens * len(shadow_reqs)
+    else:
+        assert plan.shadows is None
 
 
 def test_shadows_fill_the_slots_the_window_just_left():
     """Decode at i: the C slots (i-C, i] hold sink j, rotated to i-C+1+j, then the window."""
     cfg = StreamsinkConfig(sink_tokens=4, window_tokens=12)        # C = 16
     block_size, table = 8, torch.arange(10).view(1, 10) + 3
-    plan = plan_step(cfg, ROPE, block_size, [40], [0, 1], table, torch.tensor([39]),
-                     torch.float64, kv_heads=2)
-    assert plan.kernel and not plan.groups
+    plan = plan_step(cfg, ROPE, block_size, [40], [0, 1], table, torch.float64, kv_heads=2)
+    assert plan.kernel and not plan.tiles
     shadows = plan.shadows
     dest = [24, 25, 26, 27]                                        # i-C+1+j for i = 39
     assert shadows.slots.tolist() == [int(table[0, p // block_size]) * block_size
@@ -83,41 +93,81 @@ def test_sink_rotation_moves_query_to_its_cache_slot():
     cfg = StreamsinkConfig(sink_tokens=4, window_tokens=12)
     table = torch.arange(10).view(1, 10)
     # A prefill chunk past C goes through the PyTorch path.
-    plan = plan_step(cfg, ROPE, 8, [40], [0, 2], table, torch.tensor([38, 39]), torch.float64)
+    plan = plan_step(cfg, ROPE, 8, [40], [0, 2], table, torch.float64)
     assert not plan.kernel
-    (group,) = plan.groups
+    (tile,) = plan.tiles
     # Query 39 sits at slot C-1 = 15: rotation by 15 - 39 = -24 positions.
-    assert torch.allclose(group.sink_rotation[0, 1], ROPE.cos_sin(torch.tensor([-24]),
-                                                                   torch.float64)[0])
+    assert torch.allclose(tile.sink_rotation[1], ROPE.cos_sin(torch.tensor([-24]),
+                                                              torch.float64)[0])
 
 
-@pytest.mark.parametrize("query_len", [1, 2])
-def test_rebased_row_keeps_absolute_angles(query_len):
-    """A row rebased by `offset` (row_window.py) plans the same blocks and visibility in row
-    positions, and every RoPE angle at the absolute position: model table, sink rotation and
-    shadows equal those of the same step planned at absolute positions."""
-    cfg = StreamsinkConfig(sink_tokens=4, window_tokens=12)        # C = 16
-    block_size, offset = 8, 1_000_000 - 40                         # a multiple of 8
-    table = torch.arange(10).view(1, 10) + 3
-    rel = list(range(40 - query_len, 40))
-    kwargs = dict(dtype=torch.float64, kv_heads=2)
-    row = plan_step(cfg, ROPE, block_size, [40], [0, query_len], table, torch.tensor(rel),
-                    offsets=[offset], **kwargs)
-    absolute = [p + offset for p in rel]
-    assert torch.allclose(row.rope_cos_sin, ROPE.cos_sin(torch.tensor(absolute), torch.float64))
-    if query_len == 1:
-        assert row.kernel
-        # Sink j moves to absolute position i-C+1+j, into the row slots (i'-C+1+j).
-        expected = ROPE.cos_sin(torch.tensor([absolute[0] - 15] * 4), torch.float64)
-        assert torch.allclose(row.shadows.rotation, expected)
-        assert row.shadows.slots.tolist() == [int(table[0, p // 8]) * 8 + p % 8
-                                             for p in (24, 25, 26, 27)]
-    else:
-        (group,) = row.groups
-        plain = plan_step(cfg, ROPE, block_size, [40], [0, 2], table, torch.tensor(rel),
-                          **kwargs).groups[0]
-        assert torch.equal(group.bias, plain.bias) and torch.equal(group.block_ids,
-                                                                     plain.block_ids)
-        # The query at absolute a sits at slot C-1: rotation by 15 - a.
-        want = ROPE.cos_sin(torch.tensor([15 - a for a in absolute]), torch.float64)
-        assert torch.allclose(group.sink_rotation[0], want)
+@pytest.mark.parametrize("sink,window,first,count", [(4, 12, 30, 9), (4, 12, 5, 20),
+                                                     (1, 30, 40, 3), (0, 9, 20, 5)])
+def test_tile_attention_equals_the_definition(sink, window, first, count):
+    """attend_tile (fused window attention + sinks merged by log-sum-exp) equals softmax over
+    V(i) written out: window keys as stored, sink logits with the query at its cache slot."""
+    from streamsink.attention import _split_kv_cache, attend_tile
+    from streamsink.rope import rotate
+
+    torch.manual_seed(sink + first)
+    cfg = StreamsinkConfig(sink_tokens=sink, window_tokens=window)
+    block_size, kv_heads, heads, d = 8, 2, 4, 64
+    table = torch.tensor([[5, 2, 7, 0, 3, 6, 1, 4]])
+    cache = torch.randn(8, kv_heads, block_size, 2 * d, dtype=torch.float64)
+    keys, values = _split_kv_cache(cache)
+    seq = first + count
+    plan = plan_step(cfg, ROPE, block_size, [seq], [0, count], table, torch.float64)
+    query = torch.randn(count, heads, d, dtype=torch.float64)
+    got = torch.cat([attend_tile(query[t.tokens], keys, values, t, 0.125, ROPE.rotary_dim)
+                     for t in plan.tiles])
+
+    def kv(j):  # [Hkv, D] key and value of token j
+        block, off = int(table[0, j // block_size]), j % block_size
+        return keys[block, :, :, off], values[block, :, off, :]
+
+    for t in range(count):
+        i = first + t
+        slot = min(i, cfg.cache_tokens - 1)
+        for h in range(heads):
+            logits, vals = [], []
+            for j in range(i + 1):
+                if not (j < sink or j > i - window):
+                    continue
+                k, v = kv(j)
+                q = query[t, h]
+                if j < sink and j <= i - window:   # a sink outside the window: q at its slot
+                    q = rotate(q, ROPE.cos_sin(torch.tensor([slot - i]), torch.float64)[0],
+                               ROPE.rotary_dim)
+                logits.append(0.125 * q @ k[h // 2])
+                vals.append(v[h // 2])
+            want = torch.softmax(torch.stack(logits), 0) @ torch.stack(vals)
+            assert torch.allclose(got[t, h], want, atol=1e-10), (t, h)
+
+
+def test_rebase_rerotation_equals_keys_cached_at_the_new_row_positions():
+    """RowWindow moves a row by delta and rotates the kept blocks' cached keys by -delta: the
+    result equals keys rotated at the new row positions directly (the "vec" cache layout)."""
+    from streamsink.attention import _split_kv_cache, rotate_cached_keys
+    from streamsink.rope import rotate
+
+    torch.manual_seed(0)
+    rope = RopeSpec(head_dim=64, rotary_dim=16, theta=10000.0)        # partial rotary too
+    num_blocks, kv_heads, block_size, delta = 5, 2, 8, 3 * 8
+    raw = torch.randn(num_blocks, block_size, kv_heads, 64, dtype=torch.float64)
+    positions = torch.arange(num_blocks * block_size).view(num_blocks, block_size) + 100
+
+    def cache_at(pos):  # keys rotated at `pos`, stored as the CPU backend stores them
+        cache = torch.zeros(num_blocks, kv_heads, block_size, 2 * 64, dtype=torch.float64)
+        keys, _ = _split_kv_cache(cache)
+        rotated = rotate(raw, rope.cos_sin(pos.flatten(), torch.float64).view(
+            num_blocks, block_size, 1, -1), rope.rotary_dim)
+        keys.copy_(rotated.permute(0, 2, 3, 1))                        # [N, Hkv, D, B]
+        return cache
+
+    moved = cache_at(positions)
+    kept = torch.tensor([1, 3, 4])
+    rotate_cached_keys(moved, kept, rope.cos_sin(torch.tensor([-delta]), torch.float64)[0],
+                       rope.rotary_dim)
+    want = cache_at(positions - delta)
+    assert torch.allclose(moved[kept], want[kept], atol=1e-12)
+    assert torch.equal(moved[[0, 2]], cache_at(positions)[[0, 2]])  # other blocks untouched

@@ -1,5 +1,6 @@
 """Streams past max_model_len: the length caps are lifted for streaming engines only, the worker's
-bounded batch rows are rebased as streams grow, and the outputs stay exact."""
+bounded batch rows are rebased as streams grow (their cached keys re-rotated), and the outputs
+stay exact — with the model compiled, as vLLM runs it by default on CPU."""
 import gc
 
 import pytest
@@ -14,9 +15,10 @@ NEW_TOKENS = 600      # both streams end past max_model_len
 
 @pytest.fixture(scope="module")
 def streaming(tiny_llama):
+    # enforce_eager=False: vLLM's default CPU compilation (torch.compile + inductor).
     llm = tiny_engine(tiny_llama, {"sink_tokens": SINK, "window_tokens": WINDOW},
                       max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=CHUNK,
-                      max_num_seqs=4)
+                      max_num_seqs=4, enforce_eager=False)
     yield llm
     del llm
     gc.collect()
@@ -44,6 +46,14 @@ def test_streams_past_max_model_len_match_reference(streaming, tiny_llama):
     for nlls, ref in zip(got, compute_references(jobs)):
         assert len(nlls) == len(ref)
         assert max(abs(a - b) for a, b in zip(nlls, ref)) < 1e-3
+
+
+def test_the_streaming_engine_runs_compiled(streaming):
+    from vllm.config import CompilationMode
+
+    config = streaming.llm_engine.vllm_config
+    assert config.compilation_config.mode != CompilationMode.NONE
+    assert not config.model_config.enforce_eager
 
 
 def test_worker_rows_were_rebased(streaming):
