@@ -27,6 +27,7 @@ MIN_LOGICAL_CPUS = 8
 OBJECT_STORE_BYTES = 512 << 20
 # Ray's metrics export interval (ms): gauges refresh within ~2 s of a change.
 METRICS_REPORT_INTERVAL_MS = 2000
+RAY_START_ATTEMPTS = 3
 
 
 def _free_port(host: str) -> int:
@@ -76,6 +77,23 @@ def start_ray(host: str, metrics_port: int | None) -> tuple[bool, int | None]:
                   f"(the cluster's nodes export on their own ports)", file=sys.stderr)
         return False, _local_metrics_port()
     metrics_port = metrics_port or _free_port("127.0.0.1")
+    for attempt in range(RAY_START_ATTEMPTS):
+        try:
+            _init_local_ray(metrics_port)
+            return True, metrics_port
+        except Exception as exc:
+            # Ray gives its raylet a fixed 30 s to register; a machine busy enough misses that.
+            ray.shutdown()
+            _reap(_our_processes(), 5)
+            if "timed out during startup" not in str(exc) or attempt + 1 == RAY_START_ATTEMPTS:
+                raise
+            print(f"streamsink serve --ray: Ray start timed out, retrying", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
+def _init_local_ray(metrics_port: int) -> None:
+    import ray
+
     ray.init(
         num_cpus=max(MIN_LOGICAL_CPUS, os.cpu_count() or 1),
         object_store_memory=OBJECT_STORE_BYTES,
@@ -90,7 +108,6 @@ def start_ray(host: str, metrics_port: int | None) -> tuple[bool, int | None]:
         logging_level="WARNING",
         log_to_driver=False,
     )
-    return True, metrics_port
 
 
 def _local_metrics_port() -> int | None:
@@ -119,19 +136,43 @@ def deploy(spec: RaySpec, host: str, port: int, api_key: str | None) -> None:
 
 
 def _our_processes() -> list:
-    """Every process below this one (Ray's GCS, raylet, workers, their engine processes)."""
+    """Every process below this one (Ray's GCS, raylet, workers, their engine processes), and
+    the processes of the Ray session we started (Ray names it session_<time>_<our pid>): Ray's
+    agents outlive a raylet that dies first, re-parented."""
+    import re
+
     import psutil
 
     try:
-        return psutil.Process().children(recursive=True)
+        found = {p.pid: p for p in psutil.Process().children(recursive=True)}
     except psutil.Error:
-        return []
+        found = {}
+    session = re.compile(rf"session_[0-9_-]+_{os.getpid()}\b")
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.pid != os.getpid() and session.search(" ".join(p.info["cmdline"] or [])):
+                found.setdefault(p.pid, p)
+        except psutil.Error:
+            pass
+    return list(found.values())
+
+
+def _reap(procs: list, grace_s: float) -> None:
+    """Wait up to grace_s for procs to exit, then kill what is left."""
+    import psutil
+
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
 
 
 def shutdown(started_ray: bool) -> None:
     """Stop the app (and Ray when we started it); then make sure nothing of ours is left: an
     engine process whose replica was killed would otherwise outlive it."""
-    import psutil
     import ray
     from ray import serve
 
@@ -144,14 +185,8 @@ def shutdown(started_ray: bool) -> None:
     except Exception as exc:  # already gone; shutting down anyway
         print(f"streamsink serve --ray: serve shutdown: {exc}", file=sys.stderr)
     ray.shutdown()
-    if leftovers:
-        gone, alive = psutil.wait_procs(leftovers, timeout=15)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=5)
+    if started_ray:
+        _reap(leftovers + _our_processes(), 15)
 
 
 def run_ray_serve(args) -> int:
@@ -173,7 +208,14 @@ def run_ray_serve(args) -> int:
     stop = _Stop()
     started_ray = ray_up = False
     try:
-        started_ray, metrics_port = start_ray(host, args.metrics_port)
+        try:
+            started_ray, metrics_port = start_ray(host, args.metrics_port)
+        except Exception as exc:  # no cluster at RAY_ADDRESS, a port taken, ...
+            print(f"streamsink: error: Ray did not start: {' '.join(str(exc).split())[:300]}",
+                  file=sys.stderr)
+            if not os.environ.get("RAY_ADDRESS"):
+                _reap(_our_processes(), 5)  # whatever part of a local Ray did start
+            return 1
         ray_up = True
         # After ray.init: Ray's core worker installs its own fatal-signal handler for SIGTERM
         # (it logs and aborts); ours must be the one that runs.
@@ -194,7 +236,8 @@ def run_ray_serve(args) -> int:
         h = _url_host(host)
         print(f"{READY_PREFIX} api=http://{h}:{port}/v1 metrics=http://{h}:{metrics_port}"
               f"/metrics replicas={replicas}", flush=True)
-        stop.event.wait()
+        while not stop.event.wait(1.0):  # a timed wait: signal handlers run in between
+            pass
         return 0
     finally:
         if ray_up:

@@ -21,6 +21,7 @@ MAX_MODEL_LEN = 1024
 SINK, WINDOW = 4, 252
 READY = re.compile(r"^streamsink serve --ray: ready api=(\S+) metrics=(\S+) replicas=(\d+)$")
 START_TIMEOUT = 900
+API_KEY = "test-key-4b1d"  # the app runs with --api-key: every OpenAI call below must send it
 
 
 def free_port() -> int:
@@ -99,7 +100,8 @@ def app(tmp_path_factory):
         cli("serve", "--ray", "--replicas", "2", "--model", model, "--sink", str(SINK),
             "--window", str(WINDOW), "--port", str(port), "--metrics-port", str(metrics_port),
             "--max-model-len", str(MAX_MODEL_LEN), "--max-num-batched-tokens", "256",
-            "--max-num-seqs", "4", "--kv-cache-memory-bytes", str(64 << 20), "--enforce-eager"),
+            "--max-num-seqs", "4", "--kv-cache-memory-bytes", str(64 << 20), "--enforce-eager",
+            "--api-key", API_KEY),
         stdout=subprocess.PIPE, stderr=log, text=True, env=clean_env())
     ready: list = []
 
@@ -147,7 +149,7 @@ def _descendants(pid: int) -> list:
 def client(app):
     from openai import OpenAI
 
-    return OpenAI(base_url=app["api"], api_key="unused", timeout=300, max_retries=0)
+    return OpenAI(base_url=app["api"], api_key=API_KEY, timeout=300, max_retries=0)
 
 
 def model_id(app) -> str:
@@ -174,7 +176,7 @@ def test_bad_streamsink_config_refused_before_ray():
             (["--window", "2000", "--max-model-len", "1024", "--max-num-batched-tokens", "256"],
              "streamsink needs max_model_len >= 2516")):
         done = subprocess.run(cli("serve", "--ray", "--replicas", "2", *extra),
-                              capture_output=True, text=True, timeout=300, env=clean_env())
+                              capture_output=True, text=True, timeout=900, env=clean_env())
         assert done.returncode == 2, done.stderr[-2000:]
         errors = [l for l in done.stderr.splitlines() if l.startswith("streamsink: error:")]
         assert len(errors) == 1 and reason in errors[0], done.stderr[-2000:]
@@ -200,13 +202,37 @@ def test_streamed_completion_past_max_model_len(app):
     assert text_chunks > 1  # streamed, not one final piece
 
 
-def test_bad_request_is_4xx(app):
-    body = b'{"model": "%s", "prompt": "hi", "max_tokens": -5}' % model_id(app).encode()
-    request = urllib.request.Request(app["api"] + "/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
-    with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(request, timeout=60)
-    assert 400 <= err.value.code < 500
+def post(app, body: bytes, key: str | None) -> int:
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(app["api"] + "/completions", data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return r.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def test_bad_request_is_4xx_and_key_is_required(app):
+    model = model_id(app).encode()
+    assert post(app, b'{"model": "%s", "prompt": "hi", "max_tokens": -5}' % model, API_KEY) == 400
+    good = b'{"model": "%s", "prompt": "hi", "max_tokens": 2}' % model
+    assert post(app, good, None) == 401
+    assert post(app, good, "wrong") == 401
+    assert post(app, good, API_KEY) == 200
+
+
+def test_open_host_needs_an_api_key():
+    """Beyond loopback without a key: refused at once (one line, exit 2), nothing started."""
+    env = clean_env()
+    env.pop("STREAMSINK_API_KEY", None)
+    done = subprocess.run(cli("serve", "--ray", "--host", "0.0.0.0"), capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "streamsink: error: --host 0.0.0.0 opens the API beyond this machine; give --api-key "
+        "KEY (or $STREAMSINK_API_KEY) so clients must authenticate"]
 
 
 def test_both_replicas_serve_and_export_metrics(app):
