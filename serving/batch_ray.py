@@ -17,7 +17,7 @@ from typing import Any, Iterator
 # 2-core machine the engine replica and Ray Data's small tasks wait for each other.
 MIN_LOGICAL_CPUS = 8
 OBJECT_STORE_BYTES = 512 << 20
-LOCAL_START_ATTEMPTS = 3
+LOCAL_START_ATTEMPTS = 5
 
 
 def start_ray(verbose: bool) -> None:
