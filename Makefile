@@ -19,6 +19,10 @@ bench: setup
 	$(PY) benchmarks/perplexity.py
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/many_streams.py
+	$(PY) benchmarks/dtype_cost.py
+	$(PY) benchmarks/ray_serve.py
+	$(PY) benchmarks/batch_throughput.py
+	$(PY) benchmarks/load.py
 
 clean:
 	rm -rf .venv

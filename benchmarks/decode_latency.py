@@ -51,18 +51,22 @@ def main() -> None:
     parser.add_argument("--cache", type=int, default=1024, help="attended length C = S + W")
     parser.add_argument("--sink", type=int, default=4)
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--eager", action="store_true",
+                        help="every engine eager (quick start-up for smoke tests; the published "
+                             "numbers are measured in the default compiled mode)")
     args = parser.parse_args()
     from streamsink.serving.engine import make_llm
 
     cache = 256 if args.quick else args.cache
     batches = [1, 4] if args.quick else [1, 16]
     steps = 8 if args.quick else args.steps
-    common_kwargs = dict(in_process=True, max_num_seqs=max(batches), enable_prefix_caching=False)
+    common_kwargs = dict(in_process=True, max_num_seqs=max(batches), enable_prefix_caching=False,
+                         **({"enforce_eager": True} if args.eager else {}))
     engines = {
         "stock": make_llm(args.model, streamsink=None, max_model_len=cache + 2048,
                           **common_kwargs),
         "stock_eager": make_llm(args.model, streamsink=None, max_model_len=cache + 2048,
-                                enforce_eager=True, **common_kwargs),
+                                **{**common_kwargs, "enforce_eager": True}),
         "streamsink": make_llm(args.model, streamsink={"sink_tokens": args.sink,
                                                        "window_tokens": cache - args.sink},
                                **common_kwargs),
@@ -99,7 +103,8 @@ def main() -> None:
     path = common.save("decode_latency" + ("_quick" if args.quick else ""),
                        {"cache_tokens": cache, "sink_tokens": args.sink, "steps": steps,
                         "method": "alternating decode steps of three in-process engines; stock "
-                                  "and streamsink in vLLM's default (compiled) mode",
+                                  "and streamsink in " + ("eager mode (--eager)" if args.eager
+                                                          else "vLLM's default (compiled) mode"),
                         "results": results, "ratio_streamsink_over_stock": ratios,
                         "ratio_stock_eager_over_stock": eager_ratios})
     print("wrote", path)

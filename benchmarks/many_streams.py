@@ -91,6 +91,9 @@ def main() -> None:
                         help="1 and 8 streams, 128 + 256 tokens each, a 256 MiB pool")
     parser.add_argument("--sink", type=int, default=4)
     parser.add_argument("--window", type=int, default=252)
+    parser.add_argument("--eager", action="store_true",
+                        help="both engines eager (quick start-up for smoke tests; the published "
+                             "numbers are measured in the default compiled mode)")
     args = parser.parse_args()
     from streamsink.serving.engine import make_llm
 
@@ -110,7 +113,8 @@ def main() -> None:
         length = {} if streamsink else {"max_model_len": prompt_len + new_tokens + 64}
         engines[label] = make_llm(args.model, streamsink=streamsink, in_process=True,
                                   max_num_seqs=max(counts), **length,
-                                  kv_cache_memory_bytes=pool, enable_prefix_caching=False)
+                                  kv_cache_memory_bytes=pool, enable_prefix_caching=False,
+                                  **({"enforce_eager": True} if args.eager else {}))
     rows = []
     for streams in counts:
         runs = {label: StreamRun(llm, streams, prompt_len, new_tokens)
@@ -137,8 +141,9 @@ def main() -> None:
     print("wrote", common.save(name, {
         "prompt_tokens": prompt_len, "new_tokens": new_tokens, "kv_pool_bytes": pool,
         "sink_tokens": args.sink, "window_tokens": args.window, "rows": rows,
-        "method": "two in-process engines (vLLM default compiled mode) stepping alternately; "
-                  "time = each engine's own busy time",
+        "method": "two in-process engines stepping alternately, "
+                  + ("eager (--eager)" if args.eager else "vLLM's default compiled mode")
+                  + "; time = each engine's own busy time",
         "throughput_ratio_streamsink_over_stock": ratios}), png)
 
 

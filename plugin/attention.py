@@ -144,13 +144,16 @@ def attend_tile(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, t
         q[None].contiguous(), gather(tile.window_blocks, True)[None],
         gather(tile.window_blocks, False)[None], 0.0, False, attn_mask=tile.window_mask,
         scale=scale)
-    out, lse = out[0], lse[0]                        # [Hq, T, D], [Hq, T]
+    out, lse = out[0], lse[0]                        # [Hq, T, D], [Hq, T] (lse in fp32)
     if tile.sink_mask is not None:
+        # The merge runs in the log-sum-exp's dtype (fp32 for bf16 models).
+        acc = lse.dtype
         S = tile.sink_mask.shape[-1]
-        sink_q = rotate(q, tile.sink_rotation[None], rotary_dim)
-        sink_k = gather(tile.sink_blocks, True)[:, :S]
-        sink_v = gather(tile.sink_blocks, False)[:, :S]
+        sink_q = rotate(q, tile.sink_rotation[None], rotary_dim).to(acc)
+        sink_k = gather(tile.sink_blocks, True)[:, :S].to(acc)
+        sink_v = gather(tile.sink_blocks, False)[:, :S].to(acc)
         logits = torch.matmul(sink_q, sink_k.transpose(1, 2)).mul_(scale).add_(tile.sink_mask)
+        out = out.to(acc)
         top = torch.maximum(lse, logits.amax(dim=-1))            # [Hq, T]
         window_weight = (lse - top).exp_()
         sink_weights = (logits - top[..., None]).exp_()          # [Hq, T, S]
