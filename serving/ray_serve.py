@@ -94,6 +94,45 @@ def start_ray(host: str, metrics_port: int | None) -> tuple[bool, int | None]:
 def _init_local_ray(metrics_port: int) -> None:
     import ray
 
+    with _agent_ports():
+        _ray_init(metrics_port)
+
+
+class _agent_ports:
+    """Give the Ray node's agents ports of their own for the length of ray.init.
+
+    Why: the raylet waits a fixed 15 s for each agent port it has to discover (a port file the
+    agent writes once it has bound one), then aborts ("timed out during startup"). With several
+    Ray nodes on one machine (the default agent port 52365 is then taken) or a busy machine
+    (the agent's imports take longer) that wait is missed. A port given up front is used as it
+    is. ray.init has no parameter for these, so its RayParams gets them while it runs."""
+
+    FIELDS = ("metrics_agent_port", "dashboard_agent_listen_port", "runtime_env_agent_port")
+
+    def __enter__(self):
+        from ray._private import parameter
+
+        ports = {field: _free_port("127.0.0.1") for field in self.FIELDS}
+        self.original = original = parameter.RayParams.__init__
+
+        def init_with_ports(params, *args, **kwargs):
+            original(params, *args, **kwargs)
+            for field, port in ports.items():
+                if not getattr(params, field, None) or field == "dashboard_agent_listen_port":
+                    setattr(params, field, port)
+
+        parameter.RayParams.__init__ = init_with_ports
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from ray._private import parameter
+
+        parameter.RayParams.__init__ = self.original
+
+
+def _ray_init(metrics_port: int) -> None:
+    import ray
+
     ray.init(
         num_cpus=max(MIN_LOGICAL_CPUS, os.cpu_count() or 1),
         object_store_memory=OBJECT_STORE_BYTES,
@@ -104,7 +143,11 @@ def _init_local_ray(metrics_port: int) -> None:
                         # LLM's node-initialisation tasks) hold ~0.5-1 GB each with vLLM
                         # imported: start none, keep none.
                         "enable_worker_prestart": False,
-                        "num_workers_soft_limit": 0},
+                        "num_workers_soft_limit": 0,
+                        # The raylet waits this long for its agent (metrics export) to come
+                        # up, then aborts: on a busy 2-core machine the agent's imports alone
+                        # can take longer than the default.
+                        "agent_register_timeout_ms": 300_000},
         logging_level="WARNING",
         log_to_driver=False,
     )
