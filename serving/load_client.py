@@ -87,7 +87,11 @@ def run_load(spec: LoadSpec) -> LoadResult:
 
 async def _run(spec: LoadSpec) -> LoadResult:
     import aiohttp
+    import numpy as np
     from tqdm import tqdm
+    # Imported before the clock starts: importing vLLM takes seconds (minutes on a busy box).
+    from vllm.benchmarks.lib.endpoint_request_func import StreamedResponseHandler  # noqa: F401
+    from vllm.benchmarks.serve import get_request
 
     rng = random.Random(spec.seed)
     # Every request's abort plan is drawn up front, so two runs with the same seed (streamsink
@@ -131,9 +135,6 @@ async def _run(spec: LoadSpec) -> LoadResult:
             clients = [asyncio.create_task(client()) for _ in range(spec.concurrency or 1)]
             await _wait_with_deadline(clients, tasks, send_deadline + spec.drain_timeout_s)
         else:  # open loop: vLLM's Poisson schedule (burstiness 1)
-            import numpy as np
-            from vllm.benchmarks.serve import get_request
-
             np.random.seed(spec.seed)
             indices = list(range(spec.requests))
             async for i, _rate in get_request(indices, spec.rate):

@@ -121,3 +121,63 @@ def test_bad_input_is_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "streamsink loadtest: error: --abort-fraction must be within [0, 1]"]
+
+
+def test_client_accounting_against_a_fake_server():
+    """The load client alone, against a tiny SSE server in this process that streams
+    `max_tokens` chunks and answers every fifth request with HTTP 503: open loop (Poisson),
+    planned aborts, 5xx counted as errors, and counts that add up."""
+    import asyncio
+    import json as _json
+    import threading
+
+    from aiohttp import web
+
+    from streamsink.serving import load_client
+    from streamsink.serving.prometheus_server import free_port
+
+    seen = []
+
+    async def completions(request):
+        body = await request.json()
+        seen.append(body)
+        if len(seen) % 5 == 0:
+            return web.Response(status=503, text="overloaded")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(body["max_tokens"]):
+            chunk = {"choices": [{"index": 0, "text": f" t{i}"}]}
+            await resp.write(f"data: {_json.dumps(chunk)}\n\n".encode())
+            await asyncio.sleep(0.002)
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(web.Application())
+    runner.app.router.add_post("/v1/completions", completions)
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        spec = load_client.LoadSpec(
+            api_url=f"http://127.0.0.1:{port}/v1", model="m", prompts=[("hello", 1)],
+            output_tokens=20, requests=20, duration_s=60, rate=50.0, abort_fraction=0.3,
+            seed=1, progress=False)
+        result = load_client.run_load(spec)
+        summary = load_client.summarize(result, {"tpot": 1000.0})
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+    assert len(seen) == summary["requests"] == 20, {k: v for k, v in summary.items() if "_ms" not in k}
+    assert summary["http_5xx"] == 4 and summary["errors"] == 4
+    assert summary["ok"] + summary["errors"] + summary["aborted"] == 20
+    planned = [r for r in result.records if r.abort_after is not None and r.status == 200]
+    assert summary["aborted_planned"] == len(planned) >= 1
+    for r in planned:  # each hung up right after its planned token
+        assert r.outcome == "aborted" and r.tokens == r.abort_after
+    for r in result.records:
+        if r.outcome == "ok":
+            assert r.tokens == 20 and len(r.itl) == 19
+    assert summary["goodput_rps"] is not None and summary["goodput_rps"] > 0
