@@ -203,15 +203,17 @@ async def _one_request(session, spec: LoadSpec, prompt: str, rec: RequestRecord,
                             rec.itl.append(now - last)
                         last = now
                         rec.tokens += 1
+                        if rec.abort_after is not None and rec.tokens >= rec.abort_after:
+                            # Hang up at the planned token: close the connection (not back to
+                            # the pool), the way a client that goes away does; the server must
+                            # abort and free the request. Checked per token, not per read: a
+                            # lagging client may get the rest of the stream in one read.
+                            resp.close()
+                            rec.outcome, rec.abort_reason = "aborted", "planned"
+                            rec.latency = time.perf_counter() - st
+                            return
                     elif body.get("usage"):
                         rec.tokens = max(rec.tokens, body["usage"].get("completion_tokens") or 0)
-                if rec.abort_after is not None and rec.tokens >= rec.abort_after and not done:
-                    # Hang up mid-stream: close the connection (not back to the pool), the way
-                    # a client that goes away does; the server must abort and free the request.
-                    resp.close()
-                    rec.outcome, rec.abort_reason = "aborted", "planned"
-                    rec.latency = time.perf_counter() - st
-                    return
             rec.latency = last - st
             if done and rec.ttft is not None and not rec.error:
                 rec.outcome = "ok"
