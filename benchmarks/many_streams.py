@@ -91,6 +91,8 @@ def main() -> None:
                         help="1 and 8 streams, 128 + 256 tokens each, a 256 MiB pool")
     parser.add_argument("--sink", type=int, default=4)
     parser.add_argument("--window", type=int, default=252)
+    parser.add_argument("--streams", type=int, nargs="+", default=None,
+                        help="stream counts to run (default 1 8 32 64; --quick: 1 8)")
     parser.add_argument("--eager", action="store_true",
                         help="both engines eager (quick start-up for smoke tests; the published "
                              "numbers are measured in the default compiled mode)")
@@ -103,6 +105,7 @@ def main() -> None:
         counts, prompt_len, new_tokens, pool = [1, 8], 128, 256, 256 << 20
     else:
         counts, prompt_len, new_tokens, pool = [1, 8, 32, 64], 512, 512, 512 << 20
+    counts = args.streams or counts
     engines = {}
     for label, streamsink in (("stock", None),
                               ("streamsink", {"sink_tokens": args.sink,
