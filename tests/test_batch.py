@@ -10,7 +10,6 @@ side (their start-up is mostly single-threaded imports), then the killed run is 
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -167,30 +166,9 @@ def make_records():
 
 @pytest.fixture(scope="module")
 def tok_model(tmp_path_factory):
-    """Tiny random Llama with the default model's tokenizer (vocab 49152)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_models import make_tiny_llama_with_tokenizer
 
-    from streamsink.model_store import resolve_model
-
-    default = resolve_model(None)
-    path = tmp_path_factory.mktemp("tiny_tok_llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=64, max_position_embeddings=4096, tie_word_embeddings=True,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                         bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # far from uniform logits: greedy choices are not near-ties
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name:
-                p.mul_(3.0)
-    model.save_pretrained(str(path))
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if os.path.exists(os.path.join(default, name)):
-            shutil.copy(os.path.join(default, name), path)
-    return str(path)
+    return make_tiny_llama_with_tokenizer(tmp_path_factory.mktemp("tiny_tok_llama"))
 
 
 def _kill_group(pgid: int) -> None:

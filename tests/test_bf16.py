@@ -5,7 +5,7 @@ two methods agree), and the streaming engine may be off by no more than a small 
 import gc
 
 import pytest
-from conftest import compute_references, prompt_nlls, random_tokens, tiny_engine
+from conftest import References, prompt_nlls, random_tokens, tiny_engine
 
 SINK, WINDOW, LENGTH = 4, 60, 300
 # bf16 keeps 8 bits of mantissa: every matmul input is rounded by up to 2^-9 relative. Stock
@@ -19,6 +19,7 @@ FACTOR = 2.0
 @pytest.fixture(scope="module")
 def errors(tiny_llama):
     tokens = random_tokens(LENGTH, seed=11)
+    refs = References([(tiny_llama, tokens, SINK, 10_000), (tiny_llama, tokens, SINK, WINDOW)])
     got = {}
     for name, streamsink in (("stock", None),
                              ("streaming", {"sink_tokens": SINK, "window_tokens": WINDOW})):
@@ -26,8 +27,7 @@ def errors(tiny_llama):
         got[name] = prompt_nlls(llm, [tokens])[0]
         del llm
         gc.collect()
-    dense, streaming = compute_references([(tiny_llama, tokens, SINK, 10_000),
-                                           (tiny_llama, tokens, SINK, WINDOW)])
+    dense, streaming = refs.all()
     return {"stock": [abs(a - b) for a, b in zip(got["stock"], dense)],
             "streaming": [abs(a - b) for a, b in zip(got["streaming"], streaming)],
             "methods_differ": max(abs(a - b) for a, b in zip(dense, streaming))}

@@ -1,6 +1,7 @@
-"""`streamsink loadtest` end to end: the command starts a streaming server (the default model:
-an OpenAI server needs a real tokenizer) and a real Prometheus, runs a ~30-second load in which
-30% of the requests (by a seeded plan) hang up mid-stream, and stops everything again.
+"""`streamsink loadtest` end to end: the command starts a streaming server (a tiny random Llama
+with the default model's tokenizer: an OpenAI server needs a real one) and a real Prometheus,
+runs a ~30-second load in which 30% of the requests (by a seeded plan) hang up mid-stream, and
+stops everything again.
 
 One run of the command serves the whole module (module-scoped fixture); the assertions read its
 report, its dashboard and the process table."""
@@ -29,9 +30,13 @@ def _cmd(out, *extra):
 
 @pytest.fixture(scope="module")
 def loadtest(tmp_path_factory):
+    from tiny_models import make_tiny_llama_with_tokenizer
+
+    model = make_tiny_llama_with_tokenizer(tmp_path_factory.mktemp("tiny_tok_llama"), sharp=False)
     out = tmp_path_factory.mktemp("loadtest")
     done = subprocess.run(
-        _cmd(out, "--duration", str(DURATION), "--concurrency", "4", "--requests", "200",
+        _cmd(out, "--model", model, "--duration", str(DURATION), "--concurrency", "4",
+             "--requests", "200",
              "--prompt-tokens", str(PROMPT), "--output-tokens", str(OUTPUT),
              "--abort-fraction", "0.3", "--seed", "1",
              "--sink", str(SINK), "--window", str(WINDOW),

@@ -4,7 +4,6 @@ started and stopped here (a tiny random Llama with the default model's tokenizer
 The last test stops the app with SIGTERM and checks that nothing of it is left."""
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -41,28 +40,6 @@ def clean_env() -> dict:
     return env
 
 
-def make_tiny_llama_with_tokenizer(path) -> str:
-    """A 2-layer random Llama that speaks the default model's tokenizer (vocab 49152), so the
-    OpenAI server can take text prompts."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from streamsink.model_store import resolve_model
-
-    source = resolve_model(None)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=64, max_position_embeddings=MAX_MODEL_LEN,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    LlamaForCausalLM(config).save_pretrained(str(path))
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                 "special_tokens_map.json"):
-        if os.path.exists(os.path.join(source, name)):
-            shutil.copy(os.path.join(source, name), path)
-    return str(path)
-
-
 def scrape(url: str) -> dict:
     """{(name, frozenset(labels.items())): value} of a Prometheus text page."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -92,7 +69,9 @@ def served_by(metrics_url: str) -> dict:
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    model = make_tiny_llama_with_tokenizer(tmp_path_factory.mktemp("tiny_tok_llama"))
+    from tiny_models import make_tiny_llama_with_tokenizer
+
+    model = make_tiny_llama_with_tokenizer(tmp_path_factory.mktemp("tiny_tok_llama"), sharp=False)
     port, metrics_port = free_port(), free_port()
     log_path = tmp_path_factory.mktemp("ray_serve") / "serve.log"
     log = open(log_path, "w")
@@ -257,12 +236,13 @@ def test_both_replicas_serve_and_export_metrics(app):
         time.sleep(2)
     assert len([r for r, n in served.items() if r and n > 0]) == 2, served
 
-    # Gauges are re-exported every second or two: wait for both replicas' values.
+    # Gauges are re-exported every second or two: wait for both replicas' values, and for the
+    # values after the requests ended (a scrape may still carry one taken while they ran).
     deadline = time.time() + 60
     while True:
         samples = scrape(app["metrics"])
         held = by_replica(samples, "ray_vllm_streamsink_held_blocks")
-        if len(held) >= 2 or time.time() > deadline:
+        if (len(held) >= 2 and not any(held.values())) or time.time() > deadline:
             break
         time.sleep(2)
     replicas = set(served)

@@ -2,7 +2,7 @@
 import gc
 
 import pytest
-from conftest import compute_references, prompt_nlls, random_tokens, tiny_engine
+from conftest import References, compute_references, prompt_nlls, random_tokens, tiny_engine
 
 TOLERANCE = 1e-3  # fp32 engine vs float64 reference (DESIGN.md §6)
 
@@ -18,8 +18,11 @@ LLAMA_CASES = [
 ]
 NEOX_CASES = [(4, 60, 2048, 400), (1, 100, 7, 300)]
 MIXED = (4, 60, [30, 64, 65, 333, 500])
-# Past the models' 4096-position table: RoPE must come from streamsink's float64 tables.
-LONG = (4, 60, 5000)
+# Past the model's position table (the same tiny weights with a 512-position table, so the
+# one-token-at-a-time reference stays short): (S, W, length, max_model_len, chunk). The stream
+# outgrows both the table and its worker row, which is rebased with its cached keys re-rotated.
+LONG = (4, 60, 1300, 512, 128)
+SHORT_TABLE = 512
 # Decode past C (the kernel with sink shadows), batched, prompts shorter and longer than C:
 # (family, S, W, prompt lengths, generated tokens, compiled). The GPT-NeoX case runs compiled
 # (vLLM's default CPU mode; its RoPE is Hugging Face code inside the graph); the compiled Llama
@@ -62,26 +65,38 @@ def decoded(tiny_llama, tiny_gpt_neox):
 
 
 @pytest.fixture(scope="module")
-def references(tiny_llama, tiny_gpt_neox):
+def short_table_models(tmp_path_factory):
+    """The tiny models' weights (same seeds) with a SHORT_TABLE-position RoPE table."""
+    from tiny_models import make_tiny_gpt_neox, make_tiny_llama
+
+    return {"llama": make_tiny_llama(tmp_path_factory.mktemp("llama_short_table"),
+                                     max_positions=SHORT_TABLE),
+            "neox": make_tiny_gpt_neox(tmp_path_factory.mktemp("neox_short_table"),
+                                       max_positions=SHORT_TABLE)}
+
+
+@pytest.fixture(scope="module")
+def references(tiny_llama, tiny_gpt_neox, short_table_models):
     jobs, keys = [], []
     for s, w, chunk, n in LLAMA_CASES:
         keys.append(("llama", s, w, chunk, n))
         jobs.append((tiny_llama, random_tokens(n), s, w))
-    for s, w, chunk, n in NEOX_CASES:
-        keys.append(("neox", s, w, chunk, n))
-        jobs.append((tiny_gpt_neox, random_tokens(n, seed=3), s, w))
+    # Sensitivity controls: dense attention and a window without sinks.
+    keys += [("dense",), ("no-sink",)]
+    jobs += [(tiny_llama, random_tokens(360), 4, 10_000), (tiny_llama, random_tokens(360), 0, 64)]
     s, w, lengths = MIXED
     for n in lengths:
         keys.append(("mixed", n))
         jobs.append((tiny_llama, random_tokens(n, seed=n), s, w))
-    s, w, n = LONG
-    for family, model in (("llama", tiny_llama), ("neox", tiny_gpt_neox)):
+    for s, w, chunk, n in NEOX_CASES:
+        keys.append(("neox", s, w, chunk, n))
+        jobs.append((tiny_gpt_neox, random_tokens(n, seed=3), s, w))
+    s, w, n, _, _ = LONG
+    for family, model in short_table_models.items():
         keys.append(("long", family))
         jobs.append((model, random_tokens(n, seed=5), s, w))
-    # Sensitivity controls: dense attention and a window without sinks.
-    keys += [("dense",), ("no-sink",)]
-    jobs += [(tiny_llama, random_tokens(360), 4, 10_000), (tiny_llama, random_tokens(360), 0, 64)]
-    return dict(zip(keys, compute_references(jobs)))
+    # In test order, in the background: the engines run while the reference works.
+    return References(jobs).keyed(keys)
 
 
 def max_diff(a, b):
@@ -129,10 +144,11 @@ def test_gpt_neox_matches_reference(tiny_gpt_neox, references, sink, window, chu
 
 
 @pytest.mark.parametrize("family", ["llama", "neox"])
-def test_positions_past_the_model_table(tiny_llama, tiny_gpt_neox, references, family):
-    sink, window, length = LONG
-    model = {"llama": tiny_llama, "neox": tiny_gpt_neox}[family]
-    got = run_engine(model, [random_tokens(length, seed=5)], sink, window, 2048)[0]
+def test_positions_past_the_model_table(short_table_models, references, family):
+    sink, window, length, max_model_len, chunk = LONG
+    assert length > max_model_len >= SHORT_TABLE
+    got = run_engine(short_table_models[family], [random_tokens(length, seed=5)], sink, window,
+                     chunk, max_model_len=max_model_len)[0]
     assert max_diff(got, references[("long", family)]) < TOLERANCE
 
 

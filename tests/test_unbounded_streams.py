@@ -9,8 +9,8 @@ from conftest import compute_references, random_tokens, tiny_engine
 SINK, WINDOW = 8, 37
 MAX_MODEL_LEN = 512   # row width: each stream below is rebased several times
 CHUNK = 128
-PROMPTS = [1300, 50]  # one prompt past max_model_len, one short
-NEW_TOKENS = 600      # both streams end past max_model_len
+PROMPTS = [1000, 50]  # one prompt past max_model_len, one short
+NEW_TOKENS = 480      # both streams end past max_model_len
 
 
 @pytest.fixture(scope="module")
