@@ -81,6 +81,7 @@ class References:
     TIMEOUT = 3600
 
     def __init__(self, jobs: list[tuple[str, list[int], int, int]]) -> None:
+        import atexit
         import json
         import subprocess
         import tempfile
@@ -97,6 +98,12 @@ class References:
                                      preexec_fn=self._background_priority)
         self.proc.stdin.write(json.dumps(jobs))
         self.proc.stdin.close()
+        atexit.register(self.stop)  # a module that failed early leaves no reference behind
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     @staticmethod
     def _background_priority() -> None:
