@@ -124,6 +124,9 @@ def register_kv_policy() -> None:
     from vllm.v1.core.single_type_kv_cache_manager import register_all_kvcache_specs
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
+    from streamsink import prefix_cache
+
+    prefix_cache.check_target()  # refuse loudly if the vLLM internals it relies on moved
     register_all_kvcache_specs(None)
     KVCacheSpecRegistry.register(StreamingSinkSpec, StreamingSinkManager,
                                  uniform_type_base_spec=StreamingSinkSpec)
