@@ -23,6 +23,7 @@ bench: setup
 	$(PY) benchmarks/ray_serve.py
 	$(PY) benchmarks/batch_throughput.py
 	$(PY) benchmarks/load.py
+	$(PY) benchmarks/chat_session.py
 
 clean:
 	rm -rf .venv

@@ -1,7 +1,8 @@
 """Patch: validate and adjust a streaming engine's VllmConfig at start-up.
 
 Why: a bad streamsink config must be refused in the process the user started, before any engine
-process spawns, and a streaming engine must run eagerly with prefix caching off. vLLM's only
+process spawns, and a streaming engine's settings (KV layout, row width, prefix caching) need
+checking after the platform has picked its block size. vLLM's only
 config-time hook of that reach is the platform's check_and_update_config (an out-of-tree platform
 plugin would replace the whole CPU platform, which is far more than we need).
 How: CpuPlatform.check_and_update_config is wrapped; the wrapper calls

@@ -10,8 +10,10 @@ each only for an engine with a streamsink config:
 - InputBatch.add_request: a request that does not fit its row is added without tokens and
   blocks and its row written by RowWindow.rebase;
 - GPUModelRunner._update_states: before it, rows whose step would overflow are rebased (and
-  their cached keys re-rotated to the new row positions); after it, num_computed_tokens (set
-  from the scheduler's absolute numbers) is made relative;
+  their cached keys re-rotated to the new row positions) and the blocks the scheduler copies
+  this step inherit their sources' rotation tags; after it, num_computed_tokens (set from the
+  scheduler's absolute numbers) is made relative and fresh blocks are tagged with their row's
+  offset;
 - GPUModelRunner._prepare_inputs: after it, "discard the sampled token" (a partial prefill) is
   recomputed from absolute lengths (vLLM compares the row's seq_len with the request's length).
 Delete when: vLLM's worker buffers are bounded by a window for windowed attention (a ring of
@@ -61,8 +63,6 @@ def _update_states(self, scheduler_output):
         return _originals["_update_states"](self, scheduler_output)
     rows.step_tokens = scheduler_output.num_scheduled_tokens
     cached = scheduler_output.scheduled_cached_reqs
-    for req_id in (*scheduler_output.finished_req_ids, *cached.resumed_req_ids):
-        rows.forget(req_id)  # their cached keys are gone (resumed: recomputed from scratch)
     for i, req_id in enumerate(cached.req_ids):
         row = self.input_batch.req_id_to_index.get(req_id)
         if row is None or req_id in cached.resumed_req_ids:
@@ -73,8 +73,15 @@ def _update_states(self, scheduler_output):
         num_blocks = len(request.block_ids[0]) + (len(new_blocks[0]) if new_blocks else 0)
         rows.ensure_room(self.input_batch, row, request, first,
                          first + scheduler_output.num_scheduled_tokens[req_id], num_blocks)
+    # The original runs the scheduler's block copies first thing: after the rebases above
+    # (which rotate blocks in place), before add_request (which rotates adopted blocks).
+    rows.copied(scheduler_output.kv_cache_block_copies or ())
     result = _originals["_update_states"](self, scheduler_output)
     rows.to_row_positions(self.input_batch, self.requests)
+    for i, req_id in enumerate(cached.req_ids):
+        new_blocks = cached.new_block_ids[i]
+        if new_blocks and req_id not in cached.resumed_req_ids and req_id in self.requests:
+            rows.allocated(self.requests[req_id], new_blocks[0])
     return result
 
 
@@ -117,7 +124,15 @@ def check_target() -> None:
     _check(GPUModelRunner, "_update_states", ["self", "scheduler_output"],
            ["self.input_batch.num_computed_tokens_cpu[req_index] = num_computed_tokens",
             "self.input_batch.block_table.append_row(new_block_ids, req_index)",
-            "self.input_batch.add_request(request)"])
+            "self.input_batch.add_request(request)",
+            # the order the rotation tags rely on: copies before any request is (re-)added
+            "if scheduler_output.kv_cache_block_copies:"])
+    source = inspect.getsource(_originals.get("_update_states")
+                               or GPUModelRunner.__dict__["_update_states"])
+    if source.index("copy_kv_cache_blocks_inplace(") > \
+            source.index("self.input_batch.add_request(request)"):
+        raise PatchTargetMoved("GPUModelRunner._update_states adds requests before it runs "
+                               "the scheduler's block copies")
     _check(GPUModelRunner, "_prepare_inputs", ["self", "scheduler_output"],
            ["self.discard_request_mask.np[:num_reqs] = (",
             "positions_np + req_indices * self.input_batch.token_ids_cpu.shape[1]"])

@@ -59,7 +59,8 @@ def configure_streaming_engine(vllm_config) -> None:
 
 
 def finish_streaming_engine(vllm_config) -> None:
-    """After the platform's checks (which pick the block size): KV layout and prefix caching."""
+    """After the platform's checks (which pick the block size and turn async scheduling off):
+    KV layout, row width and prefix caching."""
     if vllm_config.model_config is None:
         return
     cfg = config_from_additional(vllm_config.additional_config)
@@ -78,10 +79,14 @@ def finish_streaming_engine(vllm_config) -> None:
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         raise StreamsinkConfigError("streamsink does not support pipeline parallelism")
     if cache_config.enable_prefix_caching:
-        # A streaming block's KV depends on what was evicted before it, not only on the token
-        # prefix that the cache is keyed by: never share them.
-        logger.info("streamsink: prefix caching disabled for this streaming engine")
-        cache_config.enable_prefix_caching = False
+        # Exact for streaming (prefix_cache.py), given what it relies on: the scheduler's pass
+        # ends before the step it schedules runs (synchronous scheduling, which vLLM's CPU
+        # platform forces), so a copy queued in a pass runs before that step's forward.
+        if vllm_config.scheduler_config.async_scheduling:
+            raise StreamsinkConfigError(
+                "streamsink's prefix caching needs synchronous scheduling; pass "
+                "--no-async-scheduling or --no-enable-prefix-caching")
+        logger.info("streamsink: prefix caching on (streaming-exact)")
 
 
 def _check_kv_layout(model_config, cache_config) -> None:

@@ -17,10 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vllm.utils.math_utils import cdiv
-from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
 from vllm.v1.kv_cache_interface import SlidingWindowSpec
 
 from streamsink import metrics
+from streamsink.prefix_cache import StreamingPrefixCache
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,15 +45,10 @@ class StreamingSinkSpec(SlidingWindowSpec):
         window = cdiv(held, self.block_size) + 1
         return min(self.sink_blocks + window, cdiv(max_model_len, self.block_size))
 
-    @property
-    def prefix_cacheable(self) -> bool:
-        # Cached blocks are keyed by token prefix only; a streaming block's KV also depends on
-        # what was evicted before it, so it must never be shared.
-        return False
 
-
-class StreamingSinkManager(SlidingWindowManager):
-    """SlidingWindowManager that never frees the blocks holding the first S tokens."""
+class StreamingSinkManager(StreamingPrefixCache):
+    """SlidingWindowManager that never frees the blocks holding the first S tokens (and caches
+    prefixes exactly, prefix_cache.py)."""
 
     # Totals over the life of this process, for metrics (one manager per KV cache group).
     blocks_freed_total = 0
@@ -87,7 +82,8 @@ class StreamingSinkManager(SlidingWindowManager):
             freed.append(blocks[i])
             blocks[i] = self._null_block
         if freed:
-            self.block_pool.free_blocks(freed)
+            # Oldest first: with prefix caching on, the free queue evicts from its front.
+            self.block_pool.free_blocks(reversed(freed))
             self._freed[request_id] = self._freed.get(request_id, 0) + len(freed)
             type(self).blocks_freed_total += len(freed)
             type(self).tokens_evicted_total += len(freed) * self.block_size
@@ -99,18 +95,19 @@ class StreamingSinkManager(SlidingWindowManager):
             metrics.publish()
         return blocks
 
+    def add_local_computed_blocks(self, request_id, *args, **kwargs) -> None:
+        super().add_local_computed_blocks(request_id, *args, **kwargs)
+        # A prefix hit skips the middle of the history: null blocks, as if freed.
+        nulls = sum(b.is_null for b in self.req_to_blocks[request_id])
+        if nulls:
+            self._freed[request_id] = nulls
+
     def pop_blocks_for_free(self, request_id: str):
         # Finish, abort and preemption all come through here (free() included).
         self._freed.pop(request_id, None)
         blocks = super().pop_blocks_for_free(request_id)
         metrics.publish(force=True)
         return blocks
-
-    @classmethod
-    def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, *args,
-                               **kwargs):
-        # Never reuse cached blocks for a streaming request (see prefix_cacheable).
-        return tuple([] for _ in kv_cache_group_ids), 0
 
     def held_blocks(self, request_id: str) -> int:
         """Physical blocks this request holds now (freed positions hold the null block)."""
@@ -127,6 +124,9 @@ def register_kv_policy() -> None:
     from vllm.v1.core.single_type_kv_cache_manager import register_all_kvcache_specs
     from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
+    from streamsink import prefix_cache
+
+    prefix_cache.check_target()  # refuse loudly if the vLLM internals it relies on moved
     register_all_kvcache_specs(None)
     KVCacheSpecRegistry.register(StreamingSinkSpec, StreamingSinkManager,
                                  uniform_type_base_spec=StreamingSinkSpec)

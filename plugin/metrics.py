@@ -12,7 +12,12 @@ process) and inherited by the engine processes it starts.
 
 Metrics: vllm:streamsink_freed_blocks_total and vllm:streamsink_evicted_tokens_total (blocks and
 tokens the policy dropped from running streams), vllm:streamsink_held_blocks (KV blocks held by
-streaming requests now) and vllm:streamsink_streams (streaming requests holding blocks).
+streaming requests now) and vllm:streamsink_streams (streaming requests holding blocks). Prefix
+caching (prefix_cache.py): vllm:streamsink_cache_shadow_copies_total (cached blocks copied before
+a decode's sink shadows reached them), vllm:streamsink_cache_hit_copies_total (hit blocks copied
+because a running request held them) and vllm:streamsink_cache_dropped_blocks_total (cached
+blocks dropped from the cache instead of copied, the pool having no free block). The hits
+themselves are vLLM's own vllm:prefix_cache_queries_total / vllm:prefix_cache_hits_total.
 
 In a Ray Serve replica (`streamsink serve --ray`) the process that hosts vLLM's engine client is
 the replica actor, and Ray exports only what goes through ray.util.metrics; vLLM's own engine
@@ -57,12 +62,35 @@ def track(manager) -> None:
     _managers.add(manager)
 
 
+# Counters: (snapshot key, Prometheus name without _total, help).
+COUNTERS = (
+    ("freed_blocks", "vllm:streamsink_freed_blocks",
+     "KV blocks freed by the streamsink policy (evicted from a stream's window)"),
+    ("evicted_tokens", "vllm:streamsink_evicted_tokens",
+     "Tokens whose KV the streamsink policy dropped"),
+    ("cache_shadow_copies", "vllm:streamsink_cache_shadow_copies",
+     "Prefix-cached KV blocks copied before a decode's sink shadows reached them"),
+    ("cache_hit_copies", "vllm:streamsink_cache_hit_copies",
+     "Prefix-cache hit blocks copied because a running request held them"),
+    ("cache_dropped_blocks", "vllm:streamsink_cache_dropped_blocks",
+     "Prefix-cached KV blocks dropped from the cache (no free block for their copy)"),
+)
+GAUGES = (
+    ("held_blocks", "vllm:streamsink_held_blocks", "KV blocks held by streaming requests"),
+    ("streams", "vllm:streamsink_streams", "Streaming requests holding KV blocks"),
+)
+
+
 def snapshot() -> dict:
     from streamsink.kv_policy import StreamingSinkManager
+    from streamsink.prefix_cache import StreamingPrefixCache
 
     managers = list(_managers)
     return {"freed_blocks": StreamingSinkManager.blocks_freed_total,
             "evicted_tokens": StreamingSinkManager.tokens_evicted_total,
+            "cache_shadow_copies": StreamingPrefixCache.shadow_copies_total,
+            "cache_hit_copies": StreamingPrefixCache.adopt_copies_total,
+            "cache_dropped_blocks": StreamingPrefixCache.unhashed_total,
             "held_blocks": sum(m.held_blocks_all() for m in managers),
             "streams": sum(len(m.req_to_blocks) for m in managers)}
 
@@ -83,7 +111,7 @@ def publish(force: bool = False) -> None:
 
 def read_totals(path: str | None = None) -> dict:
     """The sum of every process's latest snapshot."""
-    totals = {"freed_blocks": 0, "evicted_tokens": 0, "held_blocks": 0, "streams": 0}
+    totals = {key: 0 for key, _, _ in COUNTERS + GAUGES}
     for name in glob.glob(os.path.join(path or metrics_dir(), "*.json")):
         try:
             with open(name) as f:
@@ -105,16 +133,10 @@ class StreamsinkCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         totals = read_totals(self.path)
-        yield CounterMetricFamily("vllm:streamsink_freed_blocks",
-                                  "KV blocks freed by the streamsink policy (evicted from a "
-                                  "stream's window)", value=totals["freed_blocks"])
-        yield CounterMetricFamily("vllm:streamsink_evicted_tokens",
-                                  "Tokens whose KV the streamsink policy dropped",
-                                  value=totals["evicted_tokens"])
-        yield GaugeMetricFamily("vllm:streamsink_held_blocks",
-                                "KV blocks held by streaming requests", value=totals["held_blocks"])
-        yield GaugeMetricFamily("vllm:streamsink_streams",
-                                "Streaming requests holding KV blocks", value=totals["streams"])
+        for key, name, help_text in COUNTERS:
+            yield CounterMetricFamily(name, help_text, value=totals[key])
+        for key, name, help_text in GAUGES:
+            yield GaugeMetricFamily(name, help_text, value=totals[key])
 
 
 _collector: StreamsinkCollector | None = None
@@ -171,19 +193,11 @@ def _ray_export_loop(path: str, replica_id: str) -> None:
 
     tags = {"ReplicaId": replica_id}
     keys = ("ReplicaId",)
-    counters = {
-        "freed_blocks": Counter("vllm_streamsink_freed_blocks", tag_keys=keys,
-                                description="KV blocks freed by the streamsink policy (evicted "
-                                            "from a stream's window)"),
-        "evicted_tokens": Counter("vllm_streamsink_evicted_tokens", tag_keys=keys,
-                                  description="Tokens whose KV the streamsink policy dropped"),
-    }
-    gauges = {
-        "held_blocks": Gauge("vllm_streamsink_held_blocks", tag_keys=keys,
-                             description="KV blocks held by streaming requests"),
-        "streams": Gauge("vllm_streamsink_streams", tag_keys=keys,
-                         description="Streaming requests holding KV blocks"),
-    }
+    # Ray metric names take no ':'; exported with Ray's prefix: ray_vllm_streamsink_*.
+    counters = {key: Counter(name.replace(":", "_"), tag_keys=keys, description=help_text)
+                for key, name, help_text in COUNTERS}
+    gauges = {key: Gauge(name.replace(":", "_"), tag_keys=keys, description=help_text)
+              for key, name, help_text in GAUGES}
     exported = {key: 0 for key in counters}
     while True:
         totals = read_totals(path)

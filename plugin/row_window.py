@@ -18,6 +18,13 @@ are re-rotated by -(new offset - old offset) in every layer: one rotation for al
 since offsets are multiples of B. Each rebase adds ~1 ulp of rounding to those keys; a key lives
 through only a few rebases before it leaves the window.
 
+Prefix caching (prefix_cache.py) hands a request blocks another request wrote, rotated for that
+request's row. So the rotation is tracked per physical block: block_rot[block id] is the offset
+its keys are rotated for (absent: 0; the sink blocks, never moved, are not tracked). A block
+copied by the scheduler's copy-on-write inherits its source's tag; a request adopting cached
+blocks re-rotates them from their tags to its own row (none when it can take the row offset
+they already carry, the usual case for the next turn of a conversation).
+
 The rebase rewrites O(max_model_len) entries and re-rotates O(C) keys per layer once every
 ~(max_model_len - C - chunk) tokens.
 The scheduler keeps absolute numbers; the patches under patches/worker_*.py do the translation.
@@ -49,9 +56,9 @@ class RowWindow:
         self.head_tokens = self.sink_blocks * block_size   # row positions kept as they are
         self.width = min(token_width, block_width * block_size)
         self.offsets: dict[str, int] = {}                  # req_id -> offset (0 if absent)
-        # req_id -> the offset its cached keys are rotated for (0 if absent); outlives the
-        # request's row while it is out of the batch, until it finishes or is preempted.
-        self.kv_offsets: dict[str, int] = {}
+        # block id -> the row offset its stored keys are rotated for (0 if absent). Outlives
+        # requests: finished requests' blocks stay in the prefix cache.
+        self.block_rot: dict[int, int] = {}
         self.step_tokens: dict[str, int] = {}              # req_id -> tokens scheduled this step
         self.rebases = 0
 
@@ -117,37 +124,75 @@ class RowWindow:
         # Only the penalties' prompt tensor reads this: the prompt tokens still in the row.
         batch.num_prompt_tokens[row] = max(num_prompt - offset, 0)
         self.offsets[request.req_id] = offset
-        self._rerotate_cached_keys(request, offset)
+        self._settle(request, offset, first_query)
         self.rebases += 1
 
-    def _rerotate_cached_keys(self, request, offset: int) -> None:
-        """Keys were cached rotated at the row positions of the offset they were computed
-        under; the kept blocks (the sinks excepted, which never move) now sit `delta` lower."""
-        delta = offset - self.kv_offsets.get(request.req_id, 0)
-        self.kv_offsets[request.req_id] = offset
-        if not delta or not self.kv_caches or self.rope is None:
+    # -- rotation tags --------------------------------------------------------------------
+    def _live_start(self, computed_tokens: int) -> int:
+        """The first non-sink block the scheduler still holds for a request that has
+        computed `computed_tokens` (it frees every block before the last C-1 tokens). Lower ids
+        in a request's block_ids may be stale: freed and given to another request since."""
+        keep_from = max(0, computed_tokens - self.cfg.cache_tokens + 1)
+        return max(self.sink_blocks, keep_from // self.block_size)
+
+    def _settle(self, request, offset: int, computed_tokens: int) -> None:
+        """Make the keys stored in the request's live blocks rotated for `offset` (blocks its
+        row dropped below that are never read again) and tag them so."""
+        ids = request.block_ids[0] if request.block_ids else []
+        written = -(-computed_tokens // self.block_size)
+        moves: dict[int, list[int]] = {}     # rotation angle -> blocks, one rotation each
+        for index in range(self._live_start(computed_tokens), len(ids)):
+            block = ids[index]
+            if block == 0:
+                continue  # the null block: the middle a prefix-cache hit skips
+            if index < written:
+                delta = offset - self.block_rot.get(block, 0)
+                if delta:
+                    moves.setdefault(delta, []).append(block)
+            self.block_rot[block] = offset
+        for delta, blocks in moves.items():
+            self._rotate(blocks, -delta)
+
+    def _carried_offset(self, request, computed_tokens: int) -> int | None:
+        """The one offset all of the request's written live blocks are rotated for, if any."""
+        ids = request.block_ids[0] if request.block_ids else []
+        written = min(len(ids), -(-computed_tokens // self.block_size))
+        tags = {self.block_rot.get(b, 0) for b in ids[self._live_start(computed_tokens):written]
+                if b != 0}
+        return tags.pop() if len(tags) == 1 else None
+
+    def _rotate(self, blocks: list[int], angle: int) -> None:
+        """Rotate every key stored in `blocks` by `angle` positions, in every layer."""
+        if not self.kv_caches or self.rope is None:
             return
         import torch
 
         from streamsink.attention import rotate_cached_keys
 
-        # Only blocks of the new row: older ids in block_ids were freed and may belong to
-        # another request by now.
-        kept = request.block_ids[0][self.sink_blocks + offset // self.block_size:]
-        if not kept:
-            return
-        blocks = torch.tensor(kept, dtype=torch.long)
-        cos_sin = self.rope.cos_sin(torch.tensor([-delta]), torch.float64)[0]
+        index = torch.tensor(blocks, dtype=torch.long)
+        cos_sin = self.rope.cos_sin(torch.tensor([angle]), torch.float64)[0]
         seen = set()
         for kv_cache in self.kv_caches:
             if kv_cache is None or kv_cache.data_ptr() in seen:
                 continue  # layers sharing one cache tensor rotate it once
             seen.add(kv_cache.data_ptr())
-            rotate_cached_keys(kv_cache, blocks, cos_sin, self.rope.rotary_dim)
+            rotate_cached_keys(kv_cache, index, cos_sin, self.rope.rotary_dim)
 
-    def forget(self, req_id: str) -> None:
-        """A finished or preempted request: its cached keys are gone."""
-        self.kv_offsets.pop(req_id, None)
+    def copied(self, copies) -> None:
+        """The scheduler's block copies of this step (run right after this, before any write):
+        each copy carries its source's rotation."""
+        tags = [(c.dst_block_id, self.block_rot.get(c.src_block_id, 0)) for c in copies]
+        for dst, tag in tags:
+            self.block_rot[dst] = tag
+
+    def allocated(self, request, new_block_ids: list[int]) -> None:
+        """Fresh blocks of a request in its row (already appended to its block_ids): written
+        from now on at the row's offset."""
+        offset = self.offsets.get(request.req_id, 0)
+        first = len(request.block_ids[0]) - len(new_block_ids)
+        for index, block in enumerate(new_block_ids, first):
+            if index >= self.sink_blocks and block != 0:
+                self.block_rot[block] = offset
 
     def add_request(self, batch, request, original_add_request) -> int:
         """InputBatch.add_request for a streaming engine: rows that cannot hold the whole
@@ -157,7 +202,9 @@ class RowWindow:
         num_blocks = len(request.block_ids[0]) if request.block_ids else 0
         self.offsets.pop(req_id, None)
         if self.fits(0, max(end, request.num_tokens - 1), num_blocks):
-            return original_add_request(batch, request)
+            row = original_add_request(batch, request)
+            self._settle(request, 0, first)
+            return row
         # vLLM's add_request sets up sampling, LoRA, etc.; give it a request without tokens or
         # blocks to copy, then put back the live lists it keeps references to.
         shell = copy.copy(request)
@@ -169,9 +216,20 @@ class RowWindow:
         if added and added[-1][0] == row:
             added[-1] = (row, request.sampling_params, request.prompt_token_ids,
                          request.output_token_ids)
-        offset = 0 if self.fits(0, end, num_blocks) else self.furthest_offset(first)
+        offset = 0 if self.fits(0, end, num_blocks) else self._first_offset(first, end,
+                                                                             num_blocks, request)
         self.rebase(batch, row, request, offset, first, end, num_blocks)
         return row
+
+    def _first_offset(self, first: int, end: int, num_blocks: int, request) -> int:
+        """The offset of a row (re)built for a request past its first C tokens: the one its
+        blocks are already rotated for when that fits (no rotation: a conversation's next turn
+        continues where its previous turn's row was), else the furthest."""
+        furthest = self.furthest_offset(first)
+        carried = self._carried_offset(request, first)
+        if carried is not None and carried <= furthest and self.fits(carried, end, num_blocks):
+            return carried
+        return furthest
 
     def to_row_positions(self, batch, requests) -> None:
         """After vLLM updated the batch with absolute num_computed_tokens: make them relative."""

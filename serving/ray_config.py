@@ -20,6 +20,15 @@ from streamsink.serving.engine import DEFAULT_KV_CACHE_BYTES
 # Serve restarts a replica whose health check fails; vLLM's check fails as soon as the engine
 # process is gone, so a short period means a killed engine is replaced within seconds.
 HEALTH_CHECK_PERIOD_S = 2.0
+# Replicas > 1: a conversation's next turn goes to the replica whose prefix cache holds its
+# history (Ray Serve LLM's prefix-aware router matches a request's text against what each
+# replica served). A new conversation matches nothing and goes to the least loaded one; a replica
+# with 4 more requests queued than another falls back to load balancing.
+PREFIX_ROUTER = {
+    "request_router_class": "ray.serve.llm.request_router.PrefixCacheAffinityRouter",
+    "request_router_kwargs": {"imbalanced_threshold": 4, "match_rate_threshold": 0.1,
+                              "do_eviction": True},
+}
 # Arguments Ray Serve LLM sets itself (model_loading_config, the executor) or that belong to
 # vLLM's own HTTP server, which Ray Serve replaces.
 _NOT_ENGINE_ARGS = {"model", "served_model_name", "distributed_executor_backend"}
@@ -40,14 +49,18 @@ class RaySpec:
     def llm_config(self):
         from ray.serve.llm import LLMConfig
 
+        deployment = {"num_replicas": self.replicas,
+                      "health_check_period_s": HEALTH_CHECK_PERIOD_S}
+        if self.replicas > 1:
+            deployment["request_router_config"] = PREFIX_ROUTER
         return LLMConfig(
             model_loading_config={"model_id": self.model_id, "model_source": self.model_path},
-            engine_kwargs=dict(self.engine_kwargs),
+            # A frontend argument (Ray splits those out): usage.prompt_tokens_details.cached_tokens.
+            engine_kwargs={"enable_prompt_tokens_details": True, **self.engine_kwargs},
             accelerator_config={"kind": "cpu"},
             # One logical CPU per replica: the engine's threads share the node's cores anyway.
             placement_group_config={"bundles": [{"CPU": 1}]},
-            deployment_config={"num_replicas": self.replicas,
-                               "health_check_period_s": HEALTH_CHECK_PERIOD_S},
+            deployment_config=deployment,
             runtime_env={"env_vars": dict(self.env_vars)} if self.env_vars else None,
             # vLLM's engine metrics (and, through the plugin, streamsink's) go to Ray's export.
             log_engine_metrics=True,

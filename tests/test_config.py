@@ -79,7 +79,12 @@ def test_streaming_engine_settings(tiny_llama):
     from vllm.config import CompilationMode
 
     config = engine_config(tiny_llama, additional_config={"streamsink": {}})
-    assert config.cache_config.enable_prefix_caching is False
+    # Prefix caching stays on (streaming-exact, plugin/prefix_cache.py); the user may turn it off.
+    assert config.cache_config.enable_prefix_caching is True
+    assert config.scheduler_config.async_scheduling is False
+    off = engine_config(tiny_llama, additional_config={"streamsink": {}},
+                        enable_prefix_caching=False)
+    assert off.cache_config.enable_prefix_caching is False
     # Compiled like stock (vLLM's default CPU mode), not forced eager.
     assert config.compilation_config.mode != CompilationMode.NONE
     assert config.model_config.enforce_eager is False

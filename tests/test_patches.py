@@ -188,3 +188,33 @@ def test_max_tokens_patch_refuses_a_moved_target(monkeypatch):
     monkeypatch.setattr(serving, "get_max_tokens", lambda *args, **kwargs: 16)
     with pytest.raises(patches.PatchTargetMoved, match="completion.serving"):
         openai_max_tokens.check_target()
+
+
+def test_prefix_cache_targets(monkeypatch):
+    """Streaming prefix caching leans on vLLM's copy-on-write helpers and on the order of
+    allocate_slots / schedule; a move refuses loudly."""
+    from streamsink import prefix_cache
+
+    prefix_cache.check_target()
+    monkeypatch.setattr(inspect, "getsource", lambda obj: "def moved(): pass\n")
+    with pytest.raises(patches.PatchTargetMoved):
+        prefix_cache.check_target()
+
+
+def test_worker_rows_need_the_copies_before_added_requests(monkeypatch):
+    from streamsink.patches import worker_batch_rows
+
+    worker_batch_rows.check_target()
+    real = inspect.getsource
+
+    def swapped(obj):  # add_request first, then the copies
+        source = real(obj)
+        if "copy_kv_cache_blocks_inplace(" in source:
+            source = source.replace("copy_kv_cache_blocks_inplace(", "COPY(").replace(
+                "self.input_batch.add_request(request)",
+                "self.input_batch.add_request(request)\ncopy_kv_cache_blocks_inplace(")
+        return source
+
+    monkeypatch.setattr(inspect, "getsource", swapped)
+    with pytest.raises(patches.PatchTargetMoved, match="block copies"):
+        worker_batch_rows.check_target()

@@ -1,0 +1,256 @@
+"""Prefix caching for streaming requests, exact (the scheduler side; the worker side is in
+row_window.py).
+
+For a fixed (S, W) the KV a stream stores for token j is a function of its tokens <= j
+(chunking invariance), so full blocks can be keyed by the token prefix, as vLLM does. What a
+request continuing at token h needs from the cache is the sink blocks and the C-1 = S+W-1
+tokens before h: the window's W-1 and the S slots its decodes overwrite with sink shadows
+(attention.py). Three things stop a plain sliding-window prefix cache from being exact:
+
+1. Shadows. A kernel decode at token q overwrites the slots of tokens q-C+1 .. q-W with the
+   sinks (re-rotated). vLLM hashes a block long before that happens, so a cached block would
+   later hold another request's shadows where the next request must read real keys.
+   Here a block that holds a shadow is never in the cache:
+   - the first time a step's shadows reach a hashed block, its hashes move to a fresh copy
+     (block_pool.move_block_hashes) and the copy runs on the worker before the step's forward
+     writes the shadows (vLLM's own copy-on-write path, kv_cache_block_copies), so the request
+     keeps writing into its block while the cache keeps the clean copy. This is decided at the
+     end of the scheduling pass, from the blocks left free after every request of the step was
+     given its own, so it can never make a request unschedulable; with no block left, the block
+     just loses its hashes;
+   - a block is hashed only once its tokens are processed (not when they are scheduled), and
+     never if a shadow already reached it (possible when W < B).
+2. Rotation. Keys are stored rotated at the position of the worker's row, which depends on the
+   stream's history (row_window.py). The worker tags each physical block with the offset its
+   keys are rotated for and re-rotates the blocks a request adopts; nothing here.
+3. Sharing. Another request's shadows and row rebases change a block in place, so a block is
+   never held by two running requests: a hit on a block that a running request holds is copied
+   (the same copy-on-write path). A hit on a block nobody holds is adopted without a copy.
+
+Hits: vLLM's sliding-window search with a window of C finds the last run of cdiv(C-1, B)
+cached blocks ending at the hit length h (null blocks before it); the sink blocks are then
+looked up by their own hashes. No sink block in the cache means no hit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import ClassVar
+
+from vllm.utils.math_utils import cdiv
+from vllm.v1.core.kv_cache_utils import resolve_block_hashes
+from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
+
+
+@functools.lru_cache(maxsize=8)
+def _hit_spec(spec):
+    """The spec vLLM's sliding-window search should see: a window of C = S + W, so that a hit
+    carries the C-1 tokens a streaming request keeps before its next query."""
+    return dataclasses.replace(spec, sliding_window=spec.sink_tokens + spec.sliding_window)
+
+
+class StreamingPrefixCache(SlidingWindowManager):
+    """The prefix-caching half of the streaming KV manager (kv_policy.StreamingSinkManager)."""
+
+    # Totals over the life of this process, for metrics (blocks).
+    shadow_copies_total: ClassVar[int] = 0    # cached blocks copied before a shadow reached them
+    adopt_copies_total: ClassVar[int] = 0     # hits copied because a running request held them
+    unhashed_total: ClassVar[int] = 0         # cached blocks dropped from the cache instead
+
+    def __init__(self, kv_cache_spec, **kwargs) -> None:
+        super().__init__(kv_cache_spec, **kwargs)
+        self._sink_tokens = kv_cache_spec.sink_tokens
+        self._cache_tokens = kv_cache_spec.sink_tokens + kv_cache_spec.sliding_window
+        self._requests: dict = {}                  # req_id -> Request (hashing at free)
+        self._scheduled: dict[str, int] = {}       # this pass: req_id -> tokens after the step
+        # req_id -> (lowest, highest) token position a shadow of this request was written to.
+        self._shadowed: dict[str, tuple[int, int]] = {}
+
+    # -- hits -------------------------------------------------------------------------------
+    @classmethod
+    def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, block_pool,
+                               kv_cache_spec, drop_eagle_block, alignment_tokens,
+                               dcp_world_size=1, pcp_world_size=1):
+        blocks, length = super().find_longest_cache_hit(
+            block_hashes, max_length, kv_cache_group_ids, block_pool, _hit_spec(kv_cache_spec),
+            drop_eagle_block, alignment_tokens, dcp_world_size, pcp_world_size)
+        if not length:
+            return blocks, 0
+        hashes = resolve_block_hashes(block_hashes, block_pool.hash_block_size,
+                                      kv_cache_spec.block_size)
+        for j in range(min(kv_cache_spec.sink_blocks, len(blocks[0]))):
+            if not blocks[0][j].is_null:
+                continue
+            sink = block_pool.get_cached_block(hashes[j], kv_cache_group_ids)
+            if sink is None:  # every query sees the sinks: no sinks, no hit
+                return tuple([] for _ in kv_cache_group_ids), 0
+            for group, block in zip(blocks, sink):
+                group[j] = block
+        return blocks, length
+
+    def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks,
+                                   total_computed_tokens, num_local_computed_tokens,
+                                   num_tokens_main_model, apply_admission_cap=False,
+                                   prefill_end=0):
+        if request_id in self.num_cached_block or not new_computed_blocks:
+            return super().get_num_blocks_to_allocate(
+                request_id, num_tokens, new_computed_blocks, total_computed_tokens,
+                num_local_computed_tokens, num_tokens_main_model, apply_admission_cap,
+                prefill_end)
+        # A new request with a hit. vLLM's count skips the hit's first blocks as out of the
+        # window, which here are the sinks; and a held hit costs a fresh block (its copy).
+        required = cdiv(num_tokens, self.block_size)
+        if apply_admission_cap and self.max_admission_blocks_per_request is not None:
+            required = min(required, self.max_admission_blocks_per_request)
+        skipped = self.get_num_skipped_tokens(total_computed_tokens) // self.block_size
+        fresh = max(required - max(skipped, len(new_computed_blocks)), 0)
+        # Each non-null hit takes one block from the free count: out of the free queue when
+        # nobody holds it, else a fresh block for its copy.
+        return fresh + sum(not b.is_null for b in new_computed_blocks)
+
+    def add_local_computed_blocks(self, request_id, new_computed_blocks,
+                                  num_local_computed_tokens, num_external_computed_tokens):
+        req_blocks = self.req_to_blocks[request_id]
+        assert not req_blocks and not num_external_computed_tokens
+        held = [i for i, b in enumerate(new_computed_blocks) if not b.is_null and b.ref_cnt]
+        # Touch first: the copies' get_new_blocks below must not evict the adopted hits.
+        self.block_pool.touch([b for b in new_computed_blocks if not b.is_null])
+        req_blocks.extend(new_computed_blocks)
+        for i in held:
+            copy = self.block_pool.get_new_blocks(1)[0]
+            # vLLM's copy-on-write: the hit keeps its touch until the copy has run.
+            self._apply_cow(request_id, i, req_blocks[i], copy)
+            if self._record_new_block_ids:
+                self.new_block_ids.append(copy.block_id)
+        StreamingPrefixCache.adopt_copies_total += len(held)
+        self.num_cached_block[request_id] = len(req_blocks)
+
+    # -- hashing ----------------------------------------------------------------------------
+    def cache_blocks(self, request, num_tokens, retention_interval=None, *,
+                     replay_boundaries=()):
+        """Called by allocate_slots once a step is allocated: num_tokens is where the step ends.
+        Hashes only what earlier steps processed; remembers the step for the shadow pass."""
+        request_id = request.request_id
+        self._requests[request_id] = request
+        self._scheduled[request_id] = num_tokens
+        self._hash_processed(request, num_tokens)
+
+    def _hash_processed(self, request, num_tokens: int) -> None:
+        request_id = request.request_id
+        cached = self.num_cached_block.setdefault(request_id, 0)
+        processed = request.num_computed_tokens - request.num_in_flight_tokens
+        full = min(num_tokens, processed) // self.block_size
+        if full <= cached:
+            return
+        B = self.block_size
+        mask = None
+        if request_id in self._shadowed:  # never hash a block a shadow may have reached
+            lo, hi = self._shadowed[request_id]
+            mask = [not (i * B <= hi and (i + 1) * B > lo) for i in range(cached, full)]
+        self.block_pool.cache_full_blocks(
+            request=request, blocks=self.req_to_blocks[request_id], num_cached_blocks=cached,
+            num_full_blocks=full, block_size=B, kv_cache_group_id=self.kv_cache_group_id,
+            block_mask=mask)
+        self.num_cached_block[request_id] = full
+
+    # -- shadows ----------------------------------------------------------------------------
+    def take_pending_cow_copies(self):
+        """The end of a scheduling pass (vLLM drains the copies once per schedule())."""
+        self._protect_from_shadows()
+        return super().take_pending_cow_copies()
+
+    def shadow_range(self, q: int, num_new: int) -> tuple[int, int] | None:
+        """Token positions a step of num_new tokens starting at q may overwrite with shadows:
+        step_plan._kernel_can_run's decode condition, on absolute positions (a superset of the
+        worker's, which sees row positions <= absolute ones)."""
+        C, S = self._cache_tokens, self._sink_tokens
+        if num_new != 1 or not S or q < C + S - 1:
+            return None
+        return q - C + 1, q - self.sliding_window
+
+    def _protect_from_shadows(self) -> None:
+        B = self.block_size
+        for request_id, end in self._scheduled.items():
+            request = self._requests.get(request_id)
+            blocks = self.req_to_blocks.get(request_id)
+            if request is None or not blocks:
+                continue
+            span = self.shadow_range(request.num_computed_tokens,
+                                     end - request.num_computed_tokens)
+            if span is None:
+                continue
+            lo, hi = span
+            old_lo, old_hi = self._shadowed.get(request_id, (lo, hi))
+            self._shadowed[request_id] = (min(lo, old_lo), max(hi, old_hi))
+            for i in range(lo // B, min(hi // B + 1, len(blocks))):
+                block = blocks[i]
+                if block.is_null or block.block_hash is None:
+                    continue
+                if self.block_pool.get_num_free_blocks() > 0:
+                    clean = self.block_pool.get_new_blocks(1)[0]
+                    self.block_pool.move_block_hashes(block, clean)
+                    # Both ends stay retained until the copy has run: the block by this extra
+                    # ref, the copy by get_new_blocks' (nobody else holds it); the scheduler
+                    # frees both refs right after this pass.
+                    block.ref_cnt += 1
+                    self._pending_cow_copies.append((block, clean))
+                    StreamingPrefixCache.shadow_copies_total += 1
+                else:
+                    self.block_pool._maybe_evict_cached_block(block)
+                    StreamingPrefixCache.unhashed_total += 1
+        self._scheduled.clear()
+
+    # -- end of a request -------------------------------------------------------------------
+    def pop_blocks_for_free(self, request_id: str):
+        # Finish, abort and preemption: the last step's blocks are processed now.
+        request = self._requests.pop(request_id, None)
+        if request is not None and self.req_to_blocks.get(request_id):
+            self._hash_processed(request, request.num_computed_tokens)
+        self._scheduled.pop(request_id, None)
+        self._shadowed.pop(request_id, None)
+        return super().pop_blocks_for_free(request_id)
+
+
+def check_target() -> None:
+    """Raise PatchTargetMoved unless the vLLM internals this module relies on are the ones it
+    was written against (private helpers and the order of calls in allocate_slots/schedule)."""
+    import inspect
+
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
+
+    from streamsink.patches import PatchTargetMoved
+
+    def need(obj, name, params):
+        target = getattr(obj, name, None)
+        if target is None or list(inspect.signature(target).parameters)[:len(params)] != params:
+            raise PatchTargetMoved(f"{obj.__name__}.{name}({', '.join(params)}) changed")
+        return inspect.getsource(target)
+
+    def contains(source, needles, where):
+        for needle in needles:
+            if needle not in source:
+                raise PatchTargetMoved(f"{where} no longer contains {needle!r}")
+
+    need(BlockPool, "move_block_hashes", ["self", "src_block", "dst_block"])
+    need(BlockPool, "_maybe_evict_cached_block", ["self", "block"])
+    contains(need(SingleTypeKVCacheManager, "_apply_cow",
+                  ["self", "request_id", "block_idx", "source_block", "cow_block"]),
+             ["self._pending_cow_copies.append((source_block, cow_block))"], "_apply_cow")
+    contains(need(SingleTypeKVCacheManager, "take_pending_cow_copies", ["self"]),
+             ["self._pending_cow_copies = []"], "take_pending_cow_copies")
+    # Hashing happens in allocate_slots after the allocation, with the step's end.
+    contains(need(KVCacheManager, "allocate_slots", ["self", "request", "num_new_tokens"]),
+             ["self.coordinator.allocate_new_computed_blocks(",
+              "self.coordinator.cache_blocks(request, num_tokens_to_cache)"], "allocate_slots")
+    # The copies are taken once per pass, after every allocation and before the computed
+    # counts advance (the shadow pass reads num_computed_tokens as the step's start).
+    source = need(Scheduler, "schedule", ["self"])
+    contains(source, ["self.kv_cache_manager.take_kv_cache_block_copies()",
+                      "self._update_after_schedule(scheduler_output)"], "Scheduler.schedule")
+    if source.index("take_kv_cache_block_copies()") > \
+            source.index("self._update_after_schedule(scheduler_output)"):
+        raise PatchTargetMoved("Scheduler.schedule takes the block copies after advancing "
+                               "num_computed_tokens")
