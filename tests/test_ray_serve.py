@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 import urllib.error
 import urllib.request
 
@@ -274,29 +275,43 @@ def _cmd(p) -> list:
         return []
 
 
+def _fresh_prompts_round(app, n: int = 3) -> list:
+    """n concurrent completions of prompts no replica has seen: the prefix-aware router sends
+    an unmatched prompt to the replica holding the least cached text, so every live replica
+    gets traffic (an identical prompt would keep following its prefix to one replica). Each
+    result is the completion's token count, or the exception a request raised."""
+    results = []
+
+    def one():
+        try:
+            results.append(complete(app, prompt=f"{uuid.uuid4().hex} Once upon a time"))
+        except Exception as exc:  # e.g. a request routed to a dead replica
+            results.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 def test_killed_replica_is_replaced(app):
     """kill -9 of one replica's engine process: the other replica keeps answering, Ray Serve
     starts a replacement, and the replacement serves requests."""
     engines = _engine_processes(app)
     assert len(engines) == 2, [_cmd(p) for p in _descendants(app["proc"].pid)]
+    deadline = time.time() + 120
+    while len([r for r, n in served_by(app["metrics"]).items() if r and n > 0]) < 2:
+        assert time.time() < deadline, f"both replicas never served: {served_by(app['metrics'])}"
+        _fresh_prompts_round(app)
+        time.sleep(2)
     before = set(served_by(app["metrics"]))
     engines[0].kill()
     answered_meanwhile = 0
     deadline = time.time() + 300
     while time.time() < deadline:
-        results = []
-
-        def one():
-            try:
-                results.append(complete(app))
-            except Exception as exc:  # a request routed to the dead replica
-                results.append(exc)
-
-        threads = [threading.Thread(target=one) for _ in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = _fresh_prompts_round(app)
         served = served_by(app["metrics"])
         new = {r for r, n in served.items() if r and r not in before and n > 0}
         if new:
