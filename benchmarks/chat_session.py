@@ -157,11 +157,11 @@ def plot(records_on, records_off, path: str, label: str) -> None:
     left.set_xlabel("turn")
     left.set_ylabel("seconds per turn (request wall time)")
     left.set_title(label)
-    right.plot(turns, [r["prompt_tokens"] for r in records_on], "-", label="prompt tokens")
-    right.plot(turns, [r["cached_tokens"] for r in records_on], "--",
-               label="cached tokens (caching on)")
+    right.plot(turns, [100 * r["cached_tokens"] / r["prompt_tokens"] for r in records_on], "o-",
+               label="cached share of the prompt (caching on)")
+    right.axhline(90, linestyle=":", color="gray", label="90%")
     right.set_xlabel("turn")
-    right.set_ylabel("tokens")
+    right.set_ylabel("% of the prompt's tokens from the cache")
     common.save_figure(fig, [left, right], path)
 
 
