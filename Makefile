@@ -10,7 +10,7 @@ demo: setup
 	$(PY) -m streamsink.serving.cli demo
 
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n 2 --dist loadfile
 
 bench: setup
 	$(PY) benchmarks/decode_latency.py

@@ -6,6 +6,26 @@ import sys
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
+
+def _one_core_per_worker() -> None:
+    """`make test` runs two pytest workers (pytest-xdist, a module per worker at a time). vLLM's
+    CPU worker runs one OpenMP thread per core it is bound to and waits at a barrier after every
+    parallel region, so two engines spread over the same cores stall each other (a descheduled
+    thread holds up its engine's whole step: seconds per step). Each worker's engines therefore
+    get one core of their own (vLLM's VLLM_CPU_OMP_THREADS_BIND, inherited by every server,
+    Ray replica and script the worker starts); everything else (imports, Ray, HTTP) floats."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw") or int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) < 2:
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cores[int(worker[2:]) % len(cores)])
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+_one_core_per_worker()
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for path in (ROOT, os.path.join(ROOT, "tests")):
     if path not in sys.path:
@@ -148,3 +168,19 @@ class KeyedReferences:
 def compute_references(jobs: list[tuple[str, list[int], int, int]]) -> list[list[float]]:
     """Reference NLLs for the jobs, waiting for all of them."""
     return References(jobs).all()
+
+
+# Modules that take minutes (measured, one worker on one core each), longest first: `make test`'s
+# two workers take whole modules in collection order, so starting the long ones first keeps one
+# worker from running a long module alone at the end. The rest keep their order.
+LONG_MODULES = ["test_ray_serve", "test_benchmarks_smoke", "test_batch", "test_metrics_endpoint",
+                "test_foundation_engine", "test_loadtest", "test_streaming_exactness",
+                "test_ppl_cli", "test_chat_cache"]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item):
+        name = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        return LONG_MODULES.index(name) if name in LONG_MODULES else len(LONG_MODULES)
+
+    items.sort(key=rank)  # stable: tests keep their order inside a module

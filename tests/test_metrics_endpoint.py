@@ -14,6 +14,7 @@ import pytest
 
 # SmolLM2's context, the default max_model_len of `streamsink serve`.
 MAX_MODEL_LEN = 8192
+GENERATED = 48
 # The README's command, less `--port 8000` (a free port is added).
 README_SERVE = ["serve", "--sink", "4", "--window", "1020", "--max-num-seqs", "64"]
 SHARED_BOOK = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
@@ -80,7 +81,7 @@ def test_stream_past_max_model_len_and_policy_metrics(server):
     assert metric(before, "vllm:streamsink_freed_blocks_total") == 0
     with open(SHARED_BOOK, encoding="utf-8") as f:
         prompt = f.read()[:40_000]  # ~9,000 tokens: past max_model_len and the 1024-token cache
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 200,
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": GENERATED,
                        "ignore_eos": True}).encode()
     request = urllib.request.Request(base + "/v1/completions", data=body,
                                      headers={"Content-Type": "application/json"})
@@ -88,14 +89,14 @@ def test_stream_past_max_model_len_and_policy_metrics(server):
         reply = json.loads(r.read())
     prompt_tokens = reply["usage"]["prompt_tokens"]
     assert prompt_tokens > MAX_MODEL_LEN
-    assert reply["usage"]["completion_tokens"] == 200
+    assert reply["usage"]["completion_tokens"] == GENERATED
     after = get(base + "/metrics")
     freed = metric(after, "vllm:streamsink_freed_blocks_total")
-    # At its end a stream of prompt + 200 tokens keeps at most the sink block and the blocks of
+    # At its end a stream of prompt + GENERATED tokens keeps at most the sink block and the blocks of
     # its last S+W-1 tokens and the next one: ceil(4/128) + ceil(1024/128) + 1 = 10.
-    assert freed >= -(-(prompt_tokens + 200) // 128) - 10
+    assert freed >= -(-(prompt_tokens + GENERATED) // 128) - 10
     assert metric(after, "vllm:streamsink_evicted_tokens_total") == freed * 128
     assert metric(after, "vllm:streamsink_held_blocks") == 0
     assert metric(after, "vllm:streamsink_streams") == 0
     # vLLM's own metrics are still served next to ours.
-    assert metric(after, "vllm:generation_tokens_total") >= 200
+    assert metric(after, "vllm:generation_tokens_total") >= GENERATED
