@@ -108,9 +108,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("servers started by the load test")
     g.add_argument("--model", help="local checkpoint directory or hub id (default: SmolLM2)")
     g.add_argument("--sink", type=int, default=4, help="sink tokens S (default 4)")
-    g.add_argument("--window", type=int, default=252,
-                   help="window tokens W (default 252: the default load's streams run past "
-                        "the 256-token cache; the paper's is 1020)")
+    g.add_argument("--window", type=int, default=124,
+                   help="window tokens W (default 124: the default load's 512-token streams "
+                        "outgrow the 128-token cache and free blocks as they go; the paper's "
+                        "is 1020)")
     g.add_argument("--kv-cache-bytes", type=int, default=None,
                    help="KV budget of every server (default: streamsink's 1 GiB)")
     g.add_argument("--max-num-batched-tokens", type=int, default=1024,

@@ -4,15 +4,12 @@ prefix cache (usage.prompt_tokens_details.cached_tokens), and every turn's answe
 log-probabilities equal the same request computed without reading the cache (a fresh
 cache_salt, so no block of it can hit)."""
 import json
-import os
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 
 import pytest
+from openai_server import get, metric, running_server
 
 SINK, WINDOW = 4, 124            # C = 128: the history outgrows it in the second turn
 BLOCK = 32                       # small blocks: short turns still fill some
@@ -28,12 +25,6 @@ def user_turn(t: int) -> str:
             f"avoid lists; a short paragraph is perfect.")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def post(url: str, body: dict, timeout: float = 1800) -> dict:
     request = urllib.request.Request(url, data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
@@ -41,52 +32,15 @@ def post(url: str, body: dict, timeout: float = 1800) -> dict:
         return json.loads(r.read())
 
 
-def get(url: str, timeout: float = 10) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.read().decode()
-
-
-def metric(text: str, name: str) -> float:
-    values = [float(line.split()[-1]) for line in text.splitlines()
-              if line.startswith(name + " ") or line.startswith(name + "{")]
-    assert values, f"{name} not on /metrics"
-    return sum(values)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            # Eager: what is tested is the cache, not the compiler's warm-up.
-            [sys.executable, "-m", "streamsink.serving.cli", "serve", "--sink", str(SINK),
-             "--window", str(WINDOW), "--max-num-seqs", "4", "--enforce-eager",
-             "--block-size", str(BLOCK),
-             "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=dict(os.environ, VLLM_LOGGING_LEVEL="INFO"))
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 600
-        while True:
-            if proc.poll() is not None:
-                pytest.fail("streamsink serve exited:\n" + log.read_text()[-3000:])
-            try:
-                get(base + "/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    pytest.fail("streamsink serve did not come up:\n" + log.read_text()[-3000:])
-                time.sleep(2)
+    # Eager: what is tested is the cache, not the compiler's warm-up.
+    with running_server([sys.executable, "-m", "streamsink.serving.cli", "serve", "--sink",
+                         str(SINK), "--window", str(WINDOW), "--max-num-seqs", "4",
+                         "--enforce-eager", "--block-size", str(BLOCK)], log) as base:
         model = json.loads(get(base + "/v1/models"))["data"][0]["id"]
         yield base, model
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def ask(base, model, messages, salt=None):

@@ -4,13 +4,12 @@ differs): no KV budget, step size or max_model_len given, on a machine whose mem
 cache — the defaults must fit."""
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
+from openai_server import get, metric, running_server
 
 # SmolLM2's context, the default max_model_len of `streamsink serve`.
 MAX_MODEL_LEN = 8192
@@ -21,55 +20,15 @@ SHARED_BOOK = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "dat
                            "katrine-14263.txt")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get(url: str, timeout: float = 10) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.read().decode()
-
-
-def metric(text: str, name: str) -> float:
-    values = [float(line.split()[-1]) for line in text.splitlines()
-              if line.startswith(name + " ") or line.startswith(name + "{")]
-    assert values, f"{name} not on /metrics"
-    return sum(values)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     model = subprocess.run([sys.executable, "-m", "streamsink.serving.cli", "model-path"],
                            capture_output=True, text=True, timeout=600).stdout.strip()
-    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
     # `streamsink serve` runs vLLM's own OpenAI server module with a streamsink config.
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streamsink.serving.cli", *README_SERVE, "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, VLLM_LOGGING_LEVEL="INFO"))
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 600
-        while True:
-            if proc.poll() is not None:
-                pytest.fail("vllm serve exited:\n" + log.read_text()[-3000:])
-            try:
-                get(base + "/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    pytest.fail("vllm serve did not come up:\n" + log.read_text()[-3000:])
-                time.sleep(2)
+    with running_server([sys.executable, "-m", "streamsink.serving.cli", *README_SERVE],
+                        log) as base:
         yield base, model
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.mark.skipif(not os.path.exists(SHARED_BOOK), reason="needs ../shared/data")
