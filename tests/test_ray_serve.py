@@ -5,7 +5,6 @@ The last test stops the app with SIGTERM and checks that nothing of it is left."
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,18 +15,13 @@ import urllib.request
 
 import psutil
 import pytest
+from openai_server import free_port
 
 MAX_MODEL_LEN = 1024
 SINK, WINDOW = 4, 252
 READY = re.compile(r"^streamsink serve --ray: ready api=(\S+) metrics=(\S+) replicas=(\d+)$")
 START_TIMEOUT = 900
 API_KEY = "test-key-4b1d"  # the app runs with --api-key: every OpenAI call below must send it
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli(*args: str) -> list[str]:
