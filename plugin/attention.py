@@ -176,22 +176,22 @@ class StreamsinkAttentionImpl(CPUAttentionBackendImpl):
             # The kernel's left window; the metadata builder picks it up from the layers.
             self.sliding_window = self.streamsink.cache_tokens
 
-    def _write_shadows(self, layer, kv_cache: torch.Tensor, shadows: ShadowWrites) -> None:
+    def _write_shadows(self, kv_cache: torch.Tensor, shadows: ShadowWrites) -> None:
         """Sink j's K/V, rotated from position j to i-C+1+j, into the slots the window left.
-        Four ops per layer: two gathers, vLLM's in-place RoPE op, vLLM's KV write."""
+        Three ops per layer: one gather of the sinks' keys and values, vLLM's in-place RoPE op on
+        the keys, one scatter (both index lists come from the step plan, in the "vec" layout)."""
         flat = kv_cache.view(-1)
-        width = self.num_kv_heads * self.head_size
-        k = flat[shadows.key_index].view(-1, width)  # the RoPE op wants [tokens, heads*dim]
-        v = flat[shadows.value_index].view(-1, self.num_kv_heads, self.head_size)
-        ops.rotary_embedding(shadows.rotation_index, k, None, self.head_size, shadows.rotation,
-                             True)
-        super().do_kv_cache_update(layer, k.view_as(v), v, kv_cache, shadows.slots)
+        sink_kv = flat.index_select(0, shadows.source_index)
+        keys = sink_kv[:shadows.key_elements].view(-1, self.num_kv_heads * self.head_size)
+        ops.rotary_embedding(shadows.positions, keys, None, self.head_size,
+                             shadows.rotation_table, True)
+        flat.index_copy_(0, shadows.dest_index, sink_kv)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
         plan = getattr(attn_metadata, "streamsink", None)
         if plan is not None and plan.shadows is not None:
-            self._write_shadows(layer, kv_cache, plan.shadows)
+            self._write_shadows(kv_cache, plan.shadows)
         if plan is None or plan.kernel:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)

@@ -30,8 +30,10 @@ slow path because a long prompt joined the batch.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from streamsink.config import StreamsinkConfig
@@ -63,14 +65,17 @@ class QueryTile:
 class ShadowWrites:
     """Sink K/V to copy, re-rotated, into the slots the window just left (kernel steps).
 
-    Sources are flat indices into one layer's KV cache tensor (the same for every layer), in the
+    Indices are flat positions in one layer's KV cache tensor (the same for every layer), in the
     CPU backend's "vec" layout: per (block, KV head) a page of [head_dim, B] keys, then [B,
-    head_dim] values."""
+    head_dim] values. Both index lists hold the N shadows' keys as [N, Hkv, D], then their values
+    the same way, so one gather, one in-place rotation of the key half and one scatter do a
+    layer (the per-layer cost is what keeps streamsink's decode step near stock's)."""
 
-    key_index: torch.Tensor        # [N * Hkv * D] flat index of sink keys, as [N, Hkv, D]
-    value_index: torch.Tensor      # [N * Hkv * D] flat index of sink values, as [N, Hkv, D]
-    rotation_index: torch.Tensor   # arange(N): rows of rotation
-    rotation: torch.Tensor         # [N, rotary_dim] cos|sin: from position j to i-C+1+j
+    source_index: torch.Tensor     # [2 * N * Hkv * D] the sinks' keys, then values
+    dest_index: torch.Tensor       # [2 * N * Hkv * D] the shadow slots' keys, then values
+    key_elements: int              # N * Hkv * D: where the values start
+    positions: torch.Tensor        # [N] int64: rotate sink j by this many positions (i-C+1)
+    rotation_table: torch.Tensor   # cos|sin rows by position (vLLM's cos_sin_cache layout)
     slots: torch.Tensor            # [N] destination slot (block * B + offset)
 
 
@@ -120,38 +125,55 @@ def _kernel_can_run(cfg: StreamsinkConfig, seq_len: int, query_len: int) -> bool
             or (query_len == 1 and seq_len - 1 >= cfg.cache_tokens + cfg.sink_tokens - 1))
 
 
-def _vec_layout_index(blocks: torch.Tensor, offsets: torch.Tensor, kv_heads: int,
-                      head_dim: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat indices of the keys and values of tokens (block, offset): [N, kv_heads, head_dim]."""
+def _vec_layout_index(blocks: np.ndarray, offsets: np.ndarray, kv_heads: int, head_dim: int,
+                      block_size: int) -> np.ndarray:
+    """Flat indices of the keys, then the values, of tokens (block, offset), each [N, Hkv, D]."""
     page = 2 * block_size * head_dim
-    heads = torch.arange(kv_heads)[None, :, None]
-    dims = torch.arange(head_dim)[None, None, :]
-    base = blocks[:, None, None] * kv_heads * page + heads * page
-    keys = base + dims * block_size + offsets[:, None, None]
-    values = base + block_size * head_dim + offsets[:, None, None] * head_dim + dims
-    return keys.flatten(), values.flatten()
+    base = (blocks.astype(np.int64)[:, None, None] * kv_heads
+            + np.arange(kv_heads)[None, :, None]) * page
+    dims = np.arange(head_dim)[None, None, :]
+    offsets = offsets[:, None, None]
+    keys = base + dims * block_size + offsets
+    values = base + block_size * head_dim + offsets * head_dim + dims
+    return np.concatenate([keys.ravel(), values.ravel()])
+
+
+@functools.lru_cache(maxsize=8)
+def _rotation_table(rope: RopeSpec, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """cos|sin of positions 0..rows-1 (float64 angles, then cast), built once per size."""
+    return rope.cos_sin(torch.arange(rows), dtype)
 
 
 def _shadow_writes(cfg: StreamsinkConfig, rope: RopeSpec, block_size: int,
                    seq_lens: list[int], requests: list[int], block_table: torch.Tensor,
                    kv_heads: int, dtype: torch.dtype) -> ShadowWrites | None:
-    """Shadows for the decodes past C among `requests` (all of them kernel requests)."""
+    """Shadows for the decodes past C among `requests` (all of them kernel requests).
+
+    Built every decode step, so the index arithmetic is numpy on a handful of numbers (a torch op
+    costs several times a numpy one at this size)."""
     rows = [(r, seq_lens[r] - 1) for r in requests if seq_lens[r] > cfg.cache_tokens]
     if not rows or not cfg.sink_tokens:
         return None
-    sinks = torch.arange(cfg.sink_tokens)
-    req = torch.tensor([r for r, _ in rows]).repeat_interleave(cfg.sink_tokens)
-    shift = torch.tensor([i - cfg.cache_tokens + 1 for _, i in rows])     # i - C + 1 >= S
-    source = sinks.repeat(len(rows))
-    dest = shift.repeat_interleave(cfg.sink_tokens) + source
-    sink_blocks = block_table[req, source // block_size].long()
-    dest_blocks = block_table[req, dest // block_size].long()
-    key_index, value_index = _vec_layout_index(sink_blocks, source % block_size, kv_heads,
-                                               rope.head_dim, block_size)
-    return ShadowWrites(key_index=key_index, value_index=value_index,
-                        rotation_index=torch.arange(len(dest)),
-                        rotation=rope.cos_sin(shift.repeat_interleave(cfg.sink_tokens), dtype),
-                        slots=dest_blocks * block_size + dest % block_size)
+    sinks = cfg.sink_tokens
+    req = np.repeat(np.array([r for r, _ in rows]), sinks)
+    shift = np.repeat(np.array([i - cfg.cache_tokens + 1 for _, i in rows]), sinks)  # >= S
+    source = np.tile(np.arange(sinks), len(rows))
+    dest = shift + source
+    table = block_table.numpy()
+    dest_blocks = table[req, dest // block_size].astype(np.int64)
+    source_index = _vec_layout_index(table[req, source // block_size], source % block_size,
+                                     kv_heads, rope.head_dim, block_size)
+    dest_index = _vec_layout_index(dest_blocks, dest % block_size, kv_heads, rope.head_dim,
+                                   block_size)
+    # Row positions stay below the row width, so the table stays small; sized in powers of two
+    # so that it is built a few times per engine, not per step.
+    rows_needed = 1 << max(int(shift.max()), 1023).bit_length()
+    return ShadowWrites(source_index=torch.from_numpy(source_index),
+                        dest_index=torch.from_numpy(dest_index),
+                        key_elements=len(source_index) // 2,
+                        positions=torch.from_numpy(shift.astype(np.int64)),
+                        rotation_table=_rotation_table(rope, rows_needed, dtype),
+                        slots=torch.from_numpy(dest_blocks * block_size + dest % block_size))
 
 
 def plan_step(cfg: StreamsinkConfig, rope: RopeSpec, block_size: int, seq_lens: list[int],

@@ -85,8 +85,24 @@ def test_shadows_fill_the_slots_the_window_just_left():
     assert shadows.slots.tolist() == [int(table[0, p // block_size]) * block_size
                                       + p % block_size for p in dest]
     expected = ROPE.cos_sin(torch.tensor([24] * 4), torch.float64)  # rotate j -> 24 + j
-    assert torch.allclose(shadows.rotation, expected)
-    assert shadows.key_index.numel() == 4 * 2 * ROPE.head_dim
+    assert torch.allclose(shadows.rotation_table[shadows.positions], expected)
+    # Sources: the sinks' keys then values, [4 tokens, 2 heads, D] each, in the vec layout
+    # (per block and head a [D, B] key page, then a [B, D] value page).
+    page = 2 * block_size * ROPE.head_dim
+
+    def flat(pos, head, dim, value):
+        block, off = int(table[0, pos // block_size]), pos % block_size
+        base = (block * 2 + head) * page
+        return (base + block_size * ROPE.head_dim + off * ROPE.head_dim + dim if value
+                else base + dim * block_size + off)
+
+    def expect(positions):
+        return [flat(p, h, d, v) for v in (False, True) for p in positions
+                for h in range(2) for d in range(ROPE.head_dim)]
+
+    assert shadows.key_elements == 4 * 2 * ROPE.head_dim
+    assert shadows.source_index.tolist() == expect(range(4))
+    assert shadows.dest_index.tolist() == expect(dest)
 
 
 def test_sink_rotation_moves_query_to_its_cache_slot():
