@@ -10,7 +10,7 @@ demo: setup
 	$(PY) -m streamsink.serving.cli demo
 
 test: setup
-	$(PY) -m pytest tests -n 2 --dist loadfile
+	$(PY) -m pytest tests -n 2 --dist loadfile --durations=25
 
 bench: setup
 	$(PY) benchmarks/decode_latency.py

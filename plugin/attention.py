@@ -176,22 +176,28 @@ class StreamsinkAttentionImpl(CPUAttentionBackendImpl):
             # The kernel's left window; the metadata builder picks it up from the layers.
             self.sliding_window = self.streamsink.cache_tokens
 
-    def _write_shadows(self, kv_cache: torch.Tensor, shadows: ShadowWrites) -> None:
+    def _write_shadows(self, layer, kv_cache: torch.Tensor, shadows: ShadowWrites) -> None:
         """Sink j's K/V, rotated from position j to i-C+1+j, into the slots the window left.
-        Three ops per layer: one gather of the sinks' keys and values, vLLM's in-place RoPE op on
-        the keys, one scatter (both index lists come from the step plan, in the "vec" layout)."""
-        flat = kv_cache.view(-1)
-        sink_kv = flat.index_select(0, shadows.source_index)
+        Three ops per layer: one gather of the sinks' keys and values (indices from the step
+        plan), vLLM's in-place RoPE op on the keys, and vLLM's cache write to the shadow slots
+        (multithreaded; a flat index_copy_ of the same elements took ~1.4x as long)."""
+        sink_kv = kv_cache.view(-1).index_select(0, shadows.source_index)
         keys = sink_kv[:shadows.key_elements].view(-1, self.num_kv_heads * self.head_size)
         ops.rotary_embedding(shadows.positions, keys, None, self.head_size,
                              shadows.rotation_table, True)
-        flat.index_copy_(0, shadows.dest_index, sink_kv)
+        num_blocks, kv_heads, block_size, _ = kv_cache.shape
+        key_cache, value_cache = kv_cache.view(num_blocks, kv_heads, 2 * block_size,
+                                               -1).chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(
+            keys.view(-1, kv_heads, self.head_size),
+            sink_kv[shadows.key_elements:].view(-1, kv_heads, self.head_size),
+            key_cache, value_cache, shadows.slots, layer.isa)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
         plan = getattr(attn_metadata, "streamsink", None)
         if plan is not None and plan.shadows is not None:
-            self._write_shadows(kv_cache, plan.shadows)
+            self._write_shadows(layer, kv_cache, plan.shadows)
         if plan is None or plan.kernel:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                                    output_scale, output_block_scale)

@@ -59,7 +59,26 @@ class StreamingSinkManager(StreamingPrefixCache):
         self.sink_blocks = kv_cache_spec.sink_blocks
         self.retained_tokens = kv_cache_spec.retained_tokens
         self._freed: dict[str, int] = {}  # per request: blocks replaced by the null block
+        # What a stream past C holds in decode at most (the bound above with Q = 1).
+        self.decode_blocks = self.sink_blocks + cdiv(
+            self.retained_tokens + self.extra_retained_tokens + 1, self.block_size) + 1
         metrics.track(self)
+
+    def get_num_blocks_to_allocate(self, request_id, *args, **kwargs) -> int:
+        need = super().get_num_blocks_to_allocate(request_id, *args, **kwargs)
+        if self.req_to_blocks.get(request_id):
+            return need  # a running request: what its step needs
+        # A request to admit. A stream past C frees its oldest window block one step before it
+        # takes a new one, so for that step the pool looks bigger than it is; admitting into
+        # that room preempts the streams the next step (each then recomputes its window through
+        # the prefill path: seconds-long steps, periodically, under load). So admission leaves
+        # room for the blocks those streams are sure to take back. Streams not yet past C grow
+        # as in stock vLLM (no reservation: the scheduler preempts if it must).
+        return need + self.reserved_for_running()
+
+    def reserved_for_running(self) -> int:
+        """Blocks the streams already past C will take back before they free any again."""
+        return sum(max(0, self.decode_blocks - self.held_blocks(r)) for r in self._freed)
 
     def get_num_skipped_tokens(self, num_computed_tokens: int) -> int:
         # Tokens before the retained run: no present or future query sees them, and they are not

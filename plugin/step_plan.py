@@ -65,18 +65,18 @@ class QueryTile:
 class ShadowWrites:
     """Sink K/V to copy, re-rotated, into the slots the window just left (kernel steps).
 
-    Indices are flat positions in one layer's KV cache tensor (the same for every layer), in the
-    CPU backend's "vec" layout: per (block, KV head) a page of [head_dim, B] keys, then [B,
-    head_dim] values. Both index lists hold the N shadows' keys as [N, Hkv, D], then their values
-    the same way, so one gather, one in-place rotation of the key half and one scatter do a
-    layer (the per-layer cost is what keeps streamsink's decode step near stock's)."""
+    The sources are flat positions in one layer's KV cache tensor (the same for every layer), in
+    the CPU backend's "vec" layout: per (block, KV head) a page of [head_dim, B] keys, then [B,
+    head_dim] values; they list the N shadows' keys as [N, Hkv, D], then their values the same
+    way. So one gather, one in-place rotation of the key half and vLLM's own cache write (to
+    `slots`, like any new token's K/V) do a layer: the per-layer cost is what keeps streamsink's
+    decode step near stock's."""
 
     source_index: torch.Tensor     # [2 * N * Hkv * D] the sinks' keys, then values
-    dest_index: torch.Tensor       # [2 * N * Hkv * D] the shadow slots' keys, then values
     key_elements: int              # N * Hkv * D: where the values start
     positions: torch.Tensor        # [N] int64: rotate sink j by this many positions (i-C+1)
     rotation_table: torch.Tensor   # cos|sin rows by position (vLLM's cos_sin_cache layout)
-    slots: torch.Tensor            # [N] destination slot (block * B + offset)
+    slots: torch.Tensor            # [N] int64 destination slot (block * B + offset)
 
 
 @dataclass
@@ -163,13 +163,10 @@ def _shadow_writes(cfg: StreamsinkConfig, rope: RopeSpec, block_size: int,
     dest_blocks = table[req, dest // block_size].astype(np.int64)
     source_index = _vec_layout_index(table[req, source // block_size], source % block_size,
                                      kv_heads, rope.head_dim, block_size)
-    dest_index = _vec_layout_index(dest_blocks, dest % block_size, kv_heads, rope.head_dim,
-                                   block_size)
     # Row positions stay below the row width, so the table stays small; sized in powers of two
     # so that it is built a few times per engine, not per step.
     rows_needed = 1 << max(int(shift.max()), 1023).bit_length()
     return ShadowWrites(source_index=torch.from_numpy(source_index),
-                        dest_index=torch.from_numpy(dest_index),
                         key_elements=len(source_index) // 2,
                         positions=torch.from_numpy(shift.astype(np.int64)),
                         rotation_table=_rotation_table(rope, rows_needed, dtype),

@@ -105,16 +105,15 @@ def test_pool_restored_after_finish_and_abort(engine):
     assert pool.get_num_free_blocks() == free_before
 
 
-def test_pool_restored_after_preemption(tiny_llama):
-    """A pool too small for all streams at once forces preemptions (a preempted stream is
-    recomputed from its start, past max_model_len); every block comes back."""
-    from vllm import SamplingParams
-    from vllm.v1.core.sched.scheduler import Scheduler
+PAGE = 2 * 2 * 2 * 128 * 64 * 4  # tiny Llama: layers x (K,V) x kv heads x block x head_dim x fp32
 
-    page = 2 * 2 * 2 * 128 * 64 * 4  # layers x (K,V) x kv heads x block x head_dim x fp32
+
+@pytest.fixture(scope="module")
+def small_pool(tiny_llama):
+    """A pool of 12 blocks: room for three or four streams past C, not for eight."""
     llm = tiny_engine(tiny_llama, {"sink_tokens": SINK, "window_tokens": 100},
                       max_model_len=1024, max_num_batched_tokens=256,
-                      kv_cache_memory_bytes=12 * page)
+                      kv_cache_memory_bytes=12 * PAGE)
     scheduler, manager, pool = kv_internals(llm)
     preemptions = []
     original = scheduler._preempt_request
@@ -124,20 +123,55 @@ def test_pool_restored_after_preemption(tiny_llama):
         return original(request, *args, **kwargs)
 
     scheduler._preempt_request = spy
-    free_before = pool.get_num_free_blocks()
-    params = SamplingParams(max_tokens=800, ignore_eos=True, detokenize=False)
-    for i in range(8):
-        llm.llm_engine.add_request(f"p{i}", {"prompt_token_ids": random_tokens(300, seed=i)},
+    yield llm, manager, pool, preemptions
+    del llm
+    gc.collect()
+
+
+def run_streams(llm, tag: str, prompt_tokens: int, new_tokens: int, count: int = 8) -> set:
+    """`count` streams at once; returns the ids that finished with all their tokens."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, detokenize=False)
+    for i in range(count):
+        llm.llm_engine.add_request(f"{tag}{i}",
+                                   {"prompt_token_ids": random_tokens(prompt_tokens, seed=i)},
                                    params)
     finished = set()
     while llm.llm_engine.has_unfinished_requests():
         for out in llm.llm_engine.step():
             if out.finished:
+                assert len(out.outputs[0].token_ids) == new_tokens
                 finished.add(out.request_id)
-                assert len(out.outputs[0].token_ids) == 800
-    assert preemptions, "pool was large enough: no preemption exercised"
-    assert finished == {f"p{i}" for i in range(8)}
+    return finished
+
+
+def test_admission_leaves_room_for_streams_past_c(small_pool, monkeypatch):
+    """A stream past C frees its oldest window block a step or more before it takes a new one.
+    Admitting waiting streams into that room preempts running ones a moment later (each then
+    recomputes its window: seconds-long steps under load, benchmarks/many_streams.py). With the
+    reservation, eight streams through a pool for three run without a single preemption; the
+    same load with the reservation switched off does preempt (so the load exercises it)."""
+    llm, manager, pool, preemptions = small_pool
+    free_before = pool.get_num_free_blocks()
+    with monkeypatch.context() as off:
+        off.setattr(manager, "reserved_for_running", lambda: 0)
+        assert len(run_streams(llm, "off", 300, 600)) == 8
+    assert preemptions, "the load did not preempt even without the reservation"
+    preemptions.clear()
+    assert len(run_streams(llm, "on", 300, 600)) == 8
+    assert preemptions == []
     assert pool.get_num_free_blocks() == free_before
-    assert isinstance(scheduler, Scheduler)
-    del llm
-    gc.collect()
+
+
+def test_pool_restored_after_preemption(small_pool):
+    """Streams that start short (no reservation: they grow as in stock vLLM) outgrow the pool
+    and are preempted; a preempted stream is recomputed from its start, past max_model_len, and
+    every block comes back."""
+    llm, manager, pool, preemptions = small_pool
+    free_before = pool.get_num_free_blocks()
+    preemptions.clear()
+    assert len(run_streams(llm, "p", 40, 800)) == 8
+    assert preemptions, "pool was large enough: no preemption exercised"
+    assert not manager.req_to_blocks
+    assert pool.get_num_free_blocks() == free_before
