@@ -38,12 +38,16 @@ class StreamingSinkSpec(SlidingWindowSpec):
         """Tokens kept before the next query: the window's W-1 plus S shadow slots."""
         return self.sink_tokens + self.sliding_window - 1
 
+    def max_blocks_held(self, step_tokens: int) -> int:
+        """The most blocks one stream holds with `step_tokens` scheduled in a step."""
+        held = self.retained_tokens + self.extra_retained_tokens + step_tokens
+        # +1: the retained run need not start on a block boundary.
+        return self.sink_blocks + cdiv(held, self.block_size) + 1
+
     def max_admission_blocks_per_request(self, max_in_flight_tokens: int,
                                          max_model_len: int) -> int:
-        held = self.retained_tokens + self.extra_retained_tokens + max_in_flight_tokens
-        # +1: the retained run need not start on a block boundary.
-        window = cdiv(held, self.block_size) + 1
-        return min(self.sink_blocks + window, cdiv(max_model_len, self.block_size))
+        return min(self.max_blocks_held(max_in_flight_tokens),
+                   cdiv(max_model_len, self.block_size))
 
 
 class StreamingSinkManager(StreamingPrefixCache):
@@ -59,17 +63,15 @@ class StreamingSinkManager(StreamingPrefixCache):
         self.sink_blocks = kv_cache_spec.sink_blocks
         self.retained_tokens = kv_cache_spec.retained_tokens
         self._freed: dict[str, int] = {}  # per request: blocks replaced by the null block
-        # What a stream past C holds in decode at most (the bound above with Q = 1).
-        self.decode_blocks = self.sink_blocks + cdiv(
-            self.retained_tokens + self.extra_retained_tokens + 1, self.block_size) + 1
+        self.decode_blocks = kv_cache_spec.max_blocks_held(1)  # a stream past C, decoding
         metrics.track(self)
 
     def get_num_blocks_to_allocate(self, request_id, *args, **kwargs) -> int:
         need = super().get_num_blocks_to_allocate(request_id, *args, **kwargs)
         if self.req_to_blocks.get(request_id):
             return need  # a running request: what its step needs
-        # A request to admit. A stream past C frees its oldest window block one step before it
-        # takes a new one, so for that step the pool looks bigger than it is; admitting into
+        # A request to admit. A stream past C frees its oldest window block a step or more before
+        # it takes a new one, so for those steps the pool looks bigger than it is; admitting into
         # that room preempts the streams the next step (each then recomputes its window through
         # the prefill path: seconds-long steps, periodically, under load). So admission leaves
         # room for the blocks those streams are sure to take back. Streams not yet past C grow

@@ -123,7 +123,7 @@ def small_pool(tiny_llama):
         return original(request, *args, **kwargs)
 
     scheduler._preempt_request = spy
-    yield llm, manager, pool, preemptions
+    yield llm, scheduler, manager, pool, preemptions
     del llm
     gc.collect()
 
@@ -152,14 +152,14 @@ def test_admission_leaves_room_for_streams_past_c(small_pool, monkeypatch):
     recomputes its window: seconds-long steps under load, benchmarks/many_streams.py). With the
     reservation, eight streams through a pool for three run without a single preemption; the
     same load with the reservation switched off does preempt (so the load exercises it)."""
-    llm, manager, pool, preemptions = small_pool
+    llm, _, manager, pool, preemptions = small_pool
     free_before = pool.get_num_free_blocks()
     with monkeypatch.context() as off:
         off.setattr(manager, "reserved_for_running", lambda: 0)
-        assert len(run_streams(llm, "off", 300, 600)) == 8
+        assert run_streams(llm, "off", 300, 600) == {f"off{i}" for i in range(8)}
     assert preemptions, "the load did not preempt even without the reservation"
     preemptions.clear()
-    assert len(run_streams(llm, "on", 300, 600)) == 8
+    assert run_streams(llm, "on", 300, 600) == {f"on{i}" for i in range(8)}
     assert preemptions == []
     assert pool.get_num_free_blocks() == free_before
 
@@ -168,10 +168,13 @@ def test_pool_restored_after_preemption(small_pool):
     """Streams that start short (no reservation: they grow as in stock vLLM) outgrow the pool
     and are preempted; a preempted stream is recomputed from its start, past max_model_len, and
     every block comes back."""
-    llm, manager, pool, preemptions = small_pool
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    llm, scheduler, manager, pool, preemptions = small_pool
     free_before = pool.get_num_free_blocks()
     preemptions.clear()
-    assert len(run_streams(llm, "p", 40, 800)) == 8
+    assert run_streams(llm, "p", 40, 800) == {f"p{i}" for i in range(8)}
     assert preemptions, "pool was large enough: no preemption exercised"
     assert not manager.req_to_blocks
     assert pool.get_num_free_blocks() == free_before
+    assert isinstance(scheduler, Scheduler)
