@@ -182,6 +182,12 @@ class StreamsinkAttentionImpl(CPUAttentionBackendImpl):
         plan), vLLM's in-place RoPE op on the keys, and vLLM's cache write to the shadow slots
         (multithreaded; a flat index_copy_ of the same elements took ~1.4x as long)."""
         sink_kv = kv_cache.view(-1).index_select(0, shadows.source_index)
+        self._place_shadows(layer, kv_cache, shadows, sink_kv)
+
+    def _place_shadows(self, layer, kv_cache: torch.Tensor, shadows: ShadowWrites,
+                       sink_kv: torch.Tensor) -> None:
+        """Rotate the gathered sink keys in place and write keys and values to the shadow slots
+        (benchmarks/shadow_cost.py times this part alone)."""
         keys = sink_kv[:shadows.key_elements].view(-1, self.num_kv_heads * self.head_size)
         ops.rotary_embedding(shadows.positions, keys, None, self.head_size,
                              shadows.rotation_table, True)

@@ -1,0 +1,104 @@
+"""What the sink shadows (DESIGN.md §3 option 4) cost inside a batch-16 decode step, and what a
+step would cost without them: the floor any faster shadow write can reach.
+
+A diagnostic, not a result users get: variants "none", "no-gather" and "no-write" skip part of
+the shadow work, so their attention is WRONG on purpose; only their step times mean anything.
+One stock engine (default compiled mode) and one streamsink engine (4+1020, past C) in this
+process; every streamsink step (variant by turn) follows a stock step, as in decode_latency.py.
+
+    .venv/bin/python benchmarks/shadow_cost.py [--batch 16] [--steps 24]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import common
+from decode_latency import start_decoding, timed_step
+
+VARIANTS = {
+    "exact": "the shipped path: gather sinks from the paged cache, rotate, cache write",
+    "none": "no shadows at all (wrong attention): the step's floor",
+    "no-gather": "sinks read from a contiguous buffer instead of the paged cache (wrong values)",
+    "no-write": "gather and rotate, no cache write (wrong attention)",
+}
+
+
+def install_variants(state: dict) -> None:
+    import torch
+    from vllm import _custom_ops as ops
+
+    from streamsink import attention
+
+    exact = attention.StreamsinkAttentionImpl._write_shadows
+    contiguous: dict = {}
+
+    def timed(self, layer, kv_cache, shadows):
+        t = time.perf_counter()
+        variant = state["variant"]
+        if variant == "exact":
+            exact(self, layer, kv_cache, shadows)
+        elif variant == "no-gather":
+            key = (kv_cache.data_ptr(), shadows.source_index.numel())
+            if key not in contiguous:
+                contiguous[key] = torch.zeros(shadows.source_index.numel(), dtype=kv_cache.dtype)
+            self._place_shadows(layer, kv_cache, shadows, contiguous[key].clone())
+        elif variant == "no-write":
+            sink_kv = kv_cache.view(-1).index_select(0, shadows.source_index)
+            keys = sink_kv[:shadows.key_elements].view(-1, self.num_kv_heads * self.head_size)
+            ops.rotary_embedding(shadows.positions, keys, None, self.head_size,
+                                 shadows.rotation_table, True)
+        state["shadow_seconds"] += time.perf_counter() - t
+
+    attention.StreamsinkAttentionImpl._write_shadows = timed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=24, help="steps per variant")
+    args = parser.parse_args()
+    state = {"variant": "exact", "shadow_seconds": 0.0}
+    install_variants(state)
+    from streamsink.serving.engine import make_llm
+
+    kwargs = dict(in_process=True, max_num_seqs=args.batch, enable_prefix_caching=False)
+    stock = make_llm(args.model, streamsink=None, max_model_len=1024 + 2048, **kwargs)
+    streaming = make_llm(args.model, streamsink={"sink_tokens": 4, "window_tokens": 1020},
+                         **kwargs)
+    total = args.steps * len(VARIANTS)
+    for tag, llm, context in (("stock", stock, 1024 - total // 2), ("ss", streaming, 1224)):
+        prompts = [[(7 * i + 13 * j) % 5000 + 100 for j in range(context)]
+                   for i in range(args.batch)]
+        start_decoding(llm, prompts, total + 8, tag)
+    stock_times, times = [], {v: [] for v in VARIANTS}
+    shadow = {v: [] for v in VARIANTS}
+    for _ in range(args.steps):
+        for variant in VARIANTS:
+            stock_times.append(timed_step(stock))
+            state.update(variant=variant, shadow_seconds=0.0)
+            times[variant].append(timed_step(streaming))
+            shadow[variant].append(state["shadow_seconds"])
+    stock_step = statistics.median(stock_times)
+    print(f"stock batch {args.batch}: {1000 * stock_step:.1f} ms/step")
+    rows = []
+    for variant, what in VARIANTS.items():
+        step = statistics.median(times[variant])
+        rows.append({"variant": variant, "what": what, "median_ms_per_step": 1000 * step,
+                     "ratio_over_stock": step / stock_step,
+                     "median_shadow_ms_per_step": 1000 * statistics.median(shadow[variant])})
+        print(f"{variant:>10}: {1000 * step:.1f} ms/step, {step / stock_step:.3f}x stock, "
+              f"shadows {rows[-1]['median_shadow_ms_per_step']:.2f} ms", flush=True)
+    path = common.save("shadow_cost", {
+        "batch": args.batch, "steps_per_variant": args.steps, "cache_tokens": 1024,
+        "stock_median_ms_per_step": 1000 * stock_step, "variants": rows,
+        "method": "one stock (compiled) and one streamsink (compiled, 4+1020 past C) engine in "
+                  "one process, steps alternating; variants other than 'exact' compute wrong "
+                  "attention on purpose (timing only)"})
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
