@@ -3,8 +3,10 @@
 - sliding window with re-computation (the paper's baseline): each new token re-prefills the last
   C tokens from scratch (stock engine, prefix caching off);
 - stock vLLM with C tokens of history (dense attention, as far as the model's context allows).
+Stock and streamsink run as vLLM runs by default on CPU (compiled); at each C their decode steps
+alternate (decode_latency.py's method), so machine noise falls on both alike.
 
-    .venv/bin/python benchmarks/latency_vs_cache.py [--quick] [--model M]
+    .venv/bin/python benchmarks/latency_vs_cache.py [--quick] [--eager] [--model M]
 Writes benchmarks/results/latency_vs_cache[_quick].json and .png.
 """
 from __future__ import annotations
@@ -16,29 +18,25 @@ import statistics
 import time
 
 import common
+from decode_latency import finish, start_decoding, timed_step
 
 
 def prompt(n: int, seed: int = 0) -> list[int]:
     return [(31 * j + seed) % 5000 + 100 for j in range(n)]
 
 
-def decode_ms(llm, context: int, steps: int) -> float:
-    """Median ms per decode step, batch 1, starting at `context` tokens."""
-    from vllm import SamplingParams
-
-    engine = llm.llm_engine
-    engine.add_request(f"d{context}", {"prompt_token_ids": prompt(context)},
-                       SamplingParams(max_tokens=steps + 4, ignore_eos=True, detokenize=False))
-    while not any(o.outputs[0].token_ids for o in engine.step()):
-        pass
-    times = []
+def alternating_decode_ms(engines: dict, contexts: dict, steps: int) -> dict:
+    """Median ms per decode step of each engine, batch 1, starting at its context, the engines'
+    steps alternating."""
+    times = {name: [] for name in engines}
+    for name, llm in engines.items():
+        start_decoding(llm, [prompt(contexts[name])], steps, f"d{contexts[name]}-")
     for _ in range(steps):
-        t = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t)
-    while engine.has_unfinished_requests():
-        engine.step()
-    return 1000 * statistics.median(times)
+        for name, llm in engines.items():
+            times[name].append(timed_step(llm))
+    for llm in engines.values():
+        finish(llm)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
 def recompute_ms(llm, cache: int, repeats: int) -> float:
@@ -74,25 +72,27 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--quick", action="store_true", help="C in {256, 512}")
     parser.add_argument("--sink", type=int, default=4)
+    parser.add_argument("--eager", action="store_true",
+                        help="every engine eager (quick start-up for smoke tests)")
     args = parser.parse_args()
     from streamsink.serving.engine import make_llm
 
     caches = [256, 512] if args.quick else [256, 512, 1024, 2048, 4096]
     steps, repeats = (8, 2) if args.quick else (24, 3)
-    base = dict(in_process=True, enforce_eager=True, max_num_seqs=1, enable_prefix_caching=False)
+    base = dict(in_process=True, max_num_seqs=1, enable_prefix_caching=False,
+                **({"enforce_eager": True} if args.eager else {}))
     rows = []
     stock = make_llm(args.model, streamsink=None, max_model_len=max(caches) + 64, **base)
     for cache in caches:
-        rows.append({"cache": cache, "stock_dense_ms": decode_ms(stock, cache - steps, steps),
-                     "recompute_ms": recompute_ms(stock, cache, repeats)})
-    del stock
-    gc.collect()
-    for row in rows:
-        cache = row["cache"]
         llm = make_llm(args.model, streamsink={"sink_tokens": args.sink,
                                                "window_tokens": cache - args.sink},
                        **base)
-        row["streamsink_ms"] = decode_ms(llm, cache + 100, steps)
+        # Stock attends to ~C tokens over the steps; streamsink streams past C (C keys a step).
+        ms = alternating_decode_ms({"stock": stock, "streamsink": llm},
+                                   {"stock": cache - steps // 2, "streamsink": cache + 100}, steps)
+        row = {"cache": cache, "stock_dense_ms": ms["stock"], "streamsink_ms": ms["streamsink"],
+               "recompute_ms": recompute_ms(stock, cache, repeats)}
+        rows.append(row)
         row["speedup_vs_recompute"] = row["recompute_ms"] / row["streamsink_ms"]
         row["ratio_vs_stock_dense"] = row["streamsink_ms"] / row["stock_dense_ms"]
         print(f"C={cache:>5}: streamsink {row['streamsink_ms']:.1f} ms, recompute "
@@ -103,7 +103,11 @@ def main() -> None:
     name = "latency_vs_cache" + ("_quick" if args.quick else "")
     png = os.path.join(common.RESULTS, name + ".png")
     plot(rows, png)
-    print("wrote", common.save(name, {"sink_tokens": args.sink, "rows": rows}), png)
+    mode = "eager (--eager)" if args.eager else "vLLM's default (compiled)"
+    print("wrote", common.save(name, {"sink_tokens": args.sink, "rows": rows,
+                                      "method": "batch 1; stock and streamsink decode steps "
+                                                f"alternating at each C; every engine {mode}"}),
+          png)
 
 
 if __name__ == "__main__":
