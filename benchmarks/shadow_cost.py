@@ -1,10 +1,11 @@
-"""What the sink shadows (DESIGN.md §3 option 4) cost inside a batch-16 decode step, and what a
-step would cost without them: the floor any faster shadow write can reach.
+"""What the sink shadows (DESIGN.md §3 option 4) cost inside a batch-16 decode step: the native
+op (shadow_op.cpp, shipped), the stock-op path it replaced (the fallback without a compiler), and
+a step without shadows — the floor any shadow write can reach.
 
-A diagnostic, not a result users get: variants "none", "no-gather" and "no-write" skip part of
-the shadow work, so their attention is WRONG on purpose; only their step times mean anything.
-One stock engine (default compiled mode) and one streamsink engine (4+1020, past C) in this
-process; every streamsink step (variant by turn) follows a stock step, as in decode_latency.py.
+A diagnostic, not a result users get: variant "none" skips the shadows, so its attention is WRONG
+on purpose; only its step time means anything. One stock engine (default compiled mode) and one
+streamsink engine (4+1020, past C) in this process; every streamsink step (variant by turn)
+follows a stock step, as in decode_latency.py.
 
     .venv/bin/python benchmarks/shadow_cost.py [--batch 16] [--steps 24]
 """
@@ -18,37 +19,27 @@ import common
 from decode_latency import start_decoding, timed_step
 
 VARIANTS = {
-    "exact": "the shipped path: gather sinks from the paged cache, rotate, cache write",
+    "native": "the shipped path: one native loop a layer (gather, rotate, write)",
+    "stock-ops": "the fallback: gather of every element, vLLM's rotary op, vLLM's cache write",
     "none": "no shadows at all (wrong attention): the step's floor",
-    "no-gather": "sinks read from a contiguous buffer instead of the paged cache (wrong values)",
-    "no-write": "gather and rotate, no cache write (wrong attention)",
 }
 
 
 def install_variants(state: dict) -> None:
-    import torch
-    from vllm import _custom_ops as ops
-
     from streamsink import attention
 
-    exact = attention.StreamsinkAttentionImpl._write_shadows
-    contiguous: dict = {}
+    shipped = attention.StreamsinkAttentionImpl._write_shadows
 
     def timed(self, layer, kv_cache, shadows):
         t = time.perf_counter()
         variant = state["variant"]
-        if variant == "exact":
-            exact(self, layer, kv_cache, shadows)
-        elif variant == "no-gather":
-            key = (kv_cache.data_ptr(), shadows.source_index.numel())
-            if key not in contiguous:
-                contiguous[key] = torch.zeros(shadows.source_index.numel(), dtype=kv_cache.dtype)
-            self._place_shadows(layer, kv_cache, shadows, contiguous[key].clone())
-        elif variant == "no-write":
-            sink_kv = kv_cache.view(-1).index_select(0, shadows.source_index)
-            keys = sink_kv[:shadows.key_elements].view(-1, self.num_kv_heads * self.head_size)
-            ops.rotary_embedding(shadows.positions, keys, None, self.head_size,
-                                 shadows.rotation_table, True)
+        if variant == "native":
+            assert self.native_shadows is not None, "the native shadow op is not loaded"
+            shipped(self, layer, kv_cache, shadows)
+        elif variant == "stock-ops":
+            native, self.native_shadows = self.native_shadows, None
+            shipped(self, layer, kv_cache, shadows)
+            self.native_shadows = native
         state["shadow_seconds"] += time.perf_counter() - t
 
     attention.StreamsinkAttentionImpl._write_shadows = timed
@@ -60,7 +51,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=24, help="steps per variant")
     args = parser.parse_args()
-    state = {"variant": "exact", "shadow_seconds": 0.0}
+    state = {"variant": "native", "shadow_seconds": 0.0}
     install_variants(state)
     from streamsink.serving.engine import make_llm
 
@@ -95,8 +86,8 @@ def main() -> None:
         "batch": args.batch, "steps_per_variant": args.steps, "cache_tokens": 1024,
         "stock_median_ms_per_step": 1000 * stock_step, "variants": rows,
         "method": "one stock (compiled) and one streamsink (compiled, 4+1020 past C) engine in "
-                  "one process, steps alternating; variants other than 'exact' compute wrong "
-                  "attention on purpose (timing only)"})
+                  "one process, steps alternating; variant 'none' computes wrong attention "
+                  "on purpose (timing only)"})
     print("wrote", path)
 
 

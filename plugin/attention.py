@@ -29,6 +29,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
+from streamsink import shadow_op
 from streamsink.config import StreamsinkConfig, config_from_additional
 from streamsink.kv_policy import StreamingSinkSpec
 from streamsink.rope import RopeSpec, rope_spec_from_hf_config, rotate
@@ -175,12 +176,21 @@ class StreamsinkAttentionImpl(CPUAttentionBackendImpl):
             self.rope = rope_spec_from_hf_config(vllm_config.model_config.hf_text_config)
             # The kernel's left window; the metadata builder picks it up from the layers.
             self.sliding_window = self.streamsink.cache_tokens
+        self.native_shadows = None
+        if self.streamsink is not None and shadow_op.supports(vllm_config.model_config.dtype):
+            self.native_shadows = shadow_op.load()
 
     def _write_shadows(self, layer, kv_cache: torch.Tensor, shadows: ShadowWrites) -> None:
-        """Sink j's K/V, rotated from position j to i-C+1+j, into the slots the window left.
-        Three ops per layer: one gather of the sinks' keys and values (indices from the step
-        plan), vLLM's in-place RoPE op on the keys, and vLLM's cache write to the shadow slots
-        (multithreaded; a flat index_copy_ of the same elements took ~1.4x as long)."""
+        """Sink j's K/V, rotated from position j to i-C+1+j, into the slots the window left:
+        one native loop per layer (shadow_op.py), or, without it, three stock ops."""
+        if self.native_shadows is not None:
+            shadow_op.write_shadows(self.native_shadows, kv_cache, shadows.source_slots,
+                                    shadows.slots, shadows.positions,
+                                    shadows.rotation_table_f32, self.head_size,
+                                    self.rope.rotary_dim)
+            return
+        # One gather of the sinks' keys and values, vLLM's in-place RoPE op on the keys, and
+        # vLLM's cache write to the shadow slots (a flat index_copy_ took ~1.4x as long).
         sink_kv = kv_cache.view(-1).index_select(0, shadows.source_index)
         self._place_shadows(layer, kv_cache, shadows, sink_kv)
 

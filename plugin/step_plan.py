@@ -65,18 +65,35 @@ class QueryTile:
 class ShadowWrites:
     """Sink K/V to copy, re-rotated, into the slots the window just left (kernel steps).
 
-    The sources are flat positions in one layer's KV cache tensor (the same for every layer), in
-    the CPU backend's "vec" layout: per (block, KV head) a page of [head_dim, B] keys, then [B,
-    head_dim] values; they list the N shadows' keys as [N, Hkv, D], then their values the same
-    way. So one gather, one in-place rotation of the key half and vLLM's own cache write (to
-    `slots`, like any new token's K/V) do a layer: the per-layer cost is what keeps streamsink's
-    decode step near stock's."""
+    Shadow n: the K/V of every KV head at slot source_slots[n] (block * B + offset, a sink),
+    keys rotated by positions[n] (i-C+1), to slot slots[n]. The slots are the same for every
+    layer. attention.py writes them with the native op (shadow_op.py) or, without it, with stock
+    ops (one gather at source_index, vLLM's rotary op, vLLM's cache write)."""
 
-    source_index: torch.Tensor     # [2 * N * Hkv * D] the sinks' keys, then values
-    key_elements: int              # N * Hkv * D: where the values start
-    positions: torch.Tensor        # [N] int64: rotate sink j by this many positions (i-C+1)
-    rotation_table: torch.Tensor   # cos|sin rows by position (vLLM's cos_sin_cache layout)
+    source_slots: torch.Tensor     # [N] int64
     slots: torch.Tensor            # [N] int64 destination slot (block * B + offset)
+    positions: torch.Tensor        # [N] int64: rotate sink j by this many positions (i-C+1)
+    rotation_table: torch.Tensor   # cos|sin rows by position, model dtype (vLLM's layout)
+    rotation_table_f32: torch.Tensor  # the same rows in fp32 (the native op's)
+    kv_heads: int
+    head_dim: int
+    block_size: int
+    _source_index: torch.Tensor | None = None
+
+    @property
+    def source_index(self) -> torch.Tensor:
+        """Flat positions in one layer's KV cache tensor of the sinks' keys [N, Hkv, D], then
+        their values the same way (the stock-op path's gather), built once per step."""
+        if self._source_index is None:
+            slots = self.source_slots.numpy()
+            self._source_index = torch.from_numpy(_vec_layout_index(
+                slots // self.block_size, slots % self.block_size, self.kv_heads,
+                self.head_dim, self.block_size))
+        return self._source_index
+
+    @property
+    def key_elements(self) -> int:
+        return len(self.source_slots) * self.kv_heads * self.head_dim
 
 
 @dataclass
@@ -161,16 +178,17 @@ def _shadow_writes(cfg: StreamsinkConfig, rope: RopeSpec, block_size: int,
     dest = shift + source
     table = block_table.numpy()
     dest_blocks = table[req, dest // block_size].astype(np.int64)
-    source_index = _vec_layout_index(table[req, source // block_size], source % block_size,
-                                     kv_heads, rope.head_dim, block_size)
+    source_blocks = table[req, source // block_size].astype(np.int64)
     # Row positions stay below the row width, so the table stays small; sized in powers of two
     # so that it is built a few times per engine, not per step.
     rows_needed = 1 << max(int(shift.max()), 1023).bit_length()
-    return ShadowWrites(source_index=torch.from_numpy(source_index),
-                        key_elements=len(source_index) // 2,
-                        positions=torch.from_numpy(shift.astype(np.int64)),
-                        rotation_table=_rotation_table(rope, rows_needed, dtype),
-                        slots=torch.from_numpy(dest_blocks * block_size + dest % block_size))
+    return ShadowWrites(
+        source_slots=torch.from_numpy(source_blocks * block_size + source % block_size),
+        slots=torch.from_numpy(dest_blocks * block_size + dest % block_size),
+        positions=torch.from_numpy(shift.astype(np.int64)),
+        rotation_table=_rotation_table(rope, rows_needed, dtype),
+        rotation_table_f32=_rotation_table(rope, rows_needed, torch.float32),
+        kv_heads=kv_heads, head_dim=rope.head_dim, block_size=block_size)
 
 
 def plan_step(cfg: StreamsinkConfig, rope: RopeSpec, block_size: int, seq_lens: list[int],

@@ -100,6 +100,7 @@ def test_shadows_fill_the_slots_the_window_just_left():
         return [flat(p, h, d, v) for v in (False, True) for p in positions
                 for h in range(2) for d in range(ROPE.head_dim)]
 
+    assert shadows.source_slots.tolist() == [int(table[0, 0]) * block_size + j for j in range(4)]
     assert shadows.key_elements == 4 * 2 * ROPE.head_dim
     assert shadows.source_index.tolist() == expect(range(4))
     assert shadows.slots.dtype == torch.int64  # vLLM's cache write takes int64 slots

@@ -1,0 +1,114 @@
+"""The sink-shadow write of one layer as one native loop (shadow_op.cpp), built on first use.
+
+Why: a decode step past C writes S shadows per request per layer (DESIGN.md §3 option 4). Done
+with stock ops (a gather of every element, vLLM's rotary op, vLLM's cache write) that costs
+~6 ms of a ~146 ms batch-16 step (30 layers): three passes, each paying PyTorch's per-element
+overhead on ~25K scattered elements and re-reading the column-major key pages. One loop that
+reads each sink key once, rotates it in registers and writes it to its shadow slot touches each
+cache line once.
+
+How: the C++ source ships in the package; the first streaming engine in a process compiles it
+with the system C++ compiler (the one torch.compile's inductor already needs on CPU) into the
+per-user cache (model_store.cache_dir()/native), named by a hash of the source and flags, so later processes only load it
+(ctypes, plain C ABI: no torch headers, a sub-second build). Concurrent builds are safe (each
+writes a private file and renames it into place). Without a compiler, or with
+STREAMSINK_NATIVE_SHADOWS=0, the plugin keeps the stock-op path (same numbers, slower) and says
+so once in the log.
+
+What would let us delete it: a vLLM CPU op that copies-and-rotates cache slots, or (better) its
+CPU attention kernel taking the sink blocks as a separate range at their own positions.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from vllm.logger import init_logger
+
+from streamsink.model_store import cache_dir
+
+logger = init_logger("vllm.plugins.streamsink")
+
+_SOURCE = Path(__file__).with_name("shadow_op.cpp")
+_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fopenmp"]
+_FUNCTIONS = {torch.float32: "streamsink_write_shadows_f32",
+              torch.bfloat16: "streamsink_write_shadows_bf16"}
+_ARGTYPES = [ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 4
+
+_library: ctypes.CDLL | None = None
+_load_tried = False
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+def _build(compiler: str) -> Path:
+    source = _SOURCE.read_bytes()
+    tag = hashlib.sha256(source + " ".join([compiler] + _FLAGS).encode()).hexdigest()[:16]
+    target = cache_dir() / "native" / f"shadow_op-{tag}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", partial], check=True,
+                       capture_output=True, text=True, timeout=120)
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+def load() -> ctypes.CDLL | None:
+    """The native library, building it if needed; None (logged once) when it cannot be had."""
+    global _library, _load_tried
+    if _load_tried:
+        return _library
+    _load_tried = True
+    if os.environ.get("STREAMSINK_NATIVE_SHADOWS", "1") == "0":
+        logger.info("streamsink: native shadow op off (STREAMSINK_NATIVE_SHADOWS=0)")
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        logger.warning("streamsink: no C++ compiler found; sink shadows use stock ops (slower)")
+        return None
+    try:
+        library = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", None) or exc
+        logger.warning("streamsink: building the native shadow op failed (%s); sink shadows use "
+                       "stock ops (slower)", str(detail).strip().splitlines()[-1:])
+        return None
+    for name in _FUNCTIONS.values():
+        getattr(library, name).argtypes = _ARGTYPES
+        getattr(library, name).restype = None
+    _library = library
+    logger.info("streamsink: native shadow op loaded")
+    return library
+
+
+def supports(dtype: torch.dtype) -> bool:
+    return dtype in _FUNCTIONS
+
+
+def write_shadows(library: ctypes.CDLL, kv_cache: torch.Tensor, source_slots: torch.Tensor,
+                  dest_slots: torch.Tensor, rotation_rows: torch.Tensor,
+                  rotation_table: torch.Tensor, head_dim: int, rotary_dim: int) -> None:
+    """Shadow n: the K/V at slot source_slots[n] of this layer's cache (every KV head), keys
+    rotated by row rotation_rows[n] of rotation_table (fp32, cos|sin), to slot dest_slots[n].
+    Index tensors: contiguous int64 on CPU; kv_cache: [blocks, kv_heads, B, 2*head_dim]."""
+    _, kv_heads, block_size, _ = kv_cache.shape
+    getattr(library, _FUNCTIONS[kv_cache.dtype])(
+        kv_cache.data_ptr(), len(source_slots), kv_heads, head_dim, block_size, rotary_dim,
+        source_slots.data_ptr(), dest_slots.data_ptr(), rotation_rows.data_ptr(),
+        rotation_table.data_ptr())

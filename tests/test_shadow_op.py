@@ -1,0 +1,110 @@
+"""Sink shadows written into a paged cache: the native op (shadow_op.cpp) and the stock-op path
+both equal the definition — sink j's key rotated from its position j to i-C+1+j and its value,
+copied to slot i-C+1+j of the request's row — and touch nothing else."""
+import pytest
+import torch
+
+from streamsink import shadow_op
+from streamsink.config import StreamsinkConfig
+from streamsink.rope import RopeSpec, rotate
+from streamsink.step_plan import plan_step
+
+BLOCK = 32
+KV_HEADS = 3
+
+
+def stock_op_impl(rope: RopeSpec):
+    """The attention impl's shadow path without the native op (no engine needed)."""
+    from streamsink.attention import StreamsinkAttentionImpl
+
+    impl = object.__new__(StreamsinkAttentionImpl)
+    impl.num_kv_heads, impl.head_size, impl.rope, impl.native_shadows = (
+        KV_HEADS, rope.head_dim, rope, None)
+    return impl
+
+
+def make_case(rope: RopeSpec, dtype: torch.dtype):
+    """Five decodes past C, windows starting at different offsets (one crossing a block); 20
+    shadows, enough for the op to split them over threads."""
+    torch.manual_seed(0)
+    cfg = StreamsinkConfig(sink_tokens=4, window_tokens=60)
+    seq_lens = [cfg.cache_tokens + 10, cfg.cache_tokens + 29, 3 * cfg.cache_tokens + 7,
+                cfg.cache_tokens + 5, 2 * cfg.cache_tokens + 40]
+    blocks_per_row = -(-max(seq_lens) // BLOCK)
+    rows = len(seq_lens)
+    table = torch.randperm(rows * blocks_per_row + 5)[:rows * blocks_per_row].view(rows, -1) + 2
+    cache = torch.randn(table.max() + 3, KV_HEADS, BLOCK, 2 * rope.head_dim).to(dtype)
+    plan = plan_step(cfg, rope, BLOCK, seq_lens, list(range(rows + 1)), table.int(), dtype,
+                     kv_heads=KV_HEADS)
+    assert plan.kernel and len(plan.shadows.slots) == rows * cfg.sink_tokens
+    return cfg, seq_lens, table, cache, plan.shadows
+
+
+def expected_cache(cache, cfg, seq_lens, table, rope):
+    """The definition, token by token, in float64 (keys: [D, B] pages; values: [B, D])."""
+    from streamsink.attention import _split_kv_cache
+
+    out = cache.clone()
+    keys, values = _split_kv_cache(cache)
+    out_keys, out_values = _split_kv_cache(out)
+    for r, seq_len in enumerate(seq_lens):
+        shift = seq_len - 1 - cfg.cache_tokens + 1
+        for j in range(cfg.sink_tokens):
+            sb, so = int(table[r, j // BLOCK]), j % BLOCK
+            dest = shift + j
+            db, do = int(table[r, dest // BLOCK]), dest % BLOCK
+            key = keys[sb, :, :, so].double()                              # [Hkv, D]
+            angle = rope.cos_sin(torch.tensor([shift]), torch.float64)
+            out_keys[db, :, :, do] = rotate(key, angle, rope.rotary_dim).to(cache.dtype)
+            out_values[db, :, do] = values[sb, :, so]
+    return out
+
+
+ROPES = [RopeSpec(head_dim=64, rotary_dim=64, theta=10000.0),     # Llama
+         RopeSpec(head_dim=64, rotary_dim=16, theta=10000.0)]     # GPT-NeoX (rotary_pct 0.25)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("rope", ROPES, ids=["full", "partial"])
+def test_native_op_writes_the_definition(rope, dtype, tol):
+    library = shadow_op.load()
+    assert library is not None, "the native shadow op did not build here (see the log)"
+    cfg, seq_lens, table, cache, shadows = make_case(rope, dtype)
+    expected = expected_cache(cache, cfg, seq_lens, table, rope)
+    before = cache.clone()
+    shadow_op.write_shadows(library, cache, shadows.source_slots, shadows.slots,
+                            shadows.positions, shadows.rotation_table_f32, rope.head_dim,
+                            rope.rotary_dim)
+    assert not torch.equal(cache, before)
+    torch.testing.assert_close(cache.float(), expected.float(), atol=tol, rtol=tol)
+    # Values are copied bit for bit; so are the features past rotary_dim.
+    changed = (cache != before).flatten(1).any(dim=1).nonzero().flatten()
+    assert set(changed.tolist()) <= {int(s) // BLOCK for s in shadows.slots}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rope", ROPES, ids=["full", "partial"])
+def test_native_op_equals_stock_op_path(rope, dtype):
+    cfg, seq_lens, table, cache, shadows = make_case(rope, dtype)
+    native, stock = cache.clone(), cache.clone()
+    shadow_op.write_shadows(shadow_op.load(), native, shadows.source_slots, shadows.slots,
+                            shadows.positions, shadows.rotation_table_f32, rope.head_dim,
+                            rope.rotary_dim)
+
+    class Layer:
+        isa = "vec"
+
+    stock_op_impl(rope)._write_shadows(Layer(), stock, shadows)
+    # The stock path rotates with a table in the model's dtype: bf16 may differ by a rounding.
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(native.float(), stock.float(), atol=tol, rtol=tol)
+
+
+def test_without_a_compiler_the_stock_path_is_kept(monkeypatch, tmp_path):
+    monkeypatch.setattr(shadow_op, "_library", None)
+    monkeypatch.setattr(shadow_op, "_load_tried", False)
+    monkeypatch.setenv("STREAMSINK_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")          # a "compiler" that always fails
+    assert shadow_op.load() is None
+    assert shadow_op.load() is None             # tried once, not per layer
+    assert not list(tmp_path.rglob("*.so"))     # no half-written library left behind
