@@ -25,6 +25,8 @@ def machine() -> dict:
 
     return {"python": sys.version.split()[0], "platform": platform.platform(),
             "cpus": os.cpu_count(), "torch": torch.__version__, "vllm": vllm.__version__,
+            # These machines are not all one CPU (AVX2 or AVX-512): speeds differ between them.
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 

@@ -100,8 +100,14 @@ def main() -> None:
     for llm in engines.values():
         del llm
     gc.collect()
-    path = common.save("decode_latency" + ("_quick" if args.quick else ""),
+    from streamsink import shadow_op
+
+    # STREAMSINK_NATIVE_SHADOWS=0 measures the stock-op fallback; its file is kept apart.
+    native = shadow_op.loaded()
+    path = common.save("decode_latency" + ("_quick" if args.quick else "")
+                       + ("" if native else "_stock_op_shadows"),
                        {"cache_tokens": cache, "sink_tokens": args.sink, "steps": steps,
+                        "sink_shadows": "native op" if native else "stock ops",
                         "method": "alternating decode steps of three in-process engines; stock "
                                   "and streamsink in " + ("eager mode (--eager)" if args.eager
                                                           else "vLLM's default (compiled) mode"),

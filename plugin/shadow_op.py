@@ -97,6 +97,11 @@ def load() -> ctypes.CDLL | None:
     return library
 
 
+def loaded() -> bool:
+    """True when this process writes shadows with the native op (for benchmarks to record)."""
+    return _library is not None
+
+
 def supports(dtype: torch.dtype) -> bool:
     return dtype in _FUNCTIONS
 

@@ -42,6 +42,9 @@ def test_decode_latency_quick(tmp_path, model):
     assert set(result["ratio_streamsink_over_stock"]) == {"batch_1", "batch_4"}
     assert all(r > 0 for r in result["ratio_streamsink_over_stock"].values())
     assert set(result["ratio_stock_eager_over_stock"]) == {"batch_1", "batch_4"}
+    # The streaming engine built and used the native shadow op (a compiler is on every machine
+    # that runs vLLM compiled).
+    assert result["sink_shadows"] == "native op"
 
 
 def test_latency_vs_cache_quick(tmp_path, model):
