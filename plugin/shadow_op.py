@@ -7,13 +7,13 @@ overhead on ~25K scattered elements and re-reading the column-major key pages. O
 reads each sink key once, rotates it in registers and writes it to its shadow slot touches each
 cache line once.
 
-How: the C++ source ships in the package; the first streaming engine in a process compiles it
+How: the C++ source ships in the package; the first streaming engine on a machine compiles it
 with the system C++ compiler (the one torch.compile's inductor already needs on CPU) into the
-per-user cache (model_store.cache_dir()/native), named by a hash of the source and flags, so later processes only load it
-(ctypes, plain C ABI: no torch headers, a sub-second build). Concurrent builds are safe (each
-writes a private file and renames it into place). Without a compiler, or with
-STREAMSINK_NATIVE_SHADOWS=0, the plugin keeps the stock-op path (same numbers, slower) and says
-so once in the log.
+per-user cache (model_store.cache_dir()/native), named by a hash of the source, compiler and
+flags, so later processes only load it (ctypes, plain C ABI: no torch headers, a sub-second
+build). Concurrent builds are safe (each writes a private file and renames it into place).
+Without a compiler, or with STREAMSINK_NATIVE_SHADOWS=0, the plugin keeps the stock-op path
+(same results to rounding, about twice the time) and says so once in the log.
 
 What would let us delete it: a vLLM CPU op that copies-and-rotates cache slots, or (better) its
 CPU attention kernel taking the sink blocks as a separate range at their own positions.
