@@ -51,6 +51,9 @@ def main() -> None:
     parser.add_argument("--cache", type=int, default=1024, help="attended length C = S + W")
     parser.add_argument("--sink", type=int, default=4)
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the measurement in this process (same engines); the ratios "
+                             "reported are the medians of the rounds' ratios")
     parser.add_argument("--eager", action="store_true",
                         help="every engine eager (quick start-up for smoke tests; the published "
                              "numbers are measured in the default compiled mode)")
@@ -75,28 +78,34 @@ def main() -> None:
     # starts past C, so every step attends exactly C keys (sinks + window).
     contexts = {"stock": cache - steps // 2, "stock_eager": cache - steps // 2,
                 "streamsink": cache + 200}
-    results, ratios, eager_ratios = [], {}, {}
-    for batch in batches:
-        times = {name: [] for name in engines}
-        for name, llm in engines.items():
-            prompts = [[(7 * i + 13 * j) % 5000 + 100 for j in range(contexts[name])]
-                       for i in range(batch)]
-            start_decoding(llm, prompts, steps, f"b{batch}-")
-        for _ in range(steps):
+    results, by_round, eager_by_round = [], {}, {}
+    for round_ in range(args.rounds):
+        for batch in batches:
+            times = {name: [] for name in engines}
             for name, llm in engines.items():
-                times[name].append(timed_step(llm))
-        for name, llm in engines.items():
-            finish(llm)
-            sec = statistics.median(times[name])
-            results.append({"engine": name, "batch": batch, "context_at_start": contexts[name],
-                            "median_seconds_per_step": sec, "ms_per_token": 1000 * sec / batch})
-            print(f"{name:>10} batch {batch:>2}: {1000 * sec:.1f} ms/step", flush=True)
-        stock = statistics.median(times["stock"])
-        ratio = statistics.median(times["streamsink"]) / stock
-        ratios[f"batch_{batch}"] = ratio
-        eager_ratios[f"batch_{batch}"] = statistics.median(times["stock_eager"]) / stock
-        print(f"batch {batch}: streamsink / stock = {ratio:.3f}; stock eager / stock = "
-              f"{eager_ratios[f'batch_{batch}']:.3f}", flush=True)
+                prompts = [[(7 * i + 13 * j) % 5000 + 100 for j in range(contexts[name])]
+                           for i in range(batch)]
+                start_decoding(llm, prompts, steps, f"r{round_}b{batch}-")
+            for _ in range(steps):
+                for name, llm in engines.items():
+                    times[name].append(timed_step(llm))
+            medians = {}
+            for name, llm in engines.items():
+                finish(llm)
+                medians[name] = sec = statistics.median(times[name])
+                results.append({"engine": name, "batch": batch, "round": round_,
+                                "context_at_start": contexts[name],
+                                "median_seconds_per_step": sec, "ms_per_token": 1000 * sec / batch})
+                print(f"{name:>10} batch {batch:>2}: {1000 * sec:.1f} ms/step", flush=True)
+            key = f"batch_{batch}"
+            by_round.setdefault(key, []).append(medians["streamsink"] / medians["stock"])
+            eager_by_round.setdefault(key, []).append(medians["stock_eager"] / medians["stock"])
+            print(f"round {round_} batch {batch}: streamsink / stock = {by_round[key][-1]:.3f}; "
+                  f"stock eager / stock = {eager_by_round[key][-1]:.3f}", flush=True)
+    # One round is one alternating measurement; with several, the ratio is their median.
+    ratios = {k: statistics.median(v) for k, v in by_round.items()}
+    eager_ratios = {k: statistics.median(v) for k, v in eager_by_round.items()}
+    print("streamsink / stock:", {k: round(v, 3) for k, v in ratios.items()}, flush=True)
     for llm in engines.values():
         del llm
     gc.collect()
@@ -111,7 +120,9 @@ def main() -> None:
                         "method": "alternating decode steps of three in-process engines; stock "
                                   "and streamsink in " + ("eager mode (--eager)" if args.eager
                                                           else "vLLM's default (compiled) mode"),
-                        "results": results, "ratio_streamsink_over_stock": ratios,
+                        "rounds": args.rounds, "results": results,
+                        "ratio_streamsink_over_stock": ratios,
+                        "ratio_streamsink_over_stock_by_round": by_round,
                         "ratio_stock_eager_over_stock": eager_ratios})
     print("wrote", path)
 
