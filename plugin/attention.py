@@ -176,9 +176,8 @@ class StreamsinkAttentionImpl(CPUAttentionBackendImpl):
             self.rope = rope_spec_from_hf_config(vllm_config.model_config.hf_text_config)
             # The kernel's left window; the metadata builder picks it up from the layers.
             self.sliding_window = self.streamsink.cache_tokens
-        self.native_shadows = None
-        if self.streamsink is not None and shadow_op.supports(vllm_config.model_config.dtype):
-            self.native_shadows = shadow_op.load()
+        self.native_shadows = (shadow_op.shadow_writer(vllm_config.model_config.dtype)
+                               if self.streamsink is not None else None)
 
     def _write_shadows(self, layer, kv_cache: torch.Tensor, shadows: ShadowWrites) -> None:
         """Sink j's K/V, rotated from position j to i-C+1+j, into the slots the window left:

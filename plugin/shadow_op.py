@@ -102,18 +102,23 @@ def loaded() -> bool:
     return _library is not None
 
 
-def supports(dtype: torch.dtype) -> bool:
-    return dtype in _FUNCTIONS
+def shadow_writer(dtype: torch.dtype):
+    """The native op for caches of this dtype (looked up once per layer, not per call), or None:
+    the stock-op path (no library, or a dtype it does not handle)."""
+    if dtype not in _FUNCTIONS:
+        return None
+    library = load()
+    return None if library is None else getattr(library, _FUNCTIONS[dtype])
 
 
-def write_shadows(library: ctypes.CDLL, kv_cache: torch.Tensor, source_slots: torch.Tensor,
+def write_shadows(writer, kv_cache: torch.Tensor, source_slots: torch.Tensor,
                   dest_slots: torch.Tensor, rotation_rows: torch.Tensor,
                   rotation_table: torch.Tensor, head_dim: int, rotary_dim: int) -> None:
     """Shadow n: the K/V at slot source_slots[n] of this layer's cache (every KV head), keys
     rotated by row rotation_rows[n] of rotation_table (fp32, cos|sin), to slot dest_slots[n].
-    Index tensors: contiguous int64 on CPU; kv_cache: [blocks, kv_heads, B, 2*head_dim]."""
+    writer: shadow_writer(kv_cache.dtype). Index tensors: contiguous int64 on CPU; kv_cache:
+    [blocks, kv_heads, B, 2*head_dim]."""
     _, kv_heads, block_size, _ = kv_cache.shape
-    getattr(library, _FUNCTIONS[kv_cache.dtype])(
-        kv_cache.data_ptr(), len(source_slots), kv_heads, head_dim, block_size, rotary_dim,
-        source_slots.data_ptr(), dest_slots.data_ptr(), rotation_rows.data_ptr(),
-        rotation_table.data_ptr())
+    writer(kv_cache.data_ptr(), len(source_slots), kv_heads, head_dim, block_size, rotary_dim,
+           source_slots.data_ptr(), dest_slots.data_ptr(), rotation_rows.data_ptr(),
+           rotation_table.data_ptr())

@@ -67,12 +67,12 @@ ROPES = [RopeSpec(head_dim=64, rotary_dim=64, theta=10000.0),     # Llama
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("rope", ROPES, ids=["full", "partial"])
 def test_native_op_writes_the_definition(rope, dtype, tol):
-    library = shadow_op.load()
-    assert library is not None, "the native shadow op did not build here (see the log)"
+    writer = shadow_op.shadow_writer(dtype)
+    assert writer is not None, "the native shadow op did not build here (see the log)"
     cfg, seq_lens, table, cache, shadows = make_case(rope, dtype)
     expected = expected_cache(cache, cfg, seq_lens, table, rope)
     before = cache.clone()
-    shadow_op.write_shadows(library, cache, shadows.source_slots, shadows.slots,
+    shadow_op.write_shadows(writer, cache, shadows.source_slots, shadows.slots,
                             shadows.positions, shadows.rotation_table_f32, rope.head_dim,
                             rope.rotary_dim)
     assert not torch.equal(cache, before)
@@ -87,7 +87,7 @@ def test_native_op_writes_the_definition(rope, dtype, tol):
 def test_native_op_equals_stock_op_path(rope, dtype):
     cfg, seq_lens, table, cache, shadows = make_case(rope, dtype)
     native, stock = cache.clone(), cache.clone()
-    shadow_op.write_shadows(shadow_op.load(), native, shadows.source_slots, shadows.slots,
+    shadow_op.write_shadows(shadow_op.shadow_writer(dtype), native, shadows.source_slots, shadows.slots,
                             shadows.positions, shadows.rotation_table_f32, rope.head_dim,
                             rope.rotary_dim)
 
@@ -105,6 +105,6 @@ def test_without_a_compiler_the_stock_path_is_kept(monkeypatch, tmp_path):
     monkeypatch.setattr(shadow_op, "_load_tried", False)
     monkeypatch.setenv("STREAMSINK_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "false")          # a "compiler" that always fails
-    assert shadow_op.load() is None
-    assert shadow_op.load() is None             # tried once, not per layer
+    assert shadow_op.shadow_writer(torch.float32) is None
+    assert shadow_op.shadow_writer(torch.bfloat16) is None   # tried once, not per layer
     assert not list(tmp_path.rglob("*.so"))     # no half-written library left behind
