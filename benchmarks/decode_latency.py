@@ -117,6 +117,8 @@ def main() -> None:
                        + ("" if native else "_stock_op_shadows"),
                        {"cache_tokens": cache, "sink_tokens": args.sink, "steps": steps,
                         "sink_shadows": "native op" if native else "stock ops",
+                        # the model's layer count: one call a step writes every layer's shadows
+                        "shadow_layers_per_call": shadow_op.layers_per_call(),
                         "method": "alternating decode steps of three in-process engines; stock "
                                   "and streamsink in " + ("eager mode (--eager)" if args.eager
                                                           else "vLLM's default (compiled) mode"),

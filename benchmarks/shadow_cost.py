@@ -19,7 +19,7 @@ import common
 from decode_latency import start_decoding, timed_step
 
 VARIANTS = {
-    "native": "the shipped path: one native loop a layer (gather, rotate, write)",
+    "native": "the shipped path: one native loop a step, every layer (gather, rotate, write)",
     "stock-ops": "the fallback: gather of every element, vLLM's rotary op, vLLM's cache write",
     "none": "no shadows at all (wrong attention): the step's floor",
 }

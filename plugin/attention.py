@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from vllm import _custom_ops as ops
 from vllm import envs
-from vllm.config import get_current_vllm_config
+from vllm.config import get_current_vllm_config, get_layers_from_vllm_config
+from vllm.model_executor.layers.attention import Attention
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
@@ -52,6 +53,7 @@ class StreamsinkMetadataBuilder(CPUAttentionMetadataBuilder):
         self.streamsink = config_from_additional(vllm_config.additional_config)
         self.rope = (rope_spec_from_hf_config(vllm_config.model_config.hf_text_config)
                      if self.streamsink else None)
+        self._layer_caches: list[torch.Tensor] | None = None
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -65,9 +67,23 @@ class StreamsinkMetadataBuilder(CPUAttentionMetadataBuilder):
             self.streamsink, self.rope, self.block_size, seq_lens=seq_lens,
             query_start=query_start, block_table=cm.block_table_tensor[:cm.num_reqs],
             dtype=self.dtype, kv_heads=self.num_kv_heads)
+        if plan.shadows is not None:
+            plan.shadows.layer_caches = self.layer_caches()
         if plan.kernel_reqs:
             self._kernel_part(plan, md, seq_lens, query_start)
         return out
+
+    def layer_caches(self) -> list[torch.Tensor] | None:
+        """The KV cache of each layer this metadata serves (one per distinct tensor), once vLLM
+        has bound them all with one shape and dtype; None until then."""
+        if self._layer_caches is None:
+            layers = get_layers_from_vllm_config(self.vllm_config, Attention, self.layer_names)
+            caches = [getattr(layer, "kv_cache", None) for layer in layers.values()]
+            if caches and all(isinstance(c, torch.Tensor) and c.dim() == 4 for c in caches):
+                distinct = list({c.data_ptr(): c for c in caches}.values())
+                if len({(c.shape, c.dtype) for c in distinct}) == 1:
+                    self._layer_caches = distinct
+        return self._layer_caches
 
     def _kernel_part(self, plan: StepPlan, md: CPUAttentionMetadata, seq_lens: list[int],
                      query_start: list[int]) -> None:
@@ -180,13 +196,20 @@ class StreamsinkAttentionImpl(CPUAttentionBackendImpl):
                                if self.streamsink is not None else None)
 
     def _write_shadows(self, layer, kv_cache: torch.Tensor, shadows: ShadowWrites) -> None:
-        """Sink j's K/V, rotated from position j to i-C+1+j, into the slots the window left:
-        one native loop per layer (shadow_op.py), or, without it, three stock ops."""
+        """Sink j's K/V, rotated from position j to i-C+1+j, into the slots the window left.
+
+        With the native op (shadow_op.py) the first layer of the step writes them for every
+        layer in one call: the slots are the same in all, and no layer reads them before its own
+        attention. Without it, three stock ops per layer."""
         if self.native_shadows is not None:
-            shadow_op.write_shadows(self.native_shadows, kv_cache, shadows.source_slots,
+            caches = shadows.layer_caches
+            if caches is None or not any(c.data_ptr() == kv_cache.data_ptr() for c in caches):
+                caches = [kv_cache]   # not bound as the builder saw them: this layer alone
+            shadow_op.write_shadows(self.native_shadows, caches, shadows.source_slots,
                                     shadows.slots, shadows.positions,
                                     shadows.rotation_table_f32, self.head_size,
                                     self.rope.rotary_dim)
+            shadows.written.update(c.data_ptr() for c in caches)
             return
         # One gather of the sinks' keys and values, vLLM's in-place RoPE op on the keys, and
         # vLLM's cache write to the shadow slots (a flat index_copy_ took ~1.4x as long).
@@ -211,7 +234,8 @@ class StreamsinkAttentionImpl(CPUAttentionBackendImpl):
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
         plan = getattr(attn_metadata, "streamsink", None)
-        if plan is not None and plan.shadows is not None:
+        if plan is not None and plan.shadows is not None \
+                and kv_cache.data_ptr() not in plan.shadows.written:
             self._write_shadows(layer, kv_cache, plan.shadows)
         if plan is None or plan.kernel:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,

@@ -1,12 +1,14 @@
-// Sink shadows of one layer in one pass (DESIGN.md §3 option 4; see shadow_op.py for why this
-// exists and how it is built and loaded).
+// Sink shadows of a decode step, every layer in one pass (DESIGN.md §3 option 4; see
+// shadow_op.py for why this exists and how it is built and loaded).
 //
 // The cache is vLLM's CPU "vec" layout: per (block, KV head) a page of 2*B*D elements, keys as
 // [D][B] (column-major: feature d of the token at offset t is at d*B + t), then values as [B][D].
-// For shadow n and every KV head: read the key of sink slot src[n], rotate it (NeoX style, the
-// first rotary_dim features, halves paired) by table row rot_row[n], write it to slot dst[n];
-// copy the value the same way. Shadows of one request share their source and destination cache
-// lines (the S sinks are adjacent slots, so are their shadows), so they stay in L1 across n.
+// The same shadows go to every cache in `caches` (the layers of the step: same slots, each
+// layer's own sink K/V). For shadow n, every layer and every KV head: read the key of sink slot
+// src[n], rotate it (NeoX style, the first rotary_dim features, halves paired) by table row
+// rot_row[n], write it to slot dst[n]; copy the value the same way. Shadows of one request
+// share their source and destination cache lines (the S sinks are adjacent slots, so are their
+// shadows), so they stay in L1 across n.
 // Threads: OpenMP, built against the libgomp.so.1 that torch has already loaded by then, so the
 // loop runs on torch's own (core-bound) thread pool, not a second one.
 // Arithmetic in float (bf16 is widened, then rounded to nearest even), built without FMA
@@ -38,16 +40,19 @@ inline void store(uint16_t* p, float x) {
 }
 
 template <typename T>
-void write_shadows(T* cache, int64_t shadows, int64_t kv_heads, int64_t head_dim,
-                   int64_t block_size, int64_t rotary_dim, const int64_t* src,
+void write_shadows(T* const* caches, int64_t layers, int64_t shadows, int64_t kv_heads,
+                   int64_t head_dim, int64_t block_size, int64_t rotary_dim, const int64_t* src,
                    const int64_t* dst, const int64_t* rot_row, const float* cos_sin) {
     const int64_t B = block_size, D = head_dim, half = rotary_dim / 2;
     const int64_t page = 2 * B * D;
     // Split over the cores: the work is cache misses (a sink key read and a shadow key written
-    // touch D lines each), and each core keeps its own misses in flight. Contiguous halves keep
-    // a request's shadows (which share lines) on one thread.
-#pragma omp parallel for schedule(static) if (shadows >= 16)
-    for (int64_t n = 0; n < shadows; ++n) {
+    // touch D lines each), and each core keeps its own misses in flight. Contiguous ranges keep
+    // a request's shadows (which share lines) on one thread; all layers in one loop give the
+    // threads one large share each instead of a small one per layer.
+#pragma omp parallel for schedule(static) if (layers * shadows >= 16)
+    for (int64_t k = 0; k < layers * shadows; ++k) {
+        T* cache = caches[k / shadows];
+        const int64_t n = k % shadows;
         const int64_t sb = src[n] / B, so = src[n] % B;
         const int64_t db = dst[n] / B, dof = dst[n] % B;
         const float* cos = cos_sin + rot_row[n] * rotary_dim;
@@ -72,20 +77,20 @@ void write_shadows(T* cache, int64_t shadows, int64_t kv_heads, int64_t head_dim
 
 extern "C" {
 
-void streamsink_write_shadows_f32(float* cache, int64_t shadows, int64_t kv_heads,
-                                  int64_t head_dim, int64_t block_size, int64_t rotary_dim,
-                                  const int64_t* src, const int64_t* dst, const int64_t* rot_row,
-                                  const float* cos_sin) {
-    write_shadows(cache, shadows, kv_heads, head_dim, block_size, rotary_dim, src, dst, rot_row,
-                  cos_sin);
+void streamsink_write_shadows_f32(float* const* caches, int64_t layers, int64_t shadows,
+                                  int64_t kv_heads, int64_t head_dim, int64_t block_size,
+                                  int64_t rotary_dim, const int64_t* src, const int64_t* dst,
+                                  const int64_t* rot_row, const float* cos_sin) {
+    write_shadows(caches, layers, shadows, kv_heads, head_dim, block_size, rotary_dim, src, dst,
+                  rot_row, cos_sin);
 }
 
-void streamsink_write_shadows_bf16(uint16_t* cache, int64_t shadows, int64_t kv_heads,
-                                   int64_t head_dim, int64_t block_size, int64_t rotary_dim,
-                                   const int64_t* src, const int64_t* dst,
+void streamsink_write_shadows_bf16(uint16_t* const* caches, int64_t layers, int64_t shadows,
+                                   int64_t kv_heads, int64_t head_dim, int64_t block_size,
+                                   int64_t rotary_dim, const int64_t* src, const int64_t* dst,
                                    const int64_t* rot_row, const float* cos_sin) {
-    write_shadows(cache, shadows, kv_heads, head_dim, block_size, rotary_dim, src, dst, rot_row,
-                  cos_sin);
+    write_shadows(caches, layers, shadows, kv_heads, head_dim, block_size, rotary_dim, src, dst,
+                  rot_row, cos_sin);
 }
 
 }  // extern "C"

@@ -67,8 +67,9 @@ class ShadowWrites:
 
     Shadow n: the K/V of every KV head at slot source_slots[n] (block * B + offset, a sink),
     keys rotated by positions[n] (i-C+1), to slot slots[n]. The slots are the same for every
-    layer. attention.py writes them with the native op (shadow_op.py) or, without it, with stock
-    ops (one gather at source_index, vLLM's rotary op, vLLM's cache write)."""
+    layer. attention.py writes them with the native op (shadow_op.py), for every layer in
+    layer_caches at once when the metadata builder found them, or, without the op, with stock
+    ops one layer at a time (one gather at source_index, vLLM's rotary op, vLLM's cache write)."""
 
     source_slots: torch.Tensor     # [N] int64
     slots: torch.Tensor            # [N] int64 destination slot (block * B + offset)
@@ -78,6 +79,10 @@ class ShadowWrites:
     kv_heads: int
     head_dim: int
     block_size: int
+    # The KV caches of every layer this step's metadata serves (set by the metadata builder), and
+    # the data_ptr of each cache whose shadows are written already this step.
+    layer_caches: list[torch.Tensor] | None = None
+    written: set[int] = field(default_factory=set)
     _source_index: torch.Tensor | None = None
 
     @property

@@ -45,6 +45,9 @@ def test_decode_latency_quick(tmp_path, model):
     # The streaming engine built and used the native shadow op (a compiler is on every machine
     # that runs vLLM compiled).
     assert result["sink_shadows"] == "native op"
+    # ... at each step's first layer, for every layer of the tiny model at once.
+    from transformers import AutoConfig
+    assert result["shadow_layers_per_call"] == AutoConfig.from_pretrained(model).num_hidden_layers
 
 
 def test_latency_vs_cache_quick(tmp_path, model):

@@ -13,14 +13,18 @@ BLOCK = 32
 KV_HEADS = 3
 
 
-def stock_op_impl(rope: RopeSpec):
-    """The attention impl's shadow path without the native op (no engine needed)."""
+def attention_impl(rope: RopeSpec, native):
+    """The attention impl's shadow path, with the native op or without (no engine needed)."""
     from streamsink.attention import StreamsinkAttentionImpl
 
     impl = object.__new__(StreamsinkAttentionImpl)
     impl.num_kv_heads, impl.head_size, impl.rope, impl.native_shadows = (
-        KV_HEADS, rope.head_dim, rope, None)
+        KV_HEADS, rope.head_dim, rope, native)
     return impl
+
+
+class Layer:
+    isa = "vec"
 
 
 def make_case(rope: RopeSpec, dtype: torch.dtype):
@@ -72,7 +76,7 @@ def test_native_op_writes_the_definition(rope, dtype, tol):
     cfg, seq_lens, table, cache, shadows = make_case(rope, dtype)
     expected = expected_cache(cache, cfg, seq_lens, table, rope)
     before = cache.clone()
-    shadow_op.write_shadows(writer, cache, shadows.source_slots, shadows.slots,
+    shadow_op.write_shadows(writer, [cache], shadows.source_slots, shadows.slots,
                             shadows.positions, shadows.rotation_table_f32, rope.head_dim,
                             rope.rotary_dim)
     assert not torch.equal(cache, before)
@@ -87,17 +91,34 @@ def test_native_op_writes_the_definition(rope, dtype, tol):
 def test_native_op_equals_stock_op_path(rope, dtype):
     cfg, seq_lens, table, cache, shadows = make_case(rope, dtype)
     native, stock = cache.clone(), cache.clone()
-    shadow_op.write_shadows(shadow_op.shadow_writer(dtype), native, shadows.source_slots, shadows.slots,
-                            shadows.positions, shadows.rotation_table_f32, rope.head_dim,
-                            rope.rotary_dim)
-
-    class Layer:
-        isa = "vec"
-
-    stock_op_impl(rope)._write_shadows(Layer(), stock, shadows)
+    shadow_op.write_shadows(shadow_op.shadow_writer(dtype), [native], shadows.source_slots,
+                            shadows.slots, shadows.positions, shadows.rotation_table_f32,
+                            rope.head_dim, rope.rotary_dim)
+    attention_impl(rope, None)._write_shadows(Layer(), stock, shadows)
     # The stock path rotates with a table in the model's dtype: bf16 may differ by a rounding.
     tol = 1e-6 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(native.float(), stock.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_first_layer_writes_every_layers_shadows(dtype, tol):
+    """The attention path's native write at a step's first layer covers every layer the
+    metadata builder listed, each from its own sinks; a cache not in that list gets its own."""
+    rope = ROPES[0]
+    cfg, seq_lens, table, first, shadows = make_case(rope, dtype)
+    layers = [first] + [torch.randn_like(first, dtype=torch.float32).to(dtype) for _ in range(2)]
+    stray = first.clone()
+    expected = [expected_cache(c, cfg, seq_lens, table, rope) for c in layers + [stray]]
+    shadows.layer_caches = layers
+    impl = attention_impl(rope, shadow_op.shadow_writer(dtype))
+    impl._write_shadows(Layer(), layers[1], shadows)
+    assert shadows.written == {c.data_ptr() for c in layers}
+    for cache, want in zip(layers, expected):
+        torch.testing.assert_close(cache.float(), want.float(), atol=tol, rtol=tol)
+    assert not torch.equal(stray, expected[-1])
+    impl._write_shadows(Layer(), stray, shadows)
+    torch.testing.assert_close(stray.float(), expected[-1].float(), atol=tol, rtol=tol)
+    assert stray.data_ptr() in shadows.written and len(shadows.written) == 4
 
 
 def test_without_a_compiler_the_stock_path_is_kept(monkeypatch, tmp_path):
