@@ -191,10 +191,12 @@ def make_tiny_falcon(path, variant: str, seed: int = 0, layers: int = 2,
 
 
 def make_tiny_bloom(path, seed: int = 0, layers: int = 2) -> str:
+    """BLOOM with 3 heads: a head count that is not a power of two takes ALiBi's second slope
+    sequence for the heads past the largest power of two."""
     from transformers import BloomConfig, BloomForCausalLM
 
     torch.manual_seed(seed)
-    config = BloomConfig(vocab_size=VOCAB, hidden_size=128, n_layer=layers, n_head=2,
+    config = BloomConfig(vocab_size=VOCAB, hidden_size=192, n_layer=layers, n_head=3,
                          bos_token_id=1, eos_token_id=2)
     return _save(BloomForCausalLM(config), path, jitter_vectors=True)
 
