@@ -26,9 +26,11 @@ Positions, at in-cache slots:
     f = max_position_embeddings / original unless the config gives `factor`, applies to both.
   * "dynamic" (NTK): base * (factor * L / max_position_embeddings - (factor - 1)) ** (d / (d - 2))
     with L = max(n, max_position_embeddings), so the plain base while n fits the table.
-  (Hugging Face's own incremental decoding differs from both: it keeps keys rotated under the
-  frequencies of the step that cached them, and its dynamic module remembers the longest length
-  it has seen. The definition above is its dense forward over the visible tokens.)
+  Only the rotation follows n: the unrotated keys and the values are what each layer computed
+  when its token was processed, as with any KV cache (so past the first layer this is not a
+  forward over the visible tokens recomputed under the new frequencies). Hugging Face's own
+  incremental decoding differs: it keeps keys rotated under the frequencies of the step that
+  cached them, and its dynamic module keeps the base of the longest length it has seen.
 - ALiBi adds -slope * (n-1-j) to the score of the key at slot j: the distance *in the cache*.
   BLOOM adds slope * (key position) instead, which differs by a constant per query and so gives
   the same softmax. Falcon adds the bias before dividing by sqrt(head_dim), so its slopes are

@@ -64,7 +64,8 @@ STREAM_CASES = ([(f, SMALL_CACHE) for f in FAMILIES] + [(f, LONG_CACHE) for f in
 def checked_queries(sink: int, window: int) -> list[int]:
     """Queries past C = S+W (every one of them has evicted keys), the last one included."""
     cache = sink + window
-    return sorted({cache, cache + 3, 2 * cache + 1, STREAM_TOKENS - 2} & set(range(cache, STREAM_TOKENS - 1)))
+    candidates = {cache, cache + 3, 2 * cache + 1, STREAM_TOKENS - 2}
+    return sorted(i for i in candidates if cache <= i < STREAM_TOKENS - 1)
 
 
 # ---- the parent: one fresh interpreter computes everything, the tests read it --------------

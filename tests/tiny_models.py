@@ -80,13 +80,13 @@ def _save(model, path, sharpen: bool = True, jitter_vectors: bool = False) -> st
 # ---- more families and RoPE variants -------------------------------------------------------
 
 def llama_rope_variant(rope_type: str, original_max_positions: int = 16) -> dict:
-    """rope_parameters of a scaled-RoPE Llama; every variant's length threshold is
-    original_max_positions (dynamic NTK reads it from max_position_embeddings instead)."""
+    """rope_parameters of a scaled-RoPE Llama, stretched from original_max_positions (dynamic
+    NTK reads its threshold from max_position_embeddings instead)."""
     variants = {
         "linear": {"factor": 4.0},
         "dynamic": {"factor": 4.0},
-        # Llama 3.1's shape; with a short original length all three bands (kept, blended,
-        # divided by factor) have dimensions in a 64-dim head.
+        # Llama 3.1's shape; twice the original length puts dimensions of a 64-dim head in all
+        # three bands (kept, blended, divided by factor).
         "llama3": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                    "original_max_position_embeddings": 2 * original_max_positions},
         "yarn": {"factor": 4.0, "original_max_position_embeddings": original_max_positions,
@@ -96,7 +96,8 @@ def llama_rope_variant(rope_type: str, original_max_positions: int = 16) -> dict
 
 
 def make_tiny_llama_scaled(path, rope_type: str, seed: int = 0, layers: int = 2,
-                           original_max_positions: int = 16, max_positions: int | None = None) -> str:
+                           original_max_positions: int = 16,
+                           max_positions: int | None = None) -> str:
     """Llama with rope_type linear, dynamic, llama3 or yarn. Dynamic NTK starts scaling past
     max_position_embeddings, so for it that defaults to original_max_positions."""
     from transformers import LlamaConfig, LlamaForCausalLM
