@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import inspect
 
-from streamsink.patches import PatchTargetMoved
+from vllm.engine.arg_utils import EngineArgs
+
+from streamsink.engine_setup import fit_default_chunk
+from streamsink.errors import PatchTargetMoved
 
 _original = None
 _NAME = "_set_default_max_num_seqs_and_batched_tokens_args"
@@ -28,8 +31,6 @@ def _set_defaults(self, usage_context, model_config, parallel_config):
     _original(self, usage_context, model_config, parallel_config)
     if user_chunk is not None or self.max_num_batched_tokens is None:
         return
-    from streamsink.engine_setup import fit_default_chunk
-
     chunk = fit_default_chunk(self, model_config.max_model_len, self.max_num_batched_tokens)
     if chunk is not None:
         self.max_num_batched_tokens = chunk
@@ -38,8 +39,6 @@ def _set_defaults(self, usage_context, model_config, parallel_config):
 
 
 def check_target() -> None:
-    from vllm.engine.arg_utils import EngineArgs
-
     target = _original or EngineArgs.__dict__.get(_NAME)
     if target is None or list(inspect.signature(target).parameters) != [
             "self", "usage_context", "model_config", "parallel_config"]:
@@ -57,8 +56,6 @@ def check_target() -> None:
 
 def apply() -> None:
     global _original
-    from vllm.engine.arg_utils import EngineArgs
-
     if _original is not None:
         return
     check_target()

@@ -7,22 +7,24 @@ config-time hook of that reach is the platform's check_and_update_config (an out
 plugin would replace the whole CPU platform, which is far more than we need).
 How: CpuPlatform.check_and_update_config is wrapped; the wrapper calls
 streamsink.engine_setup.configure_streaming_engine(vllm_config), then the original, then
-finish_streaming_engine(vllm_config) (which needs the block size the platform picks).
+finish_streaming_engine(vllm_config) (which needs the block size the platform picks, and sizes
+the KV pool of a streaming engine given no budget, kv_budget.py).
 Delete when: vLLM lets general plugins validate/adjust additional_config (a config hook).
 """
 from __future__ import annotations
 
 import inspect
 
-from streamsink.patches import PatchTargetMoved
+from vllm.platforms.cpu import CpuPlatform
+
+from streamsink.engine_setup import configure_streaming_engine, finish_streaming_engine
+from streamsink.errors import PatchTargetMoved
 
 _original = None
 
 
 def apply() -> None:
     global _original
-    from vllm.platforms.cpu import CpuPlatform
-
     if _original is not None:
         return
     target = CpuPlatform.__dict__.get("check_and_update_config")
@@ -32,8 +34,6 @@ def apply() -> None:
     _original = target.__func__
 
     def check_and_update_config(cls, vllm_config):
-        from streamsink.engine_setup import configure_streaming_engine, finish_streaming_engine
-
         configure_streaming_engine(vllm_config)
         _original(cls, vllm_config)
         finish_streaming_engine(vllm_config)

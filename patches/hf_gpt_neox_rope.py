@@ -16,8 +16,11 @@ from __future__ import annotations
 import inspect
 
 import torch
+from transformers.models.gpt_neox import modeling_gpt_neox as hf
 
-from streamsink.patches import PatchTargetMoved
+from streamsink.engine_setup import engine_being_built
+from streamsink.errors import PatchTargetMoved
+from streamsink.rope import rope_spec_from_hf_config
 
 _original_init = None
 _original_forward = None
@@ -25,11 +28,8 @@ _original_forward = None
 
 def _init(self, config, *args, **kwargs):
     _original_init(self, config, *args, **kwargs)
-    from streamsink.patches.rotary_embedding import _streaming_row_width
-    from streamsink.rope import rope_spec_from_hf_config
-
     self._streamsink_inv_freq = None
-    if _streaming_row_width() is not None:
+    if engine_being_built()[0] is not None:
         self._streamsink_inv_freq = rope_spec_from_hf_config(config).inv_freq()
 
 
@@ -44,8 +44,6 @@ def _forward(self, x, position_ids):
 
 def apply() -> None:
     global _original_init, _original_forward
-    from transformers.models.gpt_neox import modeling_gpt_neox as hf
-
     if _original_forward is not None:
         return
     cls = hf.GPTNeoXRotaryEmbedding

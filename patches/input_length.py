@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import inspect
 
-from streamsink.patches import PatchTargetMoved
+from vllm.sampling_params import SamplingParams
+from vllm.v1.engine.input_processor import InputProcessor
+
+from streamsink.config import streaming_config
+from streamsink.errors import PatchTargetMoved
 
 _originals: dict[str, object] = {}
 
 
 def _is_streaming(processor) -> bool:
-    from streamsink.config import config_from_additional
-
-    return config_from_additional(processor.vllm_config.additional_config) is not None
+    return streaming_config(processor.vllm_config) is not None
 
 
 def _validate_prompt_len(self, prompt_len, prompt_type):
@@ -32,8 +34,6 @@ def _validate_prompt_len(self, prompt_len, prompt_type):
 
 
 def _process_inputs(self, request_id, prompt, params, *args, **kwargs):
-    from vllm.sampling_params import SamplingParams
-
     if isinstance(params, SamplingParams) and params.max_tokens is None and _is_streaming(self):
         params = params.clone()  # the caller's params may be shared
         params.max_tokens = self.model_config.max_model_len
@@ -42,8 +42,6 @@ def _process_inputs(self, request_id, prompt, params, *args, **kwargs):
 
 def check_target() -> None:
     """Raise PatchTargetMoved unless InputProcessor is the one this patch was written for."""
-    from vllm.v1.engine.input_processor import InputProcessor
-
     expected = {"_validate_prompt_len": ["self", "prompt_len", "prompt_type"],
                 "process_inputs": ["self", "request_id", "prompt", "params"]}
     for name, params in expected.items():
@@ -57,8 +55,6 @@ def check_target() -> None:
 
 
 def apply() -> None:
-    from vllm.v1.engine.input_processor import InputProcessor
-
     if _originals:
         return
     check_target()

@@ -3,48 +3,79 @@
 Why: vLLM's OpenAI server computes each request's max_tokens with
 serve.utils.api_utils.get_max_tokens(max_model_len, ...), which raises when the prompt is longer
 than max_model_len and caps prompt + output at max_model_len. A streaming engine has no such
-limit.
-How: get_max_tokens is wrapped (in api_utils and in the serving modules that imported it by name:
-completions, chat, batch chat); when this process built a streaming engine's config, it is called
-with max_model_len = prompt length + max(max_model_len, requested max_tokens): any prompt
-length, the requested max_tokens as asked, and, when none is asked, up to max_model_len new
-tokens (the same default as patches/input_length.py).
+limit. get_max_tokens is handed numbers only, not the engine it serves.
+How: the serving methods that call it (completions, chat, batch chat) are wrapped to note, for
+the length of the request, the model config of the engine they serve (a context variable: per
+request, per engine); get_max_tokens (in api_utils and in those modules, which imported it by
+name) is wrapped: for a streaming engine it is called with max_model_len = prompt length +
+max(max_model_len, requested max_tokens): any prompt length, the requested max_tokens as asked,
+and, when none is asked, up to max_model_len new tokens (the same default as
+patches/input_length.py). Stock engines take the original path.
 Delete when: vLLM takes the request length limit from the engine instead of max_model_len.
 """
 from __future__ import annotations
 
+import contextvars
+import functools
 import importlib
 import inspect
 
-from streamsink.patches import PatchTargetMoved
+from streamsink.config import streaming_model_config
+from streamsink.errors import PatchTargetMoved
 
 API_UTILS = "vllm.entrypoints.serve.utils.api_utils"
-IMPORTERS = ["vllm.entrypoints.openai.completion.serving",
-             "vllm.entrypoints.openai.chat_completion.serving",
-             "vllm.entrypoints.openai.chat_completion.batch_serving"]
+# (module, class, method that calls get_max_tokens with self.model_config.max_model_len)
+CALLERS = [("vllm.entrypoints.openai.completion.serving", "OpenAIServingCompletion",
+            "_create_completion"),
+           ("vllm.entrypoints.openai.chat_completion.serving", "OpenAIServingChat",
+            "_create_chat_completion"),
+           ("vllm.entrypoints.openai.chat_completion.batch_serving", "OpenAIServingChatBatch",
+            "create_batch_chat_completion")]
 PARAMS = ["max_model_len", "max_tokens", "input_length", "default_sampling_params"]
 
+_serving_model_config = contextvars.ContextVar("streamsink_serving_model_config", default=None)
 _original = None
+_original_methods: dict[tuple[str, str], object] = {}
+
+
+def _caller(module: str, cls: str):
+    return getattr(importlib.import_module(module), cls, None)
 
 
 def check_target() -> None:
     original = _original or importlib.import_module(API_UTILS).get_max_tokens
     if list(inspect.signature(original).parameters)[:4] != PARAMS:
         raise PatchTargetMoved(f"get_max_tokens({', '.join(PARAMS)}, ...) changed")
-    for name in IMPORTERS:
-        if getattr(importlib.import_module(name), "get_max_tokens", None) not in (original,
-                                                                                  _streaming):
-            raise PatchTargetMoved(f"{name} no longer uses api_utils.get_max_tokens")
+    for module, cls, method in CALLERS:
+        if getattr(importlib.import_module(module), "get_max_tokens", None) not in (original,
+                                                                                    _streaming):
+            raise PatchTargetMoved(f"{module} no longer uses api_utils.get_max_tokens")
+        target = _original_methods.get((cls, method)) or getattr(_caller(module, cls), method,
+                                                                   None)
+        if target is None or not inspect.iscoroutinefunction(target) or \
+                "max_model_len = self.model_config.max_model_len" not in inspect.getsource(target):
+            raise PatchTargetMoved(f"{cls}.{method} no longer calls get_max_tokens with "
+                                   "self.model_config.max_model_len")
 
 
 def _streaming(max_model_len, max_tokens, input_length, default_sampling_params, *args,
                **kwargs):
-    from streamsink.engine_setup import streaming_engine_built
-
-    if streaming_engine_built():
+    if streaming_model_config(_serving_model_config.get()) is not None:
         max_model_len = input_length + max(max_model_len, max_tokens or 0)
     return _original(max_model_len, max_tokens, input_length, default_sampling_params, *args,
                      **kwargs)
+
+
+def _noting_model_config(method):
+    @functools.wraps(method)
+    async def serve(self, *args, **kwargs):
+        token = _serving_model_config.set(self.model_config)
+        try:
+            return await method(self, *args, **kwargs)
+        finally:
+            _serving_model_config.reset(token)
+
+    return serve
 
 
 def apply() -> None:
@@ -53,5 +84,9 @@ def apply() -> None:
         return
     check_target()
     _original = importlib.import_module(API_UTILS).get_max_tokens
-    for name in [API_UTILS, *IMPORTERS]:
-        importlib.import_module(name).get_max_tokens = _streaming
+    importlib.import_module(API_UTILS).get_max_tokens = _streaming
+    for module, cls, method in CALLERS:
+        importlib.import_module(module).get_max_tokens = _streaming
+        klass = _caller(module, cls)
+        _original_methods[(cls, method)] = getattr(klass, method)
+        setattr(klass, method, _noting_model_config(getattr(klass, method)))

@@ -5,7 +5,7 @@ model_config.max_model_len (CompletionRequest/ChatCompletionRequest.build_tok_pa
 server refuses a prompt longer than max_model_len, and a max_tokens above it, before the engine
 sees them. A streaming engine serves both.
 How: both build_tok_params methods are wrapped; for the model config of a streaming engine
-(registered by streamsink.engine_setup) the original runs against a stand-in whose
+(config.streaming_model_config) the original runs against a stand-in whose
 max_model_len is None, vLLM's own "no limit".
 Delete when: vLLM takes the request length limit from the engine (a KV cache spec or plugin
 hook) instead of max_model_len.
@@ -16,16 +16,17 @@ import inspect
 import re
 from types import SimpleNamespace
 
-from streamsink.patches import PatchTargetMoved
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+from streamsink.config import streaming_model_config
+from streamsink.errors import PatchTargetMoved
 
 _originals: dict[type, object] = {}
 _NO_LIMIT = SimpleNamespace(max_model_len=None)
 
 
 def _targets():
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-
     return [CompletionRequest, ChatCompletionRequest]
 
 
@@ -45,9 +46,7 @@ def check_target() -> None:
 
 def _wrap(original):
     def build_tok_params(self, model_config):
-        from streamsink.engine_setup import is_streaming_model_config
-
-        if is_streaming_model_config(model_config):
+        if streaming_model_config(model_config) is not None:
             return original(self, _NO_LIMIT)
         return original(self, model_config)
 

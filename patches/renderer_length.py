@@ -14,7 +14,11 @@ import dataclasses
 import inspect
 from functools import cached_property
 
-from streamsink.patches import PatchTargetMoved
+from vllm.renderers.base import BaseRenderer
+from vllm.renderers.params import TokenizeParams
+
+from streamsink.config import streaming_config
+from streamsink.errors import PatchTargetMoved
 
 NAMES = ("default_cmpl_tok_params", "default_chat_tok_params")
 _originals: dict[str, cached_property] = {}
@@ -22,10 +26,8 @@ _originals: dict[str, cached_property] = {}
 
 def _unlimited_for_streaming(original: cached_property) -> cached_property:
     def tok_params(self):
-        from streamsink.config import config_from_additional
-
         params = original.func(self)
-        if config_from_additional(self.config.additional_config) is None:
+        if streaming_config(self.config) is None:
             return params
         return dataclasses.replace(params, max_total_tokens=None)
 
@@ -36,9 +38,6 @@ def _unlimited_for_streaming(original: cached_property) -> cached_property:
 
 def check_target() -> None:
     """Raise PatchTargetMoved unless the renderer's limits are where this patch expects them."""
-    from vllm.renderers.base import BaseRenderer
-    from vllm.renderers.params import TokenizeParams
-
     for name in NAMES:
         target = _originals.get(name) or BaseRenderer.__dict__.get(name)
         if not isinstance(target, cached_property) or \
@@ -50,8 +49,6 @@ def check_target() -> None:
 
 
 def apply() -> None:
-    from vllm.renderers.base import BaseRenderer
-
     if _originals:
         return
     check_target()

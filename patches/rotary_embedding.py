@@ -19,31 +19,26 @@ from __future__ import annotations
 import inspect
 
 import torch
+from vllm.model_executor.layers import rotary_embedding as rope_pkg
+from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
 
-from streamsink.patches import PatchTargetMoved
+from streamsink.engine_setup import engine_being_built
+from streamsink.errors import PatchTargetMoved
+from streamsink.rope import RopeSpec
 
 _original_compute = None
 
 
 def _streaming_row_width() -> int | None:
     """max_model_len of the streaming engine being built in this process, else None."""
-    from vllm.config import get_current_vllm_config_or_none
-
-    from streamsink.config import config_from_additional
-
-    vllm_config = get_current_vllm_config_or_none()
-    if vllm_config is None or vllm_config.model_config is None or \
-            config_from_additional(vllm_config.additional_config) is None:
-        return None
-    return vllm_config.model_config.max_model_len
+    cfg, vllm_config = engine_being_built()
+    return None if cfg is None else vllm_config.model_config.max_model_len
 
 
 def _compute_cos_sin_cache(self) -> torch.Tensor:
     rows = _streaming_row_width()
     if rows is None:
         return _original_compute(self)
-    from streamsink.rope import RopeSpec
-
     spec = RopeSpec(head_dim=self.head_size, rotary_dim=self.rotary_dim, theta=float(self.base))
     positions = torch.arange(max(self.max_position_embeddings, rows))
     return spec.cos_sin(positions, torch.float32)
@@ -67,9 +62,6 @@ class _RopeCacheByEngine(dict):
 
 
 def check_target() -> None:
-    from vllm.model_executor.layers import rotary_embedding as rope_pkg
-    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
-
     compute = _original_compute or RotaryEmbeddingBase.__dict__.get("_compute_cos_sin_cache")
     source = inspect.getsource(rope_pkg.get_rope)
     init = inspect.getsource(RotaryEmbeddingBase.__init__)
@@ -85,9 +77,6 @@ def check_target() -> None:
 
 def apply() -> None:
     global _original_compute
-    from vllm.model_executor.layers import rotary_embedding as rope_pkg
-    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
-
     if _original_compute is not None:
         return
     check_target()

@@ -15,7 +15,12 @@ from __future__ import annotations
 
 import inspect
 
-from streamsink.patches import PatchTargetMoved
+from vllm.v1.core import kv_cache_manager
+from vllm.v1.core.sched import scheduler
+from vllm.v1.core.sched.scheduler import Scheduler
+
+from streamsink.config import streaming_config
+from streamsink.errors import PatchTargetMoved
 
 UNBOUNDED = 1 << 62
 
@@ -24,9 +29,6 @@ _original_init = None
 
 def check_target() -> None:
     """Raise PatchTargetMoved unless the caps are where this patch was written to find them."""
-    from vllm.v1.core import kv_cache_manager
-    from vllm.v1.core.sched import scheduler
-
     # The caps this patch lifts, as vLLM 0.32.0 writes them.
     needles = {scheduler: ["check_stop(request, self.max_model_len)",
                            "self.max_model_len\n                - request.num_computed_tokens",
@@ -42,8 +44,6 @@ def check_target() -> None:
 
 def apply() -> None:
     global _original_init
-    from vllm.v1.core.sched.scheduler import Scheduler
-
     if _original_init is not None:
         return
     check_target()
@@ -51,9 +51,7 @@ def apply() -> None:
 
     def __init__(self, vllm_config, *args, **kwargs):
         _original_init(self, vllm_config, *args, **kwargs)
-        from streamsink.config import config_from_additional
-
-        if config_from_additional(vllm_config.additional_config) is not None:
+        if streaming_config(vllm_config) is not None:
             self.max_model_len = UNBOUNDED
             self.kv_cache_manager.max_model_len = UNBOUNDED
 

@@ -23,7 +23,13 @@ from __future__ import annotations
 
 import inspect
 
-from streamsink.patches import PatchTargetMoved
+from vllm.v1.worker.gpu_input_batch import InputBatch
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+from streamsink.config import streaming_config
+from streamsink.errors import PatchTargetMoved
+from streamsink.rope import rope_spec_from_hf_config
+from streamsink.row_window import RowWindow
 
 _originals: dict[str, object] = {}
 
@@ -33,12 +39,7 @@ def _rows_of(runner):
     batch = runner.input_batch
     rows = getattr(batch, "_streamsink_rows", None)
     if rows is None:
-        from streamsink.config import config_from_additional
-        from streamsink.row_window import RowWindow
-
-        from streamsink.rope import rope_spec_from_hf_config
-
-        cfg = config_from_additional(runner.vllm_config.additional_config)
+        cfg = streaming_config(runner.vllm_config)
         rows = False
         if cfg is not None:
             table = batch.block_table[0]
@@ -113,9 +114,6 @@ def _check(cls, name: str, params: list[str], source_needles: list[str]) -> None
 
 def check_target() -> None:
     """Raise PatchTargetMoved unless vLLM's worker is the one this patch was written for."""
-    from vllm.v1.worker.gpu_input_batch import InputBatch
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
     # What the row bookkeeping relies on: where vLLM writes rows and the absolute counters.
     _check(InputBatch, "add_request", ["self", "request"],
            ["self.token_ids_cpu[req_index, :num_prompt_tokens] = request.prompt_token_ids",
@@ -139,9 +137,6 @@ def check_target() -> None:
 
 
 def apply() -> None:
-    from vllm.v1.worker.gpu_input_batch import InputBatch
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
     if _originals:
         return
     check_target()

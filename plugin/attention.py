@@ -4,9 +4,10 @@ Registered over CPU_ATTN (vLLM's own override hook, register_backend), so every 
 on CPU goes through these classes; for an engine without a streamsink config they are exactly the
 stock classes. With one:
 
-- the KV write is stock (keys rotated at their row positions, stock cache layout);
+- the KV write is stock (keys rotated at their row positions, stock cache layout); the layers'
+  KV spec becomes the streaming one in the model runner (patches/kv_cache_spec.py);
 - vLLM's C++ kernel with a sliding window of C = S+W computes every request it can (dense
-  requests, and decodes past C after writing the S sink "shadows": DESIGN.md §3 option 4, O(S)
+  requests, and decodes past C after writing the S sink "shadows": docs/architecture.md, "RoPE", option 4; O(S)
   writes per decode per layer, see step_plan.py) — the whole step in one call when all can;
 - the other requests (prefill chunks past C) read the window and sink blocks the step plan lists:
   window keys as stored, through PyTorch's fused CPU attention, and sink keys against the query
@@ -28,18 +29,13 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadata,
     CPUAttentionMetadataBuilder,
 )
-from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
 from streamsink import shadow_op
-from streamsink.config import StreamsinkConfig, config_from_additional
-from streamsink.kv_policy import StreamingSinkSpec
+from streamsink.config import streaming_config
+from streamsink.kv_cache_layout import split_kv_cache
 from streamsink.rope import RopeSpec, rope_spec_from_hf_config, rotate
 from streamsink.step_plan import QueryTile, ShadowWrites, StepPlan, plan_step
-
-# The streamsink config of the engine whose model this process built last. vLLM asks the backend
-# to customize KV specs (customize_spec) without passing the config; one process builds one
-# engine's model at a time, right before it asks.
-_engine_config: StreamsinkConfig | None = None
 
 
 @dataclass
@@ -50,7 +46,7 @@ class StreamsinkMetadata(CPUAttentionMetadata):
 class StreamsinkMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.streamsink = config_from_additional(vllm_config.additional_config)
+        self.streamsink = streaming_config(vllm_config)
         self.rope = (rope_spec_from_hf_config(vllm_config.model_config.hf_text_config)
                      if self.streamsink else None)
         self._layer_caches: list[torch.Tensor] | None = None
@@ -112,32 +108,6 @@ class StreamsinkMetadataBuilder(CPUAttentionMetadataBuilder):
             scheduler_metadata=scheduler_metadata, causal=True)
 
 
-def _split_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Views of the stock CPU ("vec" ISA) layout: per block and KV head, keys are stored as
-    [head_dim, block_size] (column-major) and values as [block_size, head_dim]."""
-    num_blocks, kv_heads, block_size, two_d = kv_cache.shape
-    d = two_d // 2
-    pages = kv_cache.view(num_blocks, kv_heads, 2, block_size * d)
-    keys = pages[:, :, 0].unflatten(-1, (d, block_size))
-    values = pages[:, :, 1].unflatten(-1, (block_size, d))
-    return keys, values
-
-
-def rotate_cached_keys(kv_cache: torch.Tensor, blocks: torch.Tensor, cos_sin: torch.Tensor,
-                       rotary_dim: int) -> None:
-    """Rotate every key stored in `blocks` of one layer's cache by one angle set, in place
-    (cos_sin: [rotary_dim], cos | sin). Keys are [head_dim, B] per (block, KV head), so the
-    rotated halves are rows of that page."""
-    keys, _ = _split_kv_cache(kv_cache)
-    half = rotary_dim // 2
-    cos = cos_sin[:half, None].to(kv_cache.dtype)
-    sin = cos_sin[half:, None].to(kv_cache.dtype)
-    k = keys[blocks]                                          # [N, Hkv, D, B]
-    x1, x2 = k[:, :, :half], k[:, :, half:rotary_dim]
-    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=2)
-    keys[blocks, :, :rotary_dim] = rotated
-
-
 def attend_tile(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tile: QueryTile,
                 scale: float, rotary_dim: int) -> torch.Tensor:
     """Sink + window attention of one tile. query [T, Hq, D] -> [T, Hq, D].
@@ -182,11 +152,9 @@ def attend_tile(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, t
 
 class StreamsinkAttentionImpl(CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs) -> None:
-        global _engine_config
         super().__init__(*args, **kwargs)
         vllm_config = get_current_vllm_config()
-        self.streamsink = config_from_additional(vllm_config.additional_config)
-        _engine_config = self.streamsink
+        self.streamsink = streaming_config(vllm_config)
         self.rope: RopeSpec | None = None
         if self.streamsink is not None:
             self.rope = rope_spec_from_hf_config(vllm_config.model_config.hf_text_config)
@@ -242,7 +210,7 @@ class StreamsinkAttentionImpl(CPUAttentionBackendImpl):
                                    output_scale, output_block_scale)
         if plan.kernel_metadata is not None:
             self._kernel_requests(layer, query, kv_cache, plan, output)
-        keys, values = _split_kv_cache(kv_cache)
+        keys, values = split_kv_cache(kv_cache)
         out = output.view(output.shape[0], self.num_heads, self.head_size)
         q_all = query.view(query.shape[0], self.num_heads, self.head_size)
         for tile in plan.tiles:
@@ -274,21 +242,7 @@ class StreamsinkAttentionBackend(CPUAttentionBackend):
     def get_builder_cls():
         return StreamsinkMetadataBuilder
 
-    @classmethod
-    def customize_spec(cls, spec):
-        spec = super().customize_spec(spec)
-        cfg = _engine_config
-        if cfg is None or type(spec) is not FullAttentionSpec or spec.non_causal:
-            return spec
-        own = {"sliding_window", "sink_tokens", "extra_retained_tokens"}
-        fields = {f: getattr(spec, f) for f in StreamingSinkSpec.__dataclass_fields__
-                  if f in spec.__dataclass_fields__ and f not in own}
-        return StreamingSinkSpec(**fields, sliding_window=cfg.window_tokens,
-                                 sink_tokens=cfg.sink_tokens)
-
 
 def register_attention_backend() -> None:
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-
     register_backend(AttentionBackendEnum.CPU_ATTN,
                      f"{StreamsinkAttentionBackend.__module__}.StreamsinkAttentionBackend")

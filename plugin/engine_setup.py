@@ -1,44 +1,37 @@
-"""What a streaming engine needs from its VllmConfig: validation and the few settings it forces.
+"""What a streaming engine needs from its VllmConfig: validation, the KV budget and the few
+settings it forces.
 
 Called in every process that builds a VllmConfig (the API process first, so a bad configuration
 is refused before any engine process starts), through patches/engine_config.py.
 """
 from __future__ import annotations
 
+from vllm.config import get_current_vllm_config_or_none
 from vllm.logger import init_logger
+from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-from streamsink.config import StreamsinkConfigError, config_from_additional
+from streamsink.config import StreamsinkConfig, config_from_additional, streaming_config
+from streamsink.errors import StreamsinkConfigError
+from streamsink.kv_budget import size_kv_pool
 from streamsink.rope import rope_spec_from_hf_config
+from streamsink.row_window import min_row_tokens
 
 logger = init_logger("vllm.plugins.streamsink")
 
 # Architectures whose attention path we have checked against the reference: RoPE is NeoX-style
 # on (a prefix of) each head and applied to q and k right before vLLM's attention layer.
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "GPTNeoXForCausalLM"}
-
-
-# Model configs of the streaming engines built in this process (the API server's length
-# patches ask whether the engine they serve streams).
-_streaming_model_configs: list = []
-
-
-def is_streaming_model_config(model_config) -> bool:
-    return any(m is model_config for m in _streaming_model_configs)
-
-
-def streaming_engine_built() -> bool:
-    return bool(_streaming_model_configs)
+# vLLM's KV block size on CPU when none is given (CpuPlatform's default).
+CPU_DEFAULT_BLOCK_SIZE = 128
 
 
 def configure_streaming_engine(vllm_config) -> None:
     """Before the platform's own checks: validate. No-op for an engine without a streamsink
     config. The model runs as stock would (compiled by default): RoPE works on row positions
     through vLLM's own table, and attention is a custom op outside the graph."""
-    cfg = config_from_additional(vllm_config.additional_config)
-    if cfg is None:
-        return
+    cfg = streaming_config(vllm_config)
     model_config = vllm_config.model_config
-    if model_config is None:
+    if cfg is None or model_config is None:
         return
     arch = (model_config.architectures or ["?"])[0]
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -54,17 +47,13 @@ def configure_streaming_engine(vllm_config) -> None:
         rope_spec_from_hf_config(model_config.hf_text_config)
     except ValueError as exc:
         raise StreamsinkConfigError(str(exc)) from None
-    if not is_streaming_model_config(model_config):
-        _streaming_model_configs.append(model_config)
 
 
 def finish_streaming_engine(vllm_config) -> None:
-    """After the platform's checks (which pick the block size and turn async scheduling off):
-    KV layout, row width and prefix caching."""
-    if vllm_config.model_config is None:
-        return
-    cfg = config_from_additional(vllm_config.additional_config)
-    if cfg is None:
+    """After the platform's checks (which pick the block size, read VLLM_CPU_KVCACHE_SPACE and
+    turn async scheduling off): KV layout, row width, prefix caching and the KV budget."""
+    cfg = streaming_config(vllm_config)
+    if cfg is None or vllm_config.model_config is None:
         return
     cache_config = vllm_config.cache_config
     if cache_config.cache_dtype not in ("auto", None):
@@ -86,15 +75,16 @@ def finish_streaming_engine(vllm_config) -> None:
             raise StreamsinkConfigError(
                 "streamsink's prefix caching needs synchronous scheduling; pass "
                 "--no-async-scheduling or --no-enable-prefix-caching")
-        logger.info("streamsink: prefix caching on (streaming-exact)")
+    if cache_config.kv_cache_memory_bytes is None:
+        budget = size_kv_pool(vllm_config, cfg)
+        cache_config.kv_cache_memory_bytes = budget.bytes
+        logger.info("streamsink: %s", budget.describe())
 
 
 def _check_kv_layout(model_config, cache_config) -> None:
     """The streaming path reads the CPU backend's "vec" KV layout; refuse the others."""
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
     head_dim = model_config.get_head_size()
-    block_size = cache_config.block_size or 128
+    block_size = cache_config.block_size or CPU_DEFAULT_BLOCK_SIZE
     isa = _get_attn_isa(model_config.dtype, block_size, head_dim, cache_config.cache_dtype)
     if isa != "vec":
         raise StreamsinkConfigError(
@@ -102,12 +92,10 @@ def _check_kv_layout(model_config, cache_config) -> None:
             f"head_dim {head_dim}, block size {block_size} select {isa!r} (try dtype=float32)")
 
 
-def _check_row_width(vllm_config, cfg) -> None:
+def _check_row_width(vllm_config, cfg: StreamsinkConfig) -> None:
     """A stream runs past max_model_len, but one step (sinks, window, chunk) must fit the
     worker's batch row of max_model_len tokens (row_window.py)."""
-    from streamsink.row_window import min_row_tokens
-
-    block_size = vllm_config.cache_config.block_size or 128
+    block_size = vllm_config.cache_config.block_size or CPU_DEFAULT_BLOCK_SIZE
     step = vllm_config.scheduler_config.max_num_batched_tokens
     need = min_row_tokens(cfg, block_size, step)
     have = vllm_config.model_config.max_model_len
@@ -125,9 +113,7 @@ def fit_default_chunk(engine_args, max_model_len: int, default_chunk: int) -> in
     cfg = config_from_additional(engine_args.additional_config)
     if cfg is None:
         return None
-    from streamsink.row_window import min_row_tokens
-
-    block_size = engine_args.block_size or 128  # CpuPlatform's default block size
+    block_size = engine_args.block_size or CPU_DEFAULT_BLOCK_SIZE
     room = max_model_len - min_row_tokens(cfg, block_size, 0)
     if default_chunk <= room or room < block_size:
         return None
@@ -135,3 +121,12 @@ def fit_default_chunk(engine_args, max_model_len: int, default_chunk: int) -> in
                 "fits max_model_len=%d with sink_tokens=%d, window_tokens=%d", room,
                 default_chunk, max_model_len, cfg.sink_tokens, cfg.window_tokens)
     return room
+
+
+def engine_being_built() -> tuple[StreamsinkConfig | None, object]:
+    """(streamsink config, VllmConfig) of the engine whose model this process is building now
+    (vLLM sets the current config around model construction); (None, ...) for a stock one."""
+    vllm_config = get_current_vllm_config_or_none()
+    if vllm_config is None or vllm_config.model_config is None:
+        return None, vllm_config
+    return streaming_config(vllm_config), vllm_config

@@ -1,62 +1,22 @@
 """The paged KV policy: pin the sink blocks, free window blocks once no query can see them.
 
-A registered KV cache spec and manager (vLLM's own extension point, kv_cache_spec_registry).
-The spec subclasses SlidingWindowSpec on purpose: vLLM then sizes the pool and admits requests by
-the window (max_admission_blocks_per_request) instead of by max_model_len, which is what lets a
-prompt of any length stream through chunked prefill.
-
-Block accounting: with block size B, a stream holds the ceil(S/B) sink blocks for its whole life,
-plus the blocks covering the C-1 = S+W-1 tokens before the next query and the Q tokens scheduled
-in the step: at most ceil(S/B) + ceil((S+W-1+Q)/B) + 1 blocks, whatever its length. The S slots
-kept beyond the window are where decode writes the sinks' "shadows" (attention.py) so that vLLM's
-own kernel can run; DESIGN.md §2's bound ceil(S/B) + ceil((W+Q)/B) + 1 is the same number unless
-S-1 extra tokens cross a block boundary (never for the default 4+1020 at B=128).
+A registered KV cache spec and manager (vLLM's own extension point, kv_cache_spec_registry); the
+spec and the per-stream block bound are in kv_spec.py, exact prefix caching in prefix_cache.py.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from vllm.v1.core.single_type_kv_cache_manager import register_all_kvcache_specs
+from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-from vllm.utils.math_utils import cdiv
-from vllm.v1.kv_cache_interface import SlidingWindowSpec
-
-from streamsink import metrics
+from streamsink import prefix_cache
+from streamsink.kv_spec import StreamingSinkSpec
+from streamsink.metrics import Publisher
 from streamsink.prefix_cache import StreamingPrefixCache
-
-
-@dataclass(frozen=True, kw_only=True)
-class StreamingSinkSpec(SlidingWindowSpec):
-    """KV spec of a streaming layer: `sliding_window` is W, plus S pinned sink tokens."""
-
-    sink_tokens: int = 0
-
-    @property
-    def sink_blocks(self) -> int:
-        return cdiv(self.sink_tokens, self.block_size)
-
-    @property
-    def retained_tokens(self) -> int:
-        """Tokens kept before the next query: the window's W-1 plus S shadow slots."""
-        return self.sink_tokens + self.sliding_window - 1
-
-    def max_blocks_held(self, step_tokens: int) -> int:
-        """The most blocks one stream holds with `step_tokens` scheduled in a step."""
-        held = self.retained_tokens + self.extra_retained_tokens + step_tokens
-        # +1: the retained run need not start on a block boundary.
-        return self.sink_blocks + cdiv(held, self.block_size) + 1
-
-    def max_admission_blocks_per_request(self, max_in_flight_tokens: int,
-                                         max_model_len: int) -> int:
-        return min(self.max_blocks_held(max_in_flight_tokens),
-                   cdiv(max_model_len, self.block_size))
 
 
 class StreamingSinkManager(StreamingPrefixCache):
     """SlidingWindowManager that never frees the blocks holding the first S tokens (and caches
     prefixes exactly, prefix_cache.py)."""
-
-    # Totals over the life of this process, for metrics (one manager per KV cache group).
-    blocks_freed_total = 0
-    tokens_evicted_total = 0
 
     def __init__(self, kv_cache_spec: StreamingSinkSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
@@ -64,7 +24,10 @@ class StreamingSinkManager(StreamingPrefixCache):
         self.retained_tokens = kv_cache_spec.retained_tokens
         self._freed: dict[str, int] = {}  # per request: blocks replaced by the null block
         self.decode_blocks = kv_cache_spec.max_blocks_held(1)  # a stream past C, decoding
-        metrics.track(self)
+        # Totals over this manager's life, for metrics.
+        self.blocks_freed_total = 0
+        self.tokens_evicted_total = 0
+        self.metrics = Publisher()
 
     def get_num_blocks_to_allocate(self, request_id, *args, **kwargs) -> int:
         need = super().get_num_blocks_to_allocate(request_id, *args, **kwargs)
@@ -106,14 +69,14 @@ class StreamingSinkManager(StreamingPrefixCache):
             # Oldest first: with prefix caching on, the free queue evicts from its front.
             self.block_pool.free_blocks(reversed(freed))
             self._freed[request_id] = self._freed.get(request_id, 0) + len(freed)
-            type(self).blocks_freed_total += len(freed)
-            type(self).tokens_evicted_total += len(freed) * self.block_size
-            metrics.publish()
+            self.blocks_freed_total += len(freed)
+            self.tokens_evicted_total += len(freed) * self.block_size
+            self.publish()
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int, *args, **kwargs):
         blocks = super().allocate_new_blocks(request_id, num_tokens, *args, **kwargs)
         if blocks:
-            metrics.publish()
+            self.publish()
         return blocks
 
     def add_local_computed_blocks(self, request_id, *args, **kwargs) -> None:
@@ -127,7 +90,7 @@ class StreamingSinkManager(StreamingPrefixCache):
         # Finish, abort and preemption all come through here (free() included).
         self._freed.pop(request_id, None)
         blocks = super().pop_blocks_for_free(request_id)
-        metrics.publish(force=True)
+        self.publish(force=True)
         return blocks
 
     def held_blocks(self, request_id: str) -> int:
@@ -138,15 +101,21 @@ class StreamingSinkManager(StreamingPrefixCache):
     def held_blocks_all(self) -> int:
         return sum(self.held_blocks(r) for r in self.req_to_blocks)
 
+    def publish(self, force: bool = False) -> None:
+        """Push this manager's numbers to the metrics (metrics.py keys)."""
+        self.metrics.publish({
+            "freed_blocks": self.blocks_freed_total,
+            "evicted_tokens": self.tokens_evicted_total,
+            "cache_shadow_copies": self.shadow_copies_total,
+            "cache_hit_copies": self.adopt_copies_total,
+            "cache_dropped_blocks": self.unhashed_total,
+            "held_blocks": self.held_blocks_all(),
+            "streams": len(self.req_to_blocks)}, force=force)
+
 
 def register_kv_policy() -> None:
     """Register the spec/manager pair, after the built-ins (the registry only registers the
     built-ins lazily when it is empty, so registering first would hide them)."""
-    from vllm.v1.core.single_type_kv_cache_manager import register_all_kvcache_specs
-    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
-
-    from streamsink import prefix_cache
-
     prefix_cache.check_target()  # refuse loudly if the vLLM internals it relies on moved
     register_all_kvcache_specs(None)
     KVCacheSpecRegistry.register(StreamingSinkSpec, StreamingSinkManager,

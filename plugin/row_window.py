@@ -33,7 +33,11 @@ from __future__ import annotations
 
 import copy
 
+import torch
+
 from streamsink.config import StreamsinkConfig
+from streamsink.kv_cache_layout import rotate_cached_keys
+
 
 def min_row_tokens(cfg: StreamsinkConfig, block_size: int, max_step_tokens: int) -> int:
     """The narrowest row that always fits one step: the sink blocks, the C-1 keys before the
@@ -165,10 +169,6 @@ class RowWindow:
         """Rotate every key stored in `blocks` by `angle` positions, in every layer."""
         if not self.kv_caches or self.rope is None:
             return
-        import torch
-
-        from streamsink.attention import rotate_cached_keys
-
         index = torch.tensor(blocks, dtype=torch.long)
         cos_sin = self.rope.cos_sin(torch.tensor([angle]), torch.float64)[0]
         seen = set()

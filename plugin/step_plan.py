@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from streamsink.config import StreamsinkConfig
+from streamsink.kv_cache_layout import flat_kv_index
 from streamsink.rope import RopeSpec
 
 # Queries of one prefill chunk are processed in tiles of this many, so the mask of one tile stays
@@ -91,7 +92,7 @@ class ShadowWrites:
         their values the same way (the stock-op path's gather), built once per step."""
         if self._source_index is None:
             slots = self.source_slots.numpy()
-            self._source_index = torch.from_numpy(_vec_layout_index(
+            self._source_index = torch.from_numpy(flat_kv_index(
                 slots // self.block_size, slots % self.block_size, self.kv_heads,
                 self.head_dim, self.block_size))
         return self._source_index
@@ -145,19 +146,6 @@ def _kernel_can_run(cfg: StreamsinkConfig, seq_len: int, query_len: int) -> bool
     # Dense, or a decode whose shadow slots (i-C+1 .. i-C+S) lie past the real sinks.
     return (seq_len <= cfg.cache_tokens
             or (query_len == 1 and seq_len - 1 >= cfg.cache_tokens + cfg.sink_tokens - 1))
-
-
-def _vec_layout_index(blocks: np.ndarray, offsets: np.ndarray, kv_heads: int, head_dim: int,
-                      block_size: int) -> np.ndarray:
-    """Flat indices of the keys, then the values, of tokens (block, offset), each [N, Hkv, D]."""
-    page = 2 * block_size * head_dim
-    base = (blocks.astype(np.int64)[:, None, None] * kv_heads
-            + np.arange(kv_heads)[None, :, None]) * page
-    dims = np.arange(head_dim)[None, None, :]
-    offsets = offsets[:, None, None]
-    keys = base + dims * block_size + offsets
-    values = base + block_size * head_dim + offsets * head_dim + dims
-    return np.concatenate([keys.ravel(), values.ravel()])
 
 
 @functools.lru_cache(maxsize=8)

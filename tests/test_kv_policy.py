@@ -49,7 +49,7 @@ def test_long_stream_stays_within_block_bound(engine):
 
     _, manager, pool = kv_internals(engine)
     free_before = pool.get_num_free_blocks()
-    metrics.publish(force=True)
+    manager.publish(force=True)
     totals_before = metrics.read_totals()
     bound = block_bound(SINK, WINDOW, CHUNK, manager.block_size)
     engine.llm_engine.add_request("long", {"prompt_token_ids": random_tokens(20_000)},
@@ -66,7 +66,7 @@ def test_long_stream_stays_within_block_bound(engine):
             if len(blocks) > bound:  # longer than the bound: the middle must have been freed
                 assert any(b.is_null for b in blocks[1:-2])
         if steps == 20:
-            metrics.publish(force=True)
+            manager.publish(force=True)
             assert metrics.read_totals()["held_blocks"] == manager.held_blocks_all() > 0
             assert metrics.read_totals()["streams"] == 1
     assert steps > 300  # ~40 prefill chunks + 300 decode steps

@@ -140,18 +140,16 @@ def sessions(llm):
 
 @pytest.fixture(scope="module")
 def runs(tiny_llama):
-    from streamsink.prefix_cache import StreamingPrefixCache
-
     on = engine(tiny_llama, caching=True)
     scheduler, manager, pool = internals(on)
     got = {"pool_blocks": pool.num_gpu_blocks}
     counts = {}
 
     def count(name, before):
-        counts[name] = {k: getattr(StreamingPrefixCache, k) - v for k, v in before.items()}
+        counts[name] = {k: getattr(manager, k) - v for k, v in before.items()}
 
     totals = ("shadow_copies_total", "adopt_copies_total", "unhashed_total")
-    snap = {k: getattr(StreamingPrefixCache, k) for k in totals}
+    snap = {k: getattr(manager, k) for k in totals}
     got["chat"] = chat(on)
     count("chat", snap)
     runner = on.llm_engine.model_executor.driver_worker.worker.model_runner
@@ -169,7 +167,7 @@ def runs(tiny_llama):
                     {t: out.prompt_logprobs[t][probe[t]].logprob
                      for t in range(out.num_cached_tokens + 1, len(probe))})
 
-    snap = {k: getattr(StreamingPrefixCache, k) for k in totals}
+    snap = {k: getattr(manager, k) for k in totals}
     got["concurrent"] = concurrent(on)
     count("concurrent", snap)
 

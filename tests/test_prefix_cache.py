@@ -165,7 +165,7 @@ def test_chat_turns_hit_the_processed_history_and_read_clean_keys():
     from streamsink.prefix_cache import StreamingPrefixCache
 
     sim = Sim()
-    copies_before = StreamingPrefixCache.shadow_copies_total
+    copies_before = sim.manager.shadow_copies_total
     hits, lengths = chat(sim, turns=6, user_tokens=20, gen_tokens=30)
     assert hits[0] == 0
     for t in range(1, 6):
@@ -173,7 +173,7 @@ def test_chat_turns_hit_the_processed_history_and_read_clean_keys():
         assert hits[t] == processed // BLOCK * BLOCK, (t, hits)
     assert lengths[-1] > 5 * (SINK + WINDOW)
     # The decodes' shadows reached cached blocks: clean copies kept the cache exact.
-    assert StreamingPrefixCache.shadow_copies_total > copies_before
+    assert sim.manager.shadow_copies_total > copies_before
     sim.assert_pool_restored()
     assert len(sim.pool.cached_block_hash_to_block) > 0
 
@@ -222,11 +222,11 @@ def test_concurrent_requests_never_share_a_block():
     sim.step(new=[a])
     for _ in range(20):
         sim.step()
-    copies_before = StreamingPrefixCache.adopt_copies_total
+    copies_before = sim.manager.adopt_copies_total
     b = sim.request("B", list(a.all_token_ids[:a.num_computed_tokens]) + [9, 9, 9], 60)
     sim.step(new=[b])
     assert sim.hits["B"] >= a.num_computed_tokens - 20 - BLOCK
-    assert StreamingPrefixCache.adopt_copies_total > copies_before
+    assert sim.manager.adopt_copies_total > copies_before
     while sim.running:
         sim.step()
     sim.assert_pool_restored()
@@ -241,10 +241,10 @@ def test_first_step_a_single_token_decode_on_adopted_blocks():
     prompt = [3 + i % 300 for i in range(200)]
     sim.run(sim.request("first", prompt, 1))
     nxt = prompt[:11 * BLOCK + 1]                 # len - 1 is a multiple of B
-    copies = StreamingPrefixCache.shadow_copies_total
+    copies = sim.manager.shadow_copies_total
     sim.run(sim.request("second", nxt, 20))
     assert sim.hits["second"] == len(nxt) - 1
-    assert StreamingPrefixCache.shadow_copies_total > copies
+    assert sim.manager.shadow_copies_total > copies
     sim.assert_pool_restored()
 
 
@@ -281,10 +281,10 @@ def test_no_free_block_for_a_copy_drops_the_hash():
             sim.pool.get_num_free_blocks = free_count
 
     sim.kv.take_kv_cache_block_copies = take_with_pool_exhausted
-    unhashed = StreamingPrefixCache.unhashed_total
+    unhashed = sim.manager.unhashed_total
     chat(sim, turns=2, user_tokens=20, gen_tokens=30, seed=1)
     sim.kv.take_kv_cache_block_copies = take
-    assert StreamingPrefixCache.unhashed_total > unhashed
+    assert sim.manager.unhashed_total > unhashed
     sim.assert_pool_restored()
 
 

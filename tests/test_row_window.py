@@ -33,18 +33,18 @@ def raw_keys(num_blocks):
 def store(cache, block_id, index, raw, offset):
     """What the model writes for logical block `index` into physical block_id: keys of
     positions index*B.. rotated at their row positions (absolute inside the sink blocks)."""
-    from streamsink.attention import _split_kv_cache
+    from streamsink.kv_cache_layout import split_kv_cache
 
     positions = torch.arange(index * B, (index + 1) * B)
     row = positions if index == 0 else positions - offset
     keys = rotate(raw[positions], ROPE.cos_sin(row, torch.float64)[:, None], ROPE.rotary_dim)
-    _split_kv_cache(cache)[0][block_id].copy_(keys.permute(1, 2, 0))   # [Hkv, D, B]
+    split_kv_cache(cache)[0][block_id].copy_(keys.permute(1, 2, 0))   # [Hkv, D, B]
 
 
 def stored(cache, block_id):
-    from streamsink.attention import _split_kv_cache
+    from streamsink.kv_cache_layout import split_kv_cache
 
-    return _split_kv_cache(cache)[0][block_id].clone()
+    return split_kv_cache(cache)[0][block_id].clone()
 
 
 def request(req_id, block_ids, computed):

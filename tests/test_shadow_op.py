@@ -46,11 +46,11 @@ def make_case(rope: RopeSpec, dtype: torch.dtype):
 
 def expected_cache(cache, cfg, seq_lens, table, rope):
     """The definition, token by token, in float64 (keys: [D, B] pages; values: [B, D])."""
-    from streamsink.attention import _split_kv_cache
+    from streamsink.kv_cache_layout import split_kv_cache
 
     out = cache.clone()
-    keys, values = _split_kv_cache(cache)
-    out_keys, out_values = _split_kv_cache(out)
+    keys, values = split_kv_cache(cache)
+    out_keys, out_values = split_kv_cache(out)
     for r, seq_len in enumerate(seq_lens):
         shift = seq_len - 1 - cfg.cache_tokens + 1
         for j in range(cfg.sink_tokens):

@@ -123,7 +123,8 @@ def test_sink_rotation_moves_query_to_its_cache_slot():
 def test_tile_attention_equals_the_definition(sink, window, first, count):
     """attend_tile (fused window attention + sinks merged by log-sum-exp) equals softmax over
     V(i) written out: window keys as stored, sink logits with the query at its cache slot."""
-    from streamsink.attention import _split_kv_cache, attend_tile
+    from streamsink.attention import attend_tile
+    from streamsink.kv_cache_layout import split_kv_cache
     from streamsink.rope import rotate
 
     torch.manual_seed(sink + first)
@@ -131,7 +132,7 @@ def test_tile_attention_equals_the_definition(sink, window, first, count):
     block_size, kv_heads, heads, d = 8, 2, 4, 64
     table = torch.tensor([[5, 2, 7, 0, 3, 6, 1, 4]])
     cache = torch.randn(8, kv_heads, block_size, 2 * d, dtype=torch.float64)
-    keys, values = _split_kv_cache(cache)
+    keys, values = split_kv_cache(cache)
     seq = first + count
     plan = plan_step(cfg, ROPE, block_size, [seq], [0, count], table, torch.float64)
     query = torch.randn(count, heads, d, dtype=torch.float64)
@@ -164,7 +165,7 @@ def test_tile_attention_equals_the_definition(sink, window, first, count):
 def test_rebase_rerotation_equals_keys_cached_at_the_new_row_positions():
     """RowWindow moves a row by delta and rotates the kept blocks' cached keys by -delta: the
     result equals keys rotated at the new row positions directly (the "vec" cache layout)."""
-    from streamsink.attention import _split_kv_cache, rotate_cached_keys
+    from streamsink.kv_cache_layout import rotate_cached_keys, split_kv_cache
     from streamsink.rope import rotate
 
     torch.manual_seed(0)
@@ -175,7 +176,7 @@ def test_rebase_rerotation_equals_keys_cached_at_the_new_row_positions():
 
     def cache_at(pos):  # keys rotated at `pos`, stored as the CPU backend stores them
         cache = torch.zeros(num_blocks, kv_heads, block_size, 2 * 64, dtype=torch.float64)
-        keys, _ = _split_kv_cache(cache)
+        keys, _ = split_kv_cache(cache)
         rotated = rotate(raw, rope.cos_sin(pos.flatten(), torch.float64).view(
             num_blocks, block_size, 1, -1), rope.rotary_dim)
         keys.copy_(rotated.permute(0, 2, 3, 1))                        # [N, Hkv, D, B]
