@@ -92,11 +92,10 @@ def converse(api_url: str, model: str, turns: list[str], answer_tokens: int,
 
 
 def run_server(args, caching: bool, turns: list[str], answers=None) -> list[dict]:
-    from streamsink.serving.engine import DEFAULT_KV_CACHE_BYTES
-    from streamsink.serving.load_servers import EngineArgs, ServerProcess
+    from streamsink.serving.loadtest.servers import EngineArgs, ServerProcess
 
     extra = [] if caching else ["--no-enable-prefix-caching"]
-    engine = EngineArgs(model=args.model_dir, kv_cache_bytes=DEFAULT_KV_CACHE_BYTES,
+    engine = EngineArgs(model=args.model_dir, kv_cache_bytes=None,
                         max_num_batched_tokens=args.chunk, max_num_seqs=4, extra=extra)
     log = os.path.join(tempfile.gettempdir(), f"chat_session_{'on' if caching else 'off'}.log")
     server = ServerProcess("streamsink", engine, log, sink=args.sink, window=args.window)

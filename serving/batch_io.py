@@ -7,8 +7,10 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from streamsink.errors import UsageError
 
-class BatchInputError(Exception):
+
+class BatchInputError(UsageError):
     """Bad input or output file: one line for the user, exit 2, nothing started or written."""
 
 

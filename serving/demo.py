@@ -9,19 +9,22 @@ import argparse
 import sys
 import time
 
+from streamsink.config import parse_config
+from streamsink.errors import UsageError
+from streamsink.serving.engine import kv_pool_bytes, make_llm, scheduler_of, streaming_blocks_held
 
-def run_demo(args: argparse.Namespace) -> int:
-    from streamsink.config import parse_config
-    from streamsink.serving.engine import make_llm, scheduler_of, streaming_blocks_held
 
+def run(args: argparse.Namespace) -> int:
     if args.tokens < 1:
-        print("streamsink: error: --tokens must be at least 1", file=sys.stderr)
-        return 2
+        raise UsageError("--tokens must be at least 1")
     cfg = parse_config({"sink_tokens": args.sink, "window_tokens": args.window})
     print(f"streamsink demo: {args.tokens} tokens, {cfg.sink_tokens} sinks + "
           f"{cfg.window_tokens}-token window (cache {cfg.cache_tokens}); starting the engine...",
           flush=True)
-    llm = make_llm(args.model, streamsink=vars(cfg), in_process=True, enforce_eager=True)
+    llm = make_llm(args.model, streamsink=cfg.as_dict(), in_process=True, enforce_eager=True,
+                   max_num_seqs=1)
+    print(f"streamsink demo: KV pool {kv_pool_bytes(llm) / 2**20:.0f} MiB (sized for one "
+          "stream at full window)", flush=True)
     from vllm import SamplingParams
 
     tokenizer = llm.get_tokenizer()

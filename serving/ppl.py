@@ -10,17 +10,22 @@ import argparse
 import math
 import sys
 
+from streamsink.config import parse_config
+from streamsink.errors import UsageError
+from streamsink.model_store import resolve_model
+from streamsink.serving.engine import make_llm, scheduler_of
+
 
 def load_token_ids(text_path: str, tokenizer, offset: int, max_tokens: int | None) -> list[int]:
     try:
         with open(text_path, encoding="utf-8", errors="replace") as f:
             text = f.read()
     except OSError as exc:
-        raise ValueError(f"--text {text_path}: {exc.strerror}") from None
+        raise UsageError(f"--text {text_path}: {exc.strerror}") from None
     ids = tokenizer(text)["input_ids"]
     ids = ids[offset:] if max_tokens is None else ids[offset:offset + max_tokens]
     if len(ids) < 2:
-        raise ValueError(f"--text {text_path}: fewer than 2 tokens after --offset {offset}")
+        raise UsageError(f"--text {text_path}: fewer than 2 tokens after --offset {offset}")
     return ids
 
 
@@ -28,8 +33,6 @@ def streaming_nlls(llm, ids: list[int], progress: bool = True) -> list[float]:
     """NLL of ids[1:] under the engine, with a progress bar over the prefill."""
     from tqdm import tqdm
     from vllm import SamplingParams
-
-    from streamsink.serving.engine import scheduler_of
 
     engine = llm.llm_engine
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
@@ -51,30 +54,20 @@ def streaming_nlls(llm, ids: list[int], progress: bool = True) -> list[float]:
     return [-logprobs[t][ids[t]].logprob for t in range(1, len(ids))]
 
 
-def run_ppl(args: argparse.Namespace) -> int:
-    from streamsink.config import parse_config
-    from streamsink.serving.engine import make_llm
-
+def run(args: argparse.Namespace) -> int:
     if args.offset < 0 or (args.max_tokens is not None and args.max_tokens < 2):
-        print("streamsink: error: --offset must be >= 0 and --max-tokens >= 2", file=sys.stderr)
-        return 2
+        raise UsageError("--offset must be >= 0 and --max-tokens >= 2")
     cfg = parse_config({"sink_tokens": args.sink, "window_tokens": args.window})
     from transformers import AutoTokenizer
 
-    from streamsink.model_store import resolve_model
-
     model = resolve_model(args.model)
-    try:
-        ids = load_token_ids(args.text, AutoTokenizer.from_pretrained(model), args.offset,
-                             args.max_tokens)
-    except ValueError as exc:
-        print(f"streamsink: error: {exc}", file=sys.stderr)
-        return 2
+    ids = load_token_ids(args.text, AutoTokenizer.from_pretrained(model), args.offset,
+                         args.max_tokens)
     if cfg.window_tokens > len(ids):
         # A window wider than the text never evicts anything (dense): the narrower window is
         # the same computation and keeps the engine's rows and KV admission small.
         cfg = parse_config({"sink_tokens": cfg.sink_tokens, "window_tokens": len(ids)})
-    llm = make_llm(model, streamsink=vars(cfg), in_process=True, enforce_eager=True,
+    llm = make_llm(model, streamsink=cfg.as_dict(), in_process=True, enforce_eager=True,
                    max_num_batched_tokens=args.chunk, max_num_seqs=1)
     nlls = streaming_nlls(llm, ids)
     if args.out:

@@ -75,7 +75,7 @@ def test_bad_input_refused_before_anything_starts(tmp_path, lines, expected, out
     done = batch(["--input", str(inp), "--output", str(out)], timeout=60)
     assert done.returncode == 2, done.stderr
     errors = done.stderr.strip().splitlines()
-    assert len(errors) == 1 and errors[0].startswith("streamsink batch: error:"), done.stderr
+    assert len(errors) == 1 and errors[0].startswith("streamsink: error:"), done.stderr
     for word in expected:
         assert word in errors[0], errors[0]
     # OUT untouched: not created, or byte for byte what it was (its torn line too).
@@ -88,7 +88,7 @@ def test_missing_input_file(tmp_path):
                   str(tmp_path / "out.jsonl")], timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        f"streamsink batch: error: input file {tmp_path / 'nope.jsonl'} not found"]
+        f"streamsink: error: input file {tmp_path / 'nope.jsonl'} not found"]
     assert not (tmp_path / "out.jsonl").exists()
 
 

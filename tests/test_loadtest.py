@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from streamsink.serving.prometheus_server import find_prometheus
+from streamsink.serving.loadtest.prometheus import find_prometheus
 
 pytestmark = pytest.mark.skipif(find_prometheus() is None,
                                 reason="prometheus not installed (scripts/setup.sh installs it)")
@@ -127,7 +127,7 @@ def test_bad_input_is_one_line(tmp_path):
                           text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "streamsink loadtest: error: --abort-fraction must be within [0, 1]"]
+        "streamsink: error: --abort-fraction must be within [0, 1]"]
 
 
 def test_client_accounting_against_a_fake_server():
@@ -140,8 +140,8 @@ def test_client_accounting_against_a_fake_server():
 
     from aiohttp import web
 
-    from streamsink.serving import load_client
-    from streamsink.serving.prometheus_server import free_port
+    from streamsink.serving.loadtest import client as load_client
+    from streamsink.serving.network import free_port
 
     seen = []
 

@@ -10,13 +10,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+
+from streamsink.serving.network import free_port
 
 HOW_TO_GET = ("prometheus not found: install Debian's package (`apt-get install -y prometheus`, "
               "as root; `make setup` does it) or put a `prometheus` binary on PATH "
@@ -34,12 +35,6 @@ def find_prometheus() -> str | None:
         return explicit if os.access(explicit, os.X_OK) else None
     return shutil.which("prometheus") or (
         "/usr/bin/prometheus" if os.access("/usr/bin/prometheus", os.X_OK) else None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape_config(jobs: dict[str, str], interval_s: float = 1.0) -> str:

@@ -16,12 +16,24 @@ HTTP 5xx, or a server/Prometheus failed; 2 for bad input (one line, no stack tra
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import signal
 import sys
 import time
+
+from streamsink.errors import UsageError
+from streamsink.model_store import resolve_model
+from streamsink.serving import processes
+from streamsink.serving.loadtest import client as load_client
+from streamsink.serving.loadtest import dashboard
+from streamsink.serving.loadtest.prometheus import (
+    HOW_TO_GET,
+    PrometheusError,
+    PrometheusServer,
+    find_prometheus,
+)
+from streamsink.serving.loadtest.servers import EngineArgs, ServerError, ServerProcess
+from streamsink.serving.serve import check_server_argv, server_argv
 
 # How the server-side series are asked for. Metric names come in two schemes: vLLM's own
 # ("vllm:num_requests_running", one API server) and Ray's export of the same metrics
@@ -66,69 +78,8 @@ SERIES = [  # (key, panel title, PromQL for a job)
 ]
 
 
-class InputError(Exception):
+class InputError(UsageError):
     """Bad command-line input: one line, exit 2."""
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="writes DIR/report.json, DIR/dashboard.png and DIR/logs/")
-    p.add_argument("--target", metavar="URL",
-                   help="load an already running OpenAI server (http://host:port[/v1]) instead "
-                        "of starting one")
-    p.add_argument("--metrics-url", metavar="URL",
-                   help="with --target: its Prometheus endpoint (default: <target>/metrics)")
-    p.add_argument("--ray", action="store_true",
-                   help="start `streamsink serve --ray` (Ray Serve LLM) instead of one server")
-    p.add_argument("--replicas", type=int, default=1, help="with --ray: replicas (default 1)")
-    loop = p.add_mutually_exclusive_group()
-    loop.add_argument("--concurrency", type=int, default=None,
-                      help="closed loop: this many clients, one request each at a time "
-                           "(default 8)")
-    loop.add_argument("--rate", type=float, default=None,
-                      help="open loop: Poisson arrivals, requests per second")
-    p.add_argument("--requests", type=int, default=1000,
-                   help="start at most N requests (default 1000)")
-    p.add_argument("--duration", type=float, default=60.0,
-                   help="start no request after S seconds (default 60)")
-    p.add_argument("--drain-timeout", type=float, default=300.0,
-                   help="after --duration, requests still streaming get S more seconds, then "
-                        "the client hangs up (counted as aborted; default 300)")
-    p.add_argument("--prompt-tokens", type=int, default=256, help="prompt length (default 256)")
-    p.add_argument("--output-tokens", type=int, default=256,
-                   help="tokens generated per request (ignore_eos; default 256)")
-    p.add_argument("--abort-fraction", type=float, default=0.0,
-                   help="share of requests whose client disconnects mid-stream (default 0)")
-    p.add_argument("--compare-stock", action="store_true",
-                   help="then run a stock vLLM server (no streamsink) on the same KV budget "
-                        "under the same load, and overlay both")
-    p.add_argument("--slo-ttft-ms", type=float, help="goodput SLO: time to first token")
-    p.add_argument("--slo-tpot-ms", type=float, help="goodput SLO: time per output token")
-    p.add_argument("--slo-e2el-ms", type=float, help="goodput SLO: end-to-end latency")
-    g = p.add_argument_group("servers started by the load test")
-    g.add_argument("--model", help="local checkpoint directory or hub id (default: SmolLM2)")
-    g.add_argument("--sink", type=int, default=4, help="sink tokens S (default 4)")
-    g.add_argument("--window", type=int, default=124,
-                   help="window tokens W (default 124: the default load's 512-token streams "
-                        "outgrow the 128-token cache and free blocks as they go; the paper's "
-                        "is 1020)")
-    g.add_argument("--kv-cache-bytes", type=int, default=None,
-                   help="KV budget of every server (default: streamsink's 1 GiB)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=1024,
-                   help="tokens per engine step, every server (default 1024)")
-    g.add_argument("--max-model-len", type=int, default=None,
-                   help="every server (default: the model's context length)")
-    g.add_argument("--max-num-seqs", type=int, default=None,
-                   help="every server (default: vLLM's)")
-    g.add_argument("--server-arg", action="append", default=[], metavar="ARG",
-                   help="one more vLLM server argument for every server, e.g. "
-                        "--server-arg=--enforce-eager (repeatable)")
-    g.add_argument("--startup-timeout", type=float, default=900.0,
-                   help="seconds a server may take to start (default 900)")
-    p.add_argument("--seed", type=int, default=0, help="prompts and abort plan (default 0)")
-    p.add_argument("--scrape-interval", type=float, default=1.0,
-                   help="Prometheus scrape interval in seconds (default 1)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _validate(args) -> None:
@@ -162,43 +113,30 @@ def _validate(args) -> None:
 
 
 def run(args) -> int:
-    try:
-        _validate(args)
-    except InputError as exc:
-        print(f"streamsink loadtest: error: {exc}", file=sys.stderr)
-        return 2
-    from streamsink.serving.prometheus_server import HOW_TO_GET, find_prometheus
-
+    _validate(args)
     if find_prometheus() is None:
-        print(f"streamsink loadtest: error: {HOW_TO_GET}", file=sys.stderr)
-        return 2
-    # SIGTERM unwinds like Ctrl-C, so the finally blocks stop what we started.
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        raise InputError(HOW_TO_GET)
+    # Servers are started in their own sessions; a server's orphans come back to us.
+    processes.become_subreaper()
+    # SIGINT/SIGTERM unwind through the finally blocks that stop what we started; exit 0.
+    processes.raise_on_signal()
     try:
         return _run(args)
-    except InputError as exc:
-        print(f"streamsink loadtest: error: {exc}", file=sys.stderr)
-        return 2
+    except processes.Interrupted:
+        print("streamsink loadtest: stopped", file=sys.stderr)
+        return 0
     except _Failure as exc:
         print(f"streamsink loadtest: {exc}", file=sys.stderr)
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        processes.stop_descendants(grace_s=5)
 
 
 class _Failure(Exception):
     """A server or Prometheus failed (one line, exit 1)."""
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def _run(args) -> int:
-    from streamsink.model_store import resolve_model
-    from streamsink.serving.engine import DEFAULT_KV_CACHE_BYTES
-    from streamsink.serving.load_servers import EngineArgs
-
     out = os.path.abspath(args.out)
     logs = os.path.join(out, "logs")
     os.makedirs(logs, exist_ok=True)
@@ -206,11 +144,14 @@ def _run(args) -> int:
     slos = {k: v for k, v in (("ttft", args.slo_ttft_ms), ("tpot", args.slo_tpot_ms),
                               ("e2el", args.slo_e2el_ms)) if v is not None}
     model = resolve_model(args.model) if (args.model or not args.target) else None
-    engine = EngineArgs(model=model or "", kv_cache_bytes=args.kv_cache_bytes or
-                        DEFAULT_KV_CACHE_BYTES,
+    engine = EngineArgs(model=model or "", kv_cache_bytes=args.kv_cache_bytes,
                         max_num_batched_tokens=args.max_num_batched_tokens,
                         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         extra=list(args.server_arg))
+    if not args.target:
+        # Refusals before anything starts; and the stock server of a comparison gets the KV
+        # budget the streaming one sizes for itself.
+        engine.kv_cache_bytes = check_streaming_server(engine, args.sink, args.window)
     plan = ["streamsink"] + (["stock"] if args.compare_stock else [])
     config = {k: v for k, v in vars(args).items() if k not in ("func", "vllm_args")}
     config.update(concurrency=concurrency if args.rate is None else None, model=model,
@@ -226,10 +167,6 @@ def _run(args) -> int:
 
 def _one_run(name: str, args, engine, concurrency, slos, logs, prompts, processes):
     """Start the server (unless --target) and Prometheus, load, drain, query; stop both."""
-    from streamsink.serving import load_client
-    from streamsink.serving.load_servers import ServerError, ServerProcess
-    from streamsink.serving.prometheus_server import PrometheusError, PrometheusServer
-
     server = prom = None
     try:
         if prompts is None and engine.model:  # before the server: it fails fast, costs nothing
@@ -301,8 +238,6 @@ def _one_run(name: str, args, engine, concurrency, slos, logs, prompts, processe
 
 
 def _prompts(args, tokenizer: str) -> list:
-    from streamsink.serving import load_client
-
     # Distinct prompts for every request that can start (a stock server's prefix cache must
     # not serve one request from another's blocks); past 2,000 they repeat.
     n = min(args.requests, 2000)
@@ -357,8 +292,6 @@ def _wait_drained(prom, job: str, interval: float, timeout_s: float = 90.0):
 
 
 def _finish(report: dict, out: str, plan: list[str]) -> int:
-    from streamsink.serving import dashboard
-
     runs = report["runs"]
     by = {r["name"]: r for r in runs}
     main = by["streamsink"]
@@ -398,6 +331,13 @@ def _finish(report: dict, out: str, plan: list[str]) -> int:
         print(f"problem: {p}", file=sys.stderr)
     print(line, flush=True)
     return report["exit_code"]
+
+
+def check_streaming_server(engine: EngineArgs, sink: int, window: int) -> int:
+    """Build the streaming server's engine config here (a refusal is one line, exit 2) and
+    return its KV budget in bytes."""
+    config, _ = check_server_argv(server_argv(engine.model, sink, window, engine.argv()))
+    return config.cache_config.kv_cache_memory_bytes
 
 
 def _title(cfg: dict, plan: list[str]) -> str:

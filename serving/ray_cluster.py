@@ -1,0 +1,108 @@
+"""Ray's lifecycle for streamsink's launchers (serve --ray, batch): join the cluster named by
+$RAY_ADDRESS or start a private local instance, and stop it again leaving nothing behind.
+
+A local instance is started with address="local" (never someone else's `ray start` cluster),
+more logical CPUs than physical cores (on a 2-core machine the ingress or Ray Data's small tasks
+and the engine replicas would otherwise wait for each other), a small object store, no
+dashboard, no idle workers kept (each holds ~0.5-1 GB with vLLM imported), and a metrics export
+port of our choosing (Prometheus text; vLLM's and streamsink's engine metrics travel there).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass
+
+import psutil
+
+from streamsink.patches.ray_agent_ports import fixed_agent_ports
+from streamsink.serving.network import free_port
+from streamsink.serving.processes import reap
+
+MIN_LOGICAL_CPUS = 8
+OBJECT_STORE_BYTES = 512 << 20
+# Ray's metrics export interval (ms): gauges refresh within ~2 s of a change.
+METRICS_REPORT_INTERVAL_MS = 2000
+START_ATTEMPTS = 3
+
+
+@dataclass
+class RayHandle:
+    started: bool                 # a local instance we started (and must stop)
+    metrics_port: int | None      # Ray's Prometheus export on this node
+
+
+def start_or_join(metrics_port: int | None = None, verbose: bool = False,
+                  log: logging.Logger | None = None) -> RayHandle:
+    """Join $RAY_ADDRESS, or start a local Ray (retrying a start the raylet gave up on)."""
+    import ray
+
+    quiet = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
+    if os.environ.get("RAY_ADDRESS"):
+        # A cluster user's Ray: its nodes export metrics on the ports `ray start` gave them.
+        ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
+        if metrics_port is not None:
+            print("streamsink: --metrics-port is ignored with RAY_ADDRESS (the cluster's nodes "
+                  "export on their own ports)", file=sys.stderr)
+        return RayHandle(False, _node_metrics_port())
+    metrics_port = metrics_port or free_port()
+    for attempt in range(START_ATTEMPTS):
+        try:
+            with fixed_agent_ports(free_port):
+                ray.init(address="local", num_cpus=max(MIN_LOGICAL_CPUS, os.cpu_count() or 1),
+                         object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
+                         _metrics_export_port=metrics_port,
+                         _system_config={
+                             "metrics_report_interval_ms": METRICS_REPORT_INTERVAL_MS,
+                             "enable_worker_prestart": False,
+                             "num_workers_soft_limit": 0,
+                             # On a busy 2-core machine the agent's imports alone can take
+                             # longer than the raylet's default wait for it.
+                             "agent_register_timeout_ms": 300_000},
+                         **quiet)
+            return RayHandle(True, metrics_port)
+        except Exception as exc:
+            # Ray gives its raylet a fixed 30 s to register; a machine busy enough misses that.
+            ray.shutdown()
+            reap(session_processes(), 5)
+            if "timed out during startup" not in str(exc) or attempt + 1 == START_ATTEMPTS:
+                raise
+            print("streamsink: Ray start timed out, retrying", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
+def _node_metrics_port() -> int | None:
+    import ray
+
+    me = ray.util.get_node_ip_address()
+    for node in ray.nodes():
+        if node.get("Alive") and node.get("NodeManagerAddress") == me:
+            return node.get("MetricsExportPort")
+    return None
+
+
+def session_processes() -> list[psutil.Process]:
+    """The processes of the local Ray session this process started (Ray names it
+    session_<time>_<driver pid>): its agents outlive a raylet that dies first."""
+    session = re.compile(rf"session_[0-9_-]+_{os.getpid()}\b")
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.pid != os.getpid() and session.search(" ".join(p.info["cmdline"] or [])):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def stop(handle: RayHandle | None) -> None:
+    """Disconnect (a joined cluster), or shut down the instance we started and reap what is
+    left of its session."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    if handle is not None and handle.started:
+        reap(session_processes(), 10)

@@ -1,0 +1,65 @@
+"""Engines in one process keep their own settings: a streaming engine, a stock one and a second
+streaming one with other S and W, alive together, each sees only its own configuration (the
+config is read through its own VllmConfig; nothing is kept in module globals)."""
+import pytest
+
+from conftest import prompt_nlls, random_tokens, tiny_engine
+
+
+def kv_spec(llm):
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    return scheduler.kv_cache_manager.coordinator.single_type_managers[0].kv_cache_spec
+
+
+def attention_configs(llm):
+    from vllm.config import get_layers_from_vllm_config
+    from vllm.model_executor.layers.attention import Attention
+
+    config = llm.llm_engine.vllm_config
+    return {layer.impl.streamsink for layer in
+            get_layers_from_vllm_config(config, Attention).values()}
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_llama):
+    first = tiny_engine(tiny_llama, {"sink_tokens": 4, "window_tokens": 124},
+                        kv_cache_memory_bytes=1 << 26)
+    prompt = random_tokens(600, seed=3)
+    before = prompt_nlls(first, [prompt])[0]
+    stock = tiny_engine(tiny_llama, None, kv_cache_memory_bytes=1 << 26)
+    second = tiny_engine(tiny_llama, {"sink_tokens": 2, "window_tokens": 60},
+                         kv_cache_memory_bytes=1 << 26)
+    return first, stock, second, prompt, before
+
+
+def test_each_engine_has_its_own_kv_policy(engines):
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from streamsink.kv_spec import StreamingSinkSpec
+
+    first, stock, second, _, _ = engines
+    a, b, c = kv_spec(first), kv_spec(stock), kv_spec(second)
+    assert isinstance(a, StreamingSinkSpec) and (a.sink_tokens, a.sliding_window) == (4, 124)
+    assert type(b) is FullAttentionSpec
+    assert isinstance(c, StreamingSinkSpec) and (c.sink_tokens, c.sliding_window) == (2, 60)
+
+
+def test_each_engine_has_its_own_attention_config(engines):
+    first, stock, second, _, _ = engines
+    (a,), (b,), (c,) = attention_configs(first), attention_configs(stock), \
+        attention_configs(second)
+    assert (a.sink_tokens, a.window_tokens) == (4, 124)
+    assert b is None
+    assert (c.sink_tokens, c.window_tokens) == (2, 60)
+
+
+def test_outputs_do_not_change_when_other_engines_are_built(engines):
+    """The first engine computes exactly what it computed alone; the stock engine is dense
+    (its NLLs differ from the streaming ones once the prompt outgrows C = 128)."""
+    first, stock, second, prompt, before = engines
+    assert prompt_nlls(first, [prompt])[0] == before
+    dense = prompt_nlls(stock, [prompt])[0]
+    narrow = prompt_nlls(second, [prompt])[0]
+    assert max(abs(x - y) for x, y in zip(dense[:100], before[:100])) < 1e-3
+    assert max(abs(x - y) for x, y in zip(dense[200:], before[200:])) > 1e-2
+    assert max(abs(x - y) for x, y in zip(narrow[100:], before[100:])) > 1e-2
