@@ -10,8 +10,6 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 HERE = result_files.HERE
-# STREAMSINK_BENCH_RESULTS redirects output (the CI smoke test keeps the committed results).
-RESULTS = result_files.results_root()
 # The team's shared data folder sits beside the repository (books for perplexity).
 SHARED_DATA = os.path.join(HERE, "..", "..", "shared", "data")
 
@@ -31,21 +29,3 @@ def scratch_dir(prefix: str) -> str:
 
     return tempfile.mkdtemp(prefix=f"streamsink-{prefix}-")
 
-
-def figure(ncols: int = 1, size: tuple[float, float] = (6.5, 4)):
-    """A matplotlib figure without a display (Agg) and its axes (a list)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, ncols, figsize=size, squeeze=False)
-    return fig, list(axes[0])
-
-
-def save_figure(fig, axes, path: str) -> None:
-    for ax in axes:
-        ax.grid(alpha=0.3, which="both")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
