@@ -24,7 +24,8 @@ import common
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
          "Find it and memorize it. I will ask you about it at the end.\n")
-FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+FILLER = (" The grass is green. The sky is blue. The sun is yellow. Here we go. There and back "
+          "again.")
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "\nWhat is the pass key? The pass key is"
 DIGITS = "0123456789"

@@ -5,7 +5,8 @@ from __future__ import annotations
 from . import decode_latency
 from .base import Doc, cpu, div, ms, num, ratio, table, when
 
-NAMES = ("memory_1000k", "memory", "load", "chat_session", "decode_latency", "perplexity")
+NAMES = ("memory_1000k", "memory", "load", "chat_session", "decode_latency", "perplexity",
+         "passkey")
 
 
 class Sources:
@@ -123,10 +124,32 @@ def _perplexity_rows(results: dict, src: Sources) -> list[list[str]]:
     return rows
 
 
+def _passkey_rows(results: dict, src: Sources) -> list[list[str]]:
+    """The limit: a key further back than the window is gone from a stream's cache."""
+    pk = results.get("passkey")
+    if not pk:
+        return []
+    d = pk.data
+    beyond = [r for r in d["rows"] if r["distance"] > d["window_tokens"]]
+    if not beyond:
+        return []
+
+    def exact(engine_is_stock: bool) -> str:
+        mine = [r for r in beyond if (r["engine"] == "stock") == engine_is_stock]
+        hits = sum(round(r["exact_match_rate"] * r["trials"]) for r in mine)
+        return f"{hits} of {sum(r['trials'] for r in mine)} keys"
+
+    ks = sorted(r["distance"] for r in beyond if r["engine"] == "stock")
+    return [[f"pass key {ks[0]:,}–{ks[-1]:,} tokens back, beyond the "
+             f"{d['window_tokens']:,}-token window: answered exactly", exact(False), exact(True) + " (dense attention)", "",
+             src.ref(pk)]]
+
+
 def markdown(results: dict, doc: Doc) -> str:
     src = Sources()
     rows = (_memory_rows(results, src) + _load_rows(results, src) + _chat_rows(results, src)
-            + _decode_rows(results, src) + _perplexity_rows(results, src))
+            + _decode_rows(results, src) + _perplexity_rows(results, src)
+            + _passkey_rows(results, src))
     if not rows:
         return "*No results recorded yet.*"
     return "\n\n".join([

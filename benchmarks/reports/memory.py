@@ -13,7 +13,8 @@ def _row(label: str, samples: list[dict], info: dict) -> list[str]:
     settled = samples[len(samples) // 10:] or samples  # after the first tenth (start-up)
     rss = [s["rss_mib"] for s in settled]
     seconds = samples[-1].get("seconds")
-    return [label, integer(info.get("stream_tokens")), integer(samples[-1]["tokens"]), integer(samples[0]["blocks_held"]),
+    return [label, integer(info.get("stream_tokens")), integer(samples[-1]["tokens"]),
+            integer(samples[0]["blocks_held"]),
             integer(max(s["blocks_held"] for s in samples)),
             integer(samples[-1]["blocks_held"]),
             f"{samples[0]['rss_mib']:,.0f} / {samples[-1]['rss_mib']:,.0f}",
@@ -35,8 +36,8 @@ def render_markdown(result, doc: Doc, img: str) -> str:
             f"{bound if bound else 'not recorded'} (ceil(S/B) + ceil((S+W−1+Q)/B) + 1, "
             "B = 128).")
     return "\n\n".join([head, table(
-        ["engine", "stream tokens", "tokens at the last sample", "KV blocks, first sample", "peak KV blocks",
-         "KV blocks, last sample", "RSS MiB first / last", "RSS MiB range after the first "
+        ["engine", "stream tokens", "tokens at the last sample", "KV blocks, first sample",
+         "peak KV blocks", "KV blocks, last sample", "RSS MiB first / last", "RSS MiB range after the first "
          "tenth", "max_model_len", "tokens/s"], rows),
         image(doc, img, "KV blocks held and RSS against stream length"), source(result, doc)])
 
@@ -52,8 +53,11 @@ def render_image(result, path: str) -> None:
     thousands = FuncFormatter(lambda x, _: f"{x / 1000:g}k")
     for ax in (ax1, ax2):
         ax.xaxis.set_major_formatter(thousands)
-    ax1.set(xlabel="tokens in the stream", ylabel="KV blocks held", title="KV cache")
-    ax2.set(xlabel="tokens in the stream", ylabel="process RSS (MiB)", title="process memory")
+    # from zero: what matters is how flat the lines are, not their wiggle
+    ax1.set(xlabel="tokens in the stream", ylabel="KV blocks held", title="KV cache",
+            ylim=(0, None))
+    ax2.set(xlabel="tokens in the stream", ylabel="process RSS (MiB)", title="process memory",
+            ylim=(0, None))
     plotting.save(fig, [ax1, ax2], path)
 
 

@@ -8,6 +8,7 @@ from .base import Doc, image, no_result, percent, source, table
 
 NAMES = ("passkey",)
 IMAGE = "passkey.png"
+FILLERS = {"repeat": "repeated sentences", "book": "a book's text"}
 
 
 def _engines(d: dict) -> list[str]:
@@ -44,10 +45,11 @@ def markdown(results: dict, doc: Doc) -> str:
                     _lp(r["first_digit_logprob_mean"])]
         rows.append(row)
     return "\n\n".join([
-        f"{d['trials']} keys per k, {d['filler']} filler, greedy; streamsink "
+        f"{d['trials']} keys per k, {FILLERS.get(d['filler'], d['filler'])} as filler, greedy; "
+        f"streamsink "
         f"{d['sink_tokens']}+{d['window_tokens']}; log p: the mean over the keys of the "
         "log-probability of the key's first digit at the first answer step (a uniform guess "
-        "among ten digits: −2.30).",
+        "among ten digits: -2.30).",
         table(header, rows), image(doc, IMAGE, "pass key retrieval against distance"),
         source(result, doc)])
 
@@ -63,9 +65,12 @@ def images(results: dict, img_dir: str) -> list[str]:
         ks = [r["distance"] for r in mine]
         ax1.plot(ks, [100 * r["exact_match_rate"] for r in mine], marker="o", label=e)
         ax2.plot(ks, [r["first_digit_logprob_mean"] for r in mine], marker="o", label=e)
+    ks = sorted(d["distances"])
     for ax in (ax1, ax2):
         ax.axvline(d["window_tokens"], color="gray", linestyle=":", label="window W")
         ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(ks, [f"{k:,}" for k in ks])
         ax.set_xlabel("k: tokens from the pass key to the question")
     ax1.set(ylabel="exact answers (%)", ylim=(-5, 105), title="pass key retrieved")
     ax2.axhline(-2.302585, color="black", linestyle="--", linewidth=0.8,
