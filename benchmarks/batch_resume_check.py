@@ -4,7 +4,8 @@ by SIGKILL when half the records are in its output, then the killed run resumed.
 once, greedy texts (whole rows) equal to the uninterrupted run, the summary lines.
 
     .venv/bin/python benchmarks/batch_resume_check.py [--records 200] [--model M]
-Writes benchmarks/results/batch_resume_check.json (settings, summaries, counts, times).
+Writes benchmarks/results/batch_resume_check/<date>-<commit>.json (settings, summaries, counts,
+times).
 """
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ def main() -> None:
         "rows_past_max_model_len": sum(r.get("prompt_tokens", 0) > MAX_MODEL_LEN for r in lines),
     }
     print(json.dumps(result, indent=1))
-    common.save("batch_resume_check", result)
+    common.save("batch_resume_check", result, args)
     ok = (result["lines"] == result["unique_ids"] == len(records) and result["all_ids"]
           and result["rows_equal"] == len(records) and rerun.returncode == 0)
     sys.exit(0 if ok else 1)

@@ -17,7 +17,8 @@ start-up (Ray, engine, compilation for stock). The steady rate leaves start-up o
 tokens of records 2..N over the time from the first record's completion to the last one's
 (the batch command's output file is watched for new lines; the plain script steps its engine
 and notes when each request finishes).
-Writes benchmarks/results/batch_throughput[_quick|_full].json and .png.
+Writes benchmarks/results/batch_throughput[_quick|_full]/<date>-<commit>.json (with when each
+record finished; plot: `make docs`).
 """
 from __future__ import annotations
 
@@ -165,32 +166,6 @@ def rates(r: dict, gen_tokens: int) -> dict:
             if steady_s > 0 else None}
 
 
-def plot(rows: dict, settings: dict, path: str) -> None:
-    fig, (ax1, ax2) = common.figure(2, size=(11, 4))
-    labels = ["Ray Data\nstreamsink", "Ray Data\nstock", "plain vllm.LLM\nstreamsink"]
-    keys = ["ray_streamsink", "ray_stock", "plain_streamsink"]
-    e2e = [rows[k]["tokens_per_s_end_to_end"] for k in keys]
-    gen = [rows[k]["tokens_per_s_steady"] or 0 for k in keys]
-    x = range(len(keys))
-    ax1.bar([i - 0.2 for i in x], e2e, width=0.4, label="end to end (with start-up)")
-    ax1.bar([i + 0.2 for i in x], gen, width=0.4, label="steady (first to last record)")
-    ax1.set_xticks(list(x), labels)
-    ax1.set_ylabel("generated tokens / s")
-    ax1.set_title(f"{settings['records']} × ({settings['prompt_tokens']} prompt + "
-                  f"{settings['gen_tokens']} generated), KV {settings['kv_bytes'] >> 20} MiB")
-    first = [rows[k]["first_record_s"] for k in keys]
-    rest = [rows[k]["last_record_s"] - rows[k]["first_record_s"] for k in keys]
-    tail = [rows[k]["wall_s"] - rows[k]["last_record_s"] for k in keys]
-    ax2.bar(list(x), first, label="until the first record is done (start-up)")
-    ax2.bar(list(x), rest, bottom=first, label="first to last record")
-    ax2.bar(list(x), tail, bottom=[a + b for a, b in zip(first, rest)],
-            label="after the last record (shut-down)")
-    ax2.set_xticks(list(x), labels)
-    ax2.set_ylabel("wall seconds")
-    ax2.set_title("where the time goes")
-    common.save_figure(fig, [ax1, ax2], path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
@@ -231,7 +206,7 @@ def main() -> None:
     for key, r in (("ray_streamsink", ray_ss), ("ray_stock", ray_stock),
                    ("plain_streamsink", plain)):
         assert r["generated_tokens"] == expected, (key, r["generated_tokens"], expected)
-        rows[key] = rates(r, size["gen_tokens"])
+        rows[key] = {**rates(r, size["gen_tokens"]), "done_at_s": r["done_at_s"]}
     same_text = sum(ray_ss["texts"][k] == plain["texts"][k] for k in plain["texts"])
 
     def ratio(a: str, b: str, field: str):
@@ -252,8 +227,7 @@ def main() -> None:
     result = {"settings": {**size, "mode": name, "sink": 4, "model": model},
               "rows": rows, "ratios": ratios,
               "greedy_texts_equal_ray_vs_plain": f"{same_text}/{len(plain['texts'])}"}
-    path = common.save("batch_throughput" + suffix, result)
-    plot(rows, size, os.path.join(common.RESULTS, f"batch_throughput{suffix}.png"))
+    path = common.save("batch_throughput" + suffix, result, args)
     print(json.dumps({"rows": rows, "ratios": ratios,
                       "greedy_texts_equal_ray_vs_plain": result[
                           "greedy_texts_equal_ray_vs_plain"]}, indent=2))

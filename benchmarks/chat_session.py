@@ -19,7 +19,7 @@ alignment), so its time stays flat; with caching off it re-prefills the whole hi
     .venv/bin/python benchmarks/chat_session.py                  # 40 turns, 4+1020
     .venv/bin/python benchmarks/chat_session.py --quick          # 6 short turns, 4+252
     .venv/bin/python benchmarks/chat_session.py --turns 8 --label chat_session_small
-Writes benchmarks/results/<label>.json and <label>.png.
+Writes benchmarks/results/<label>/<date>-<commit>.json (plot: `make docs`).
 """
 from __future__ import annotations
 
@@ -147,23 +147,6 @@ def rescore(args, records: list[dict]) -> list[float]:
     return diffs
 
 
-def plot(records_on, records_off, path: str, label: str) -> None:
-    fig, (left, right) = common.figure(ncols=2, size=(11, 4))
-    turns = [r["turn"] for r in records_on]
-    left.plot(turns, [r["seconds"] for r in records_on], "o-", label="prefix caching on")
-    if records_off:
-        left.plot(turns, [r["seconds"] for r in records_off], "s-", label="prefix caching off")
-    left.set_xlabel("turn")
-    left.set_ylabel("seconds per turn (request wall time)")
-    left.set_title(label)
-    right.plot(turns, [100 * r["cached_tokens"] / r["prompt_tokens"] for r in records_on], "o-",
-               label="cached share of the prompt (caching on)")
-    right.axhline(90, linestyle=":", color="gray", label="90%")
-    right.set_xlabel("turn")
-    right.set_ylabel("% of the prompt's tokens from the cache")
-    common.save_figure(fig, [left, right], path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--turns", type=int, default=40)
@@ -224,9 +207,7 @@ def main() -> None:
         if rescored:
             row["max_abs_dlogprob_rescored"] = rescored[i]
         per_turn.append(row)
-    path = common.save(args.label, {"summary": summary, "per_turn": per_turn})
-    plot(on, off, os.path.join(common.RESULTS, f"{args.label}.png"),
-         f"{args.turns}-turn chat, {args.sink}+{args.window}")
+    path = common.save(args.label, {"summary": summary, "per_turn": per_turn}, args)
     print(json.dumps(summary, indent=1))
     print(f"wrote {path}")
 

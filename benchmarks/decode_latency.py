@@ -95,7 +95,8 @@ def main() -> None:
                 medians[name] = sec = statistics.median(times[name])
                 results.append({"engine": name, "batch": batch, "round": round_,
                                 "context_at_start": contexts[name],
-                                "median_seconds_per_step": sec, "ms_per_token": 1000 * sec / batch})
+                                "median_seconds_per_step": sec, "ms_per_token": 1000 * sec / batch,
+                                "step_seconds": times[name]})
                 print(f"{name:>10} batch {batch:>2}: {1000 * sec:.1f} ms/step", flush=True)
             key = f"batch_{batch}"
             by_round.setdefault(key, []).append(medians["streamsink"] / medians["stock"])
@@ -125,7 +126,7 @@ def main() -> None:
                         "rounds": args.rounds, "results": results,
                         "ratio_streamsink_over_stock": ratios,
                         "ratio_streamsink_over_stock_by_round": by_round,
-                        "ratio_stock_eager_over_stock": eager_ratios})
+                        "ratio_stock_eager_over_stock": eager_ratios}, args)
     print("wrote", path)
 
 

@@ -71,12 +71,14 @@ def main() -> None:
     gc.collect()
     path = common.save("dtype_cost" + ("_quick" if args.quick else ""), {
         "tokens": len(ids), "sink_tokens": args.sink, "window_tokens": args.window,
-        "rounds": rounds, "median_seconds": seconds, "ratios": ratios,
+        "rounds": rounds, "median_seconds": seconds, "seconds_by_round": times,
+        "ratios": ratios,
         "max_abs_nll_bf16_vs_fp32": drift,
         "cpu_bf16": {"avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
                      "amx": torch.cpu._is_amx_tile_supported(),
                      "avx512": torch.cpu._is_avx512_supported()},
-        "method": "prompt log-probabilities, warm, engines in rounds (vLLM default mode)"})
+        "method": "prompt log-probabilities, warm, engines in rounds (vLLM default mode)",
+        "nlls": nlls}, args)
     print("wrote", path)
 
 

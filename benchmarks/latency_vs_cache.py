@@ -7,13 +7,12 @@ Stock and streamsink run as vLLM runs by default on CPU (compiled); at each C th
 alternate (decode_latency.py's method), so machine noise falls on both alike.
 
     .venv/bin/python benchmarks/latency_vs_cache.py [--quick] [--eager] [--model M]
-Writes benchmarks/results/latency_vs_cache[_quick].json and .png.
+Writes benchmarks/results/latency_vs_cache[_quick]/<date>-<commit>.json (plot: `make docs`).
 """
 from __future__ import annotations
 
 import argparse
 import gc
-import os
 import statistics
 import time
 
@@ -25,9 +24,9 @@ def prompt(n: int, seed: int = 0) -> list[int]:
     return [(31 * j + seed) % 5000 + 100 for j in range(n)]
 
 
-def alternating_decode_ms(engines: dict, contexts: dict, steps: int) -> dict:
+def alternating_decode_ms(engines: dict, contexts: dict, steps: int) -> tuple[dict, dict]:
     """Median ms per decode step of each engine, batch 1, starting at its context, the engines'
-    steps alternating."""
+    steps alternating; and every step's seconds."""
     times = {name: [] for name in engines}
     for name, llm in engines.items():
         start_decoding(llm, [prompt(contexts[name])], steps, f"d{contexts[name]}-")
@@ -36,11 +35,12 @@ def alternating_decode_ms(engines: dict, contexts: dict, steps: int) -> dict:
             times[name].append(timed_step(llm))
     for llm in engines.values():
         finish(llm)
-    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}, times
 
 
-def recompute_ms(llm, cache: int, repeats: int) -> float:
-    """Median ms to produce one token by prefilling the last C tokens from scratch."""
+def recompute_ms(llm, cache: int, repeats: int) -> tuple[float, list[float]]:
+    """Median ms to produce one token by prefilling the last C tokens from scratch; and each
+    repeat's seconds."""
     from vllm import SamplingParams
 
     params = SamplingParams(max_tokens=1, detokenize=False)
@@ -49,22 +49,7 @@ def recompute_ms(llm, cache: int, repeats: int) -> float:
         t = time.perf_counter()
         llm.generate([{"prompt_token_ids": prompt(cache, seed=r + 1)}], params, use_tqdm=False)
         times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
-
-
-def plot(rows: list[dict], path: str) -> None:
-    caches = [r["cache"] for r in rows]
-    fig, (ax,) = common.figure()
-    for key, label in (("recompute_ms", "sliding window + re-computation"),
-                       ("stock_dense_ms", "stock vLLM, C tokens of history"),
-                       ("streamsink_ms", "streamsink (4 sinks + window)")):
-        ax.plot(caches, [r[key] for r in rows], marker="o", label=label)
-    ax.set(yscale="log", xlabel="cache size C (tokens)",
-           ylabel="ms per generated token", title="Per-token decode latency (batch 1)")
-    ax.set_xscale("log", base=2)
-    ax.minorticks_off()
-    ax.set_xticks(caches, [str(c) for c in caches])
-    common.save_figure(fig, [ax], path)
+    return 1000 * statistics.median(times), times
 
 
 def main() -> None:
@@ -88,10 +73,13 @@ def main() -> None:
                                                "window_tokens": cache - args.sink},
                        **base)
         # Stock attends to ~C tokens over the steps; streamsink streams past C (C keys a step).
-        ms = alternating_decode_ms({"stock": stock, "streamsink": llm},
-                                   {"stock": cache - steps // 2, "streamsink": cache + 100}, steps)
+        ms, step_seconds = alternating_decode_ms(
+            {"stock": stock, "streamsink": llm},
+            {"stock": cache - steps // 2, "streamsink": cache + 100}, steps)
+        recompute, recompute_seconds = recompute_ms(stock, cache, repeats)
         row = {"cache": cache, "stock_dense_ms": ms["stock"], "streamsink_ms": ms["streamsink"],
-               "recompute_ms": recompute_ms(stock, cache, repeats)}
+               "recompute_ms": recompute, "step_seconds": step_seconds,
+               "recompute_seconds": recompute_seconds}
         rows.append(row)
         row["speedup_vs_recompute"] = row["recompute_ms"] / row["streamsink_ms"]
         row["ratio_vs_stock_dense"] = row["streamsink_ms"] / row["stock_dense_ms"]
@@ -101,13 +89,11 @@ def main() -> None:
         del llm
         gc.collect()
     name = "latency_vs_cache" + ("_quick" if args.quick else "")
-    png = os.path.join(common.RESULTS, name + ".png")
-    plot(rows, png)
     mode = "eager (--eager)" if args.eager else "vLLM's default (compiled)"
     print("wrote", common.save(name, {"sink_tokens": args.sink, "rows": rows,
                                       "method": "batch 1; stock and streamsink decode steps "
-                                                f"alternating at each C; every engine {mode}"}),
-          png)
+                                                f"alternating at each C; every engine {mode}"},
+                               args))
 
 
 if __name__ == "__main__":

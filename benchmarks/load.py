@@ -11,7 +11,8 @@ finished with a time per output token <= --slo-tpot-ms (vLLM's definition).
     .venv/bin/python benchmarks/load.py --quick         # 16 streams, 512+256 tokens, 4+252
     .venv/bin/python benchmarks/load.py --streams 32 --prompt-tokens 1024 --output-tokens 512 \
         --window 508 --label load_half
-Writes benchmarks/results/<label>.json (the load test's report) and <label>.png (its dashboard).
+Writes benchmarks/results/<label>/<date>-<commit>.json: the load test's report (client figures
+and every Prometheus series it sampled; `make docs` draws them).
 """
 from __future__ import annotations
 
@@ -115,12 +116,10 @@ def main() -> int:
         for run in report["runs"]:  # the logs stay in the temporary folder
             run["server"].pop("log", None)
         report.pop("processes", None)
-        report["dashboard"] = f"{label}.png"
+        report.pop("dashboard", None)  # `make docs` draws the series from this result
         # No machine paths in committed results: the checkpoint and the temporary folder.
         text = json.dumps(report).replace(model, os.path.basename(model)).replace(out, "<out>")
-        path = common.save(label, json.loads(text))
-        shutil.copy(os.path.join(out, "dashboard.png"),
-                    os.path.join(common.RESULTS, f"{label}.png"))
+        path = common.save(label, json.loads(text), args)
         print(f"{label}: wrote {path}")
         print(json.dumps(report.get("comparison"), indent=1))
         return code

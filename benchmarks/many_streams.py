@@ -8,13 +8,12 @@ Stock vLLM keeps every stream's whole history, so a fixed pool holds few long st
 (the rest wait or are preempted); streamsink holds each stream in a constant number of blocks.
 
     .venv/bin/python benchmarks/many_streams.py [--quick] [--model M]
-Writes benchmarks/results/many_streams[_quick].json and .png.
+Writes benchmarks/results/many_streams[_quick]/<date>-<commit>.json (plot: `make docs`).
 """
 from __future__ import annotations
 
 import argparse
 import gc
-import os
 import statistics
 import time
 
@@ -40,6 +39,8 @@ class StreamRun:
         self.last_seen: dict[str, tuple[int, float]] = {}
         self.gaps: list[float] = []
         self.generated = 0
+        # raw samples: each step's own seconds and the tokens it produced (all streams)
+        self.steps: list[tuple[float, int]] = []
 
     @property
     def done(self) -> bool:
@@ -48,7 +49,9 @@ class StreamRun:
     def step(self) -> None:
         start = time.perf_counter()
         outs = self.engine.step()
-        self.clock += time.perf_counter() - start
+        took = time.perf_counter() - start
+        self.clock += took
+        produced = self.generated
         for out in outs:
             n = len(out.outputs[0].token_ids)
             prev_n, prev_t = self.last_seen.get(out.request_id, (0, None))
@@ -57,31 +60,16 @@ class StreamRun:
                     self.gaps.extend([(self.clock - prev_t) / (n - prev_n)] * (n - prev_n))
                 self.generated += n - prev_n
                 self.last_seen[out.request_id] = (n, self.clock)
+        self.steps.append((took, self.generated - produced))
 
     def result(self) -> dict:
         gaps = sorted(self.gaps)
         return {"streams": self.streams, "generated_tokens": self.generated,
                 "seconds": self.clock, "tokens_per_second": self.generated / self.clock,
                 "itl_p50_ms": 1000 * statistics.median(gaps),
-                "itl_p99_ms": 1000 * gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))]}
-
-
-def plot(rows: list[dict], pool: int, path: str) -> None:
-    fig, (ax1, ax2) = common.figure(2, size=(11, 4))
-    for label, color in (("stock", "tab:blue"), ("streamsink", "tab:orange")):
-        mine = sorted((r for r in rows if r["engine"] == label), key=lambda r: r["streams"])
-        counts = [r["streams"] for r in mine]
-        ax1.plot(counts, [r["tokens_per_second"] for r in mine], marker="o", color=color,
-                 label=label)
-        ax2.plot(counts, [r["itl_p99_ms"] for r in mine], marker="o", color=color,
-                 label=f"{label} p99")
-        ax2.plot(counts, [r["itl_p50_ms"] for r in mine], marker="x", linestyle="--",
-                 color=color, label=f"{label} p50")
-    ax1.set(xlabel="concurrent streams", ylabel="generated tokens/s (all streams)",
-            title=f"throughput, KV pool {pool >> 20} MiB")
-    ax2.set(xlabel="concurrent streams", ylabel="ms between a stream's tokens",
-            title="per-token latency (after the first token)", yscale="log")
-    common.save_figure(fig, [ax1, ax2], path)
+                "itl_p99_ms": 1000 * gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))],
+                "step_seconds": [t for t, _ in self.steps],
+                "step_tokens": [n for _, n in self.steps]}
 
 
 def main() -> None:
@@ -139,15 +127,13 @@ def main() -> None:
         ours = next(r for r in rows if r["engine"] == "streamsink" and r["streams"] == streams)
         ratios[str(streams)] = ours["tokens_per_second"] / stock["tokens_per_second"]
     name = "many_streams" + ("_quick" if args.quick else "")
-    png = os.path.join(common.RESULTS, name + ".png")
-    plot(rows, pool, png)
     print("wrote", common.save(name, {
         "prompt_tokens": prompt_len, "new_tokens": new_tokens, "kv_pool_bytes": pool,
         "sink_tokens": args.sink, "window_tokens": args.window, "rows": rows,
         "method": "two in-process engines stepping alternately, "
                   + ("eager (--eager)" if args.eager else "vLLM's default compiled mode")
                   + "; time = each engine's own busy time",
-        "throughput_ratio_streamsink_over_stock": ratios}), png)
+        "throughput_ratio_streamsink_over_stock": ratios}, args))
 
 
 if __name__ == "__main__":

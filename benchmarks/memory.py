@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/memory.py [--quick] [--tokens N] [--text FILE] [--decode N]
                                           [--streaming-only] [--model M]
 The prompt is FILE's tokens repeated to N (default: a synthetic token pattern), then --decode
-generated tokens. Writes benchmarks/results/memory[_quick|_<N/1000>k].json and .png.
+generated tokens. Writes benchmarks/results/memory[_quick|_<N/1000>k]/<date>-<commit>.json
+(every sample; `make docs` draws the plot).
 """
 from __future__ import annotations
 
@@ -60,27 +61,13 @@ def stream(llm, prompt: list[int], decode: int, label: str, every: int) -> list[
     return samples
 
 
-def plot(results: dict, path: str) -> None:
-    fig, (ax1, ax2) = common.figure(2, size=(11, 4))
-    for label, rows in results.items():
-        xs = [r["tokens"] for r in rows]
-        ax1.plot(xs, [r["blocks_held"] for r in rows], label=label)
-        ax2.plot(xs, [r["rss_mib"] for r in rows], label=label)
-    from matplotlib.ticker import FuncFormatter
-
-    thousands = FuncFormatter(lambda x, _: f"{x / 1000:g}k")
-    for ax in (ax1, ax2):
-        ax.xaxis.set_major_formatter(thousands)
-    ax1.set(xlabel="tokens in the stream", ylabel="KV blocks held", title="KV cache")
-    ax2.set(xlabel="tokens in the stream", ylabel="process RSS (MiB)", title="process memory")
-    common.save_figure(fig, [ax1, ax2], path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=None)
     parser.add_argument("--tokens", type=int, default=200_000)
-    parser.add_argument("--text", default=None, help="repeat this text's tokens as the prompt")
+    parser.add_argument("--text", default=None,
+                        help="repeat this text's tokens as the prompt (a path, or the name of a "
+                             "book in the shared data folder)")
     parser.add_argument("--decode", type=int, default=64, help="generated tokens after it")
     parser.add_argument("--streaming-only", action="store_true", help="skip stock vLLM")
     parser.add_argument("--quick", action="store_true", help="12,000 tokens")
@@ -88,6 +75,8 @@ def main() -> None:
     from streamsink.config import parse_config
     from streamsink.serving.engine import make_llm
 
+    if args.text and not os.path.exists(args.text):
+        args.text = os.path.join(common.SHARED_DATA, args.text)
     tokens = 12_000 if args.quick else args.tokens
     every = max(tokens // 200, 128)
     cfg = parse_config({})
@@ -110,8 +99,6 @@ def main() -> None:
         gc.collect()
     name = "memory" + ("_quick" if args.quick else "" if tokens == 200_000
                        else f"_{tokens // 1000}k")
-    png = os.path.join(common.RESULTS, name + ".png")
-    plot(results, png)
     block = 128
     bound = (-(-cfg.sink_tokens // block) + -(-(cfg.window_tokens + CHUNK) // block) + 1)
     summary = {}
@@ -129,7 +116,7 @@ def main() -> None:
         print(f"{label}: {row}")
     print("wrote", common.save(name, {"chunk_tokens": CHUNK, "streaming_block_bound": bound,
                                       "text": os.path.basename(args.text or "") or "synthetic",
-                                      "summary": summary, "samples": results}), png)
+                                      "summary": summary, "samples": results}, args))
 
 
 if __name__ == "__main__":

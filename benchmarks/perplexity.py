@@ -8,7 +8,8 @@ tokens; it costs C tokens of prefill per evaluated token, so it is evaluated on 
 on exactly those positions.
 
     .venv/bin/python benchmarks/perplexity.py [--quick] [--text FILE ...] [--tokens N]
-Writes benchmarks/results/perplexity[_quick].json and .png (running perplexity, paper Fig. 3).
+Writes benchmarks/results/perplexity[_quick]/<date>-<commit>.json with every per-token NLL
+(`make docs` draws the running perplexity, paper Fig. 3, from them).
 """
 from __future__ import annotations
 
@@ -33,21 +34,6 @@ def recompute_nlls(llm, ids: list[int], cache: int, positions: list[int]) -> lis
     prompts = [{"prompt_token_ids": ids[t - cache + 1:t + 2]} for t in positions]
     outs = llm.generate(prompts, params, use_tqdm=True)
     return [-o.prompt_logprobs[-1][ids[t + 1]].logprob for o, t in zip(outs, positions)]
-
-
-SMOOTHING = 100  # tokens per point of the curve
-
-
-def plot(curves: dict[str, list[float]], title: str, path: str) -> None:
-    """Perplexity over the last SMOOTHING tokens against position (paper Fig. 3 style)."""
-    fig, (ax,) = common.figure(size=(7, 4))
-    for label, nlls in curves.items():
-        xs = range(SMOOTHING, len(nlls) + 1)
-        ys = [ppl(nlls[x - SMOOTHING:x]) for x in xs]
-        ax.plot(xs, ys, label=label, linestyle="--" if label == "dense" else "-")
-    ax.set(yscale="log", xlabel="token position",
-           ylabel=f"perplexity of the last {SMOOTHING} tokens", title=title)
-    common.save_figure(fig, [ax], path)
 
 
 def main() -> None:
@@ -111,14 +97,21 @@ def main() -> None:
             print(" | ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
                              for k, v in row.items()), flush=True)
     name = "perplexity" + ("_quick" if args.quick else "")
-    book = next(iter(books))
-    cache = caches[0]
-    curves = {f"{s}+{cache - s}": nlls[(book, s, cache)] for s in sinks}
-    curves["dense"] = nlls[(book, "dense")]
-    png = os.path.join(common.RESULTS, name + ".png")
-    plot(curves, f"{book}, cache {cache}", png)
-    print("wrote", common.save(name, {"tokens": tokens, "stride": args.stride, "table": table}),
-          png)
+    # Every per-token NLL (the running-perplexity plot is drawn from these by `make docs`).
+    samples = []
+    for key, values in nlls.items():
+        book, method, *rest = key
+        sample = {"book": book, "nlls": values}
+        if method == "dense":
+            sample["method"] = "dense"
+        elif method == "recompute":
+            sample.update(method="recompute", cache=rest[0],
+                          positions=list(range(rest[0] - 1, len(books[book]) - 1, args.stride)))
+        else:
+            sample.update(method="streaming", sink=method, cache=rest[0])
+        samples.append(sample)
+    print("wrote", common.save(name, {"tokens": tokens, "stride": args.stride, "table": table,
+                                      "samples": samples}, args))
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def main() -> None:
     for label, chunk in (("chunked_prefill", 2048), ("token_at_a_time", 1)):
         seconds, nlls = run(model, ids, args.sink, window, chunk)
         ppl = math.exp(sum(nlls) / len(nlls))
-        rows[label] = {"seconds": seconds, "ppl": ppl, "tokens": len(nlls)}
+        rows[label] = {"seconds": seconds, "ppl": ppl, "tokens": len(nlls), "nlls": nlls}
         print(f"{label:>16}: {seconds:8.1f} s  ppl={ppl:.6f}", flush=True)
     speedup = rows["token_at_a_time"]["seconds"] / rows["chunked_prefill"]["seconds"]
     rel = abs(rows["chunked_prefill"]["ppl"] / rows["token_at_a_time"]["ppl"] - 1)
@@ -60,7 +60,7 @@ def main() -> None:
     path = common.save("ppl_speed" + ("_quick" if args.quick else ""),
                        {"text": os.path.basename(args.text), "sink_tokens": args.sink,
                         "window_tokens": window, "runs": rows, "speedup": speedup,
-                        "ppl_relative_difference": rel})
+                        "ppl_relative_difference": rel}, args)
     print("wrote", path)
 
 

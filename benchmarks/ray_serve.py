@@ -7,7 +7,8 @@ On a 2-core machine the two replicas share the same two cores: this measures wha
 replica buys *here*, not on a machine with a core budget per replica.
 
     python benchmarks/ray_serve.py [--replicas 1 2] [--prompts 32] [--concurrency 8]
-Writes results/ray_serve.json and results/ray_serve.png.
+Writes benchmarks/results/ray_serve/<date>-<commit>.json, with vLLM's serving benchmark output
+(every request's latencies) for each run.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ import sys
 import threading
 import time
 
-from common import RESULTS, figure, save, save_figure
+from common import load as load_result
+from common import save, scratch_dir
 
 READY = re.compile(r"^streamsink serve --ray: ready api=(\S+) metrics=(\S+) replicas=(\d+)$")
 
@@ -214,14 +216,15 @@ def main() -> None:
     # The issue's command: --max-model-len 4096 --window 508 (vLLM picks the chunk size).
     engine_args = ["--model", model, "--window", str(args.window), "--max-model-len", "4096"]
     runs, checks = [], {}
+    work = scratch_dir("ray-serve")  # logs and vLLM's per-load files
     for n in args.replicas:
-        log_path = os.path.join(RESULTS, f"ray_serve_{n}.log")
+        log_path = os.path.join(work, f"ray_serve_{n}.log")
         proc, api, metrics, startup_s = start_app(n, engine_args, log_path)
         try:
             # One short warm-up request per replica so no run pays a first-request cost.
-            load(api, model, n * 2, n * 2, 32, 8, RESULTS, f"warmup_{n}")
+            load(api, model, n * 2, n * 2, 32, 8, work, f"warmup_{n}")
             r = load(api, model, args.prompts, args.concurrency, args.input_len,
-                     args.output_len, RESULTS, f"replicas_{n}")
+                     args.output_len, work, f"replicas_{n}")
             if n == 2 and args.long_prompt:
                 checks["long_prompt"] = stream_long(api, model, long_prompt(model,
                                                     args.long_prompt), 64)
@@ -245,7 +248,10 @@ def main() -> None:
                      "total_tokens_per_s": r["total_token_throughput"],
                      "ttft_ms_p50": r["median_ttft_ms"], "ttft_ms_p99": r["p99_ttft_ms"],
                      "itl_ms_p50": r["median_itl_ms"], "itl_ms_p99": r["p99_itl_ms"],
-                     "e2el_ms_p50": r["median_e2el_ms"], "e2el_ms_p99": r["p99_e2el_ms"]})
+                     "e2el_ms_p50": r["median_e2el_ms"], "e2el_ms_p99": r["p99_e2el_ms"],
+                     # vLLM's own record of the load: every request's latencies
+                     "vllm_bench": load_result(os.path.join(work,
+                                                            f"vllm_bench_replicas_{n}.json"))})
         print(runs[-1], flush=True)
     payload = {"what": "streamsink serve --ray, N replicas, same load (vllm.benchmarks.serve)",
                "load": {"prompts": args.prompts, "concurrency": args.concurrency,
@@ -254,15 +260,7 @@ def main() -> None:
                "note": "2 cores shared by all replicas (and by other jobs on the machine at "
                        "the time of the run)",
                "runs": runs, "checks_2_replicas": checks}
-    print(save("ray_serve", payload))
-    fig, axes = figure(2, (9, 3.8))
-    names = [f"{r['replicas']} replica(s)" for r in runs]
-    axes[0].bar(names, [r["requests_per_s"] for r in runs], label="requests/s")
-    axes[1].bar(names, [r["output_tokens_per_s"] for r in runs], label="output tokens/s",
-                color="tab:orange")
-    axes[0].set_title("requests/s")
-    axes[1].set_title("generated tokens/s")
-    save_figure(fig, axes, os.path.join(RESULTS, "ray_serve.png"))
+    print(save("ray_serve", payload, args))
 
 
 if __name__ == "__main__":

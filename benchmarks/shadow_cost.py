@@ -79,15 +79,17 @@ def main() -> None:
         step = statistics.median(times[variant])
         rows.append({"variant": variant, "what": what, "median_ms_per_step": 1000 * step,
                      "ratio_over_stock": step / stock_step,
-                     "median_shadow_ms_per_step": 1000 * statistics.median(shadow[variant])})
+                     "median_shadow_ms_per_step": 1000 * statistics.median(shadow[variant]),
+                     "step_seconds": times[variant], "shadow_seconds": shadow[variant]})
         print(f"{variant:>10}: {1000 * step:.1f} ms/step, {step / stock_step:.3f}x stock, "
               f"shadows {rows[-1]['median_shadow_ms_per_step']:.2f} ms", flush=True)
     path = common.save("shadow_cost", {
         "batch": args.batch, "steps_per_variant": args.steps, "cache_tokens": 1024,
         "stock_median_ms_per_step": 1000 * stock_step, "variants": rows,
+        "stock_step_seconds": stock_times,
         "method": "one stock (compiled) and one streamsink (compiled, 4+1020 past C) engine in "
                   "one process, steps alternating; variant 'none' computes wrong attention "
-                  "on purpose (timing only)"})
+                  "on purpose (timing only)"}, args)
     print("wrote", path)
 
 

@@ -1,0 +1,35 @@
+"""One renderer per benchmark the docs show: markdown (and, where a table is hard to read, a
+PNG) from the benchmark's result files. Nothing here imports torch or vLLM.
+
+Each module has NAMES (the result names it reads), markdown(results, doc) and, when it draws,
+images(results, img_dir) -> the file names it wrote under docs/img/."""
+from __future__ import annotations
+
+from . import (batch_resume_check, batch_throughput, chat_session, decode_latency, dtype_cost,
+               headline, latency_vs_cache, load, many_streams, memory, memory_1000k, passkey,
+               perplexity, ppl_speed, ray_serve, shadow_cost)
+
+# generated block id -> renderer, in the order docs/benchmarks.md shows them
+BLOCKS = {
+    "decode_latency": decode_latency,
+    "shadow_cost": shadow_cost,
+    "latency_vs_cache": latency_vs_cache,
+    "many_streams": many_streams,
+    "load": load,
+    "memory": memory,
+    "memory_1000k": memory_1000k,
+    "perplexity": perplexity,
+    "ppl_speed": ppl_speed,
+    "passkey": passkey,
+    "chat_session": chat_session,
+    "dtype_cost": dtype_cost,
+    "batch_throughput": batch_throughput,
+    "batch_resume_check": batch_resume_check,
+    "ray_serve": ray_serve,
+    "headline": headline,
+}
+# which document holds which blocks
+DOCUMENTS = {
+    "README.md": ("headline",),
+    "docs/benchmarks.md": tuple(b for b in BLOCKS if b != "headline"),
+}
