@@ -53,6 +53,8 @@ def run(args) -> int:
     stop = processes.StopRequest().install()
     try:
         ok, errors, generated, seconds = _generate(args, setup, pending, writer, stop)
+    except processes.Interrupted:
+        return 0
     except Exception as exc:  # an engine that could not start or died: what is done is kept
         if stop.requested:
             return 0

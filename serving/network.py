@@ -33,7 +33,7 @@ def check_exposure(host: str, key: str | None) -> None:
     if not is_loopback(host) and not key:
         raise ExposureError(
             f"--host {host} opens the API beyond this machine; give --api-key KEY (or "
-            f"${API_KEY_ENV}) so that clients must authenticate")
+            f"${API_KEY_ENV}) so clients must authenticate")
 
 
 def free_port(host: str = LOOPBACK) -> int:

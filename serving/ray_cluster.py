@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ import psutil
 
 from streamsink.patches.ray_agent_ports import fixed_agent_ports
 from streamsink.serving.network import free_port
-from streamsink.serving.processes import reap
+from streamsink.serving.processes import Interrupted, reap
 
 MIN_LOGICAL_CPUS = 8
 OBJECT_STORE_BYTES = 512 << 20
@@ -34,9 +35,20 @@ class RayHandle:
     metrics_port: int | None      # Ray's Prometheus export on this node
 
 
-def start_or_join(metrics_port: int | None = None, verbose: bool = False,
-                  log: logging.Logger | None = None) -> RayHandle:
-    """Join $RAY_ADDRESS, or start a local Ray (retrying a start the raylet gave up on)."""
+def start_or_join(metrics_port: int | None = None, verbose: bool = False) -> RayHandle:
+    """Join $RAY_ADDRESS, or start a local Ray (retrying a start the raylet gave up on).
+    Raises processes.Interrupted when SIGTERM arrives meanwhile."""
+    try:
+        return _start_or_join(metrics_port, verbose)
+    except SystemExit as exc:
+        # ray.init installs a SIGTERM handler of its own first thing (sys.exit(15)): a stop
+        # asked for while Ray starts arrives here.
+        if exc.code == signal.SIGTERM:
+            raise Interrupted("SIGTERM") from None
+        raise
+
+
+def _start_or_join(metrics_port: int | None, verbose: bool) -> RayHandle:
     import ray
 
     quiet = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)

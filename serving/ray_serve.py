@@ -71,6 +71,8 @@ def run(args) -> int:
     try:
         try:
             handle = ray_cluster.start_or_join(args.metrics_port)
+        except processes.Interrupted:
+            return 0
         except Exception as exc:  # no cluster at RAY_ADDRESS, a port taken, ...
             if stop.requested:
                 return 0

@@ -92,7 +92,8 @@ def plain_server_argv(args) -> list[str]:
 
 
 def run(args) -> int:
-    if getattr(args, "ray", False):
+    check_exposure(args.host or LOOPBACK, api_key(args.api_key))  # before vLLM or Ray load
+    if args.ray:
         return importlib.import_module("streamsink.serving.ray_serve").run(args)
     for flag in ("replicas", "metrics_port"):
         if getattr(args, flag, None) is not None:

@@ -1,11 +1,12 @@
 """`streamsink batch`: bad input refused before anything starts; per-record errors, prompts and
-generations past max_model_len; resume after a SIGKILL gives every id once with the same greedy
-text as an uninterrupted run.
+generations past max_model_len; SIGTERM mid-way stops everything within 30 s (exit 0, nothing of
+the run left), and the resume gives every id once with the same greedy text as an uninterrupted
+run (a write cut short by a harder kill is simulated: a torn last line).
 
 Cost: the bad-input and file tests start no engine (fractions of a second each). The engine tests
 share three runs of the command on a tiny random Llama that carries the default model's tokenizer
-(the command takes text): an uninterrupted run and a run killed with SIGKILL mid-way go side by
-side (their start-up is mostly single-threaded imports), then the killed run is resumed.
+(the command takes text): an uninterrupted run and a run stopped with SIGTERM mid-way go side by
+side (their start-up is mostly single-threaded imports), then the stopped run is resumed.
 """
 import json
 import os
@@ -16,6 +17,8 @@ import sys
 import time
 
 import pytest
+
+import tagged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STREAMSINK = [sys.executable, "-m", "streamsink.serving.cli", "batch"]
@@ -171,15 +174,6 @@ def tok_model(tmp_path_factory):
     return make_tiny_llama_with_tokenizer(tmp_path_factory.mktemp("tiny_tok_llama"))
 
 
-def _kill_group(pgid: int) -> None:
-    """Remove what a killed run left in its process group (Ray's agents outlive a SIGKILLed
-    driver; its engine actor runs in a group of its own and goes with the driver's raylet)."""
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 @pytest.fixture(scope="module")
 def runs(tok_model, tmp_path_factory):
     d = tmp_path_factory.mktemp("batch")
@@ -188,32 +182,34 @@ def runs(tok_model, tmp_path_factory):
     write_jsonl(inp, records)
     common = ["--input", str(inp), "--model", tok_model] + ENGINE_ARGS
 
-    def start(out, log):
+    tags = {"full": tagged.new_tag(), "stopped": tagged.new_tag()}
+
+    def start(out, log, tag):
         return subprocess.Popen(STREAMSINK + common + ["--output", str(out)], cwd=ROOT,
                                 stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+                                start_new_session=True, env=tagged.tagged_env(tag))
 
-    full = start(d / "full.jsonl", d / "full.log")
-    killed = start(d / "resumed.jsonl", d / "killed.log")
-    lines_at_kill = None
+    full = start(d / "full.jsonl", d / "full.log", tags["full"])
+    stopped = start(d / "resumed.jsonl", d / "stopped.log", tags["stopped"])
+    lines_at_stop = stop_took = left_after_stop = None
     try:
         deadline = time.monotonic() + 900
-        while time.monotonic() < deadline and killed.poll() is None:
+        while time.monotonic() < deadline and stopped.poll() is None:
             path = d / "resumed.jsonl"
             n = path.read_bytes().count(b"\n") if path.exists() else 0
             if n >= 3:
-                os.kill(killed.pid, signal.SIGKILL)  # the driver only, as `kill -9 PID`
-                killed.wait()
-                lines_at_kill = n
+                stop_took = tagged.stop_and_time(stopped, signal.SIGTERM, timeout_s=120)
+                left_after_stop = tagged.leftovers(tags["stopped"])
+                lines_at_stop = n
                 break
             time.sleep(0.05)
         full.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:
-        for proc in (full, killed):
+        for proc in (full, stopped):
             if proc.poll() is None:
                 proc.kill()
-        time.sleep(2)
-        _kill_group(killed.pid)
+        for tag in tags.values():
+            tagged.kill_tagged(tag)
     # A kill can cut a line short; make sure the resume sees one (what a write cut mid-way
     # leaves: no newline at the end).
     with open(d / "resumed.jsonl", "ab") as f:
@@ -223,7 +219,9 @@ def runs(tok_model, tmp_path_factory):
                             cwd=ROOT, capture_output=True, text=True, timeout=900,
                             start_new_session=True)
     return dict(records=records, full_rc=full.returncode, full_log=(d / "full.log").read_text(),
-                full=read_jsonl(d / "full.jsonl"), lines_at_kill=lines_at_kill,
+                full=read_jsonl(d / "full.jsonl"), lines_at_stop=lines_at_stop,
+                stop_rc=stopped.returncode, stop_took=stop_took, left=left_after_stop,
+                stop_log=(d / "stopped.log").read_text(),
                 done_before=done_before, resume=resume,
                 resumed_raw=(d / "resumed.jsonl").read_bytes())
 
@@ -273,11 +271,18 @@ def test_records_past_max_model_len_complete(runs):
     assert by_id[7]["prompt_tokens"] > 10  # the chat template wrapped the message
 
 
-def test_resume_after_sigkill(runs):
+def test_sigterm_mid_batch_stops_everything(runs):
+    assert runs["lines_at_stop"] is not None, "the run finished before it could be stopped"
+    assert runs["stop_rc"] == 0, runs["stop_log"][-3000:]
+    assert runs["stop_took"] < 30
+    assert runs["left"] == []
+
+
+def test_resume_after_a_stop(runs):
     records, resume = runs["records"], runs["resume"]
-    assert runs["lines_at_kill"] is not None, "the run finished before it could be killed"
+    assert runs["lines_at_stop"] is not None, "the run finished before it could be stopped"
     before = runs["done_before"]
-    assert 3 <= len(before) < len(records), "the kill did not land mid-way"
+    assert 3 <= len(before) < len(records), "the stop did not land mid-way"
     assert resume.returncode == 0, resume.stderr[-3000:]
     n, ok, errors, skipped, _, _ = summary(resume.stdout)
     assert skipped == len(before) and n == len(records) and ok + errors + skipped == n
@@ -287,7 +292,7 @@ def test_resume_after_sigkill(runs):
     final = [json.loads(line) for line in raw.splitlines()]
     ids = [json.dumps(r["id"]) for r in final]
     assert len(ids) == len(set(ids)) == len(records)
-    # What the killed run finished was kept, not redone: it is the start of the file.
+    # What the stopped run finished was kept, not redone: it is the start of the file.
     assert final[:len(before)] == before
     # Greedy records: the same text as the uninterrupted run, whichever run produced them.
     full = {json.dumps(r["id"]): r for r in runs["full"]}

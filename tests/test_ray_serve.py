@@ -1,7 +1,8 @@
 """`streamsink serve --ray`: two streaming replicas on Ray Serve LLM behind one OpenAI endpoint,
 with per-replica metrics on Ray's Prometheus export. One real Ray and one app for the module,
 started and stopped here (a tiny random Llama with the default model's tokenizer keeps it cheap).
-The last test stops the app with SIGTERM and checks that nothing of it is left."""
+The last test stops the app with SIGTERM in the middle of a streamed request and checks that
+nothing of it is left; another stops a second app while its replicas start."""
 import os
 import re
 import signal
@@ -15,24 +16,25 @@ import urllib.request
 
 import psutil
 import pytest
+import tagged
 from openai_server import free_port
 
 MAX_MODEL_LEN = 1024
 SINK, WINDOW = 4, 252
 READY = re.compile(r"^streamsink serve --ray: ready api=(\S+) metrics=(\S+) replicas=(\d+)$")
 START_TIMEOUT = 900
-API_KEY = "test-key-4b1d"  # the app runs with --api-key: every OpenAI call below must send it
+API_KEY = "test-key-4b1d"
+APP_ARGS = ["--max-model-len", str(MAX_MODEL_LEN), "--max-num-batched-tokens", "256",
+            "--max-num-seqs", "4", "--kv-cache-memory-bytes", str(64 << 20), "--enforce-eager"]  # the app runs with --api-key: every OpenAI call below must send it
 
 
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "streamsink.serving.cli", *args]
 
 
-def clean_env() -> dict:
-    env = dict(os.environ, VLLM_LOGGING_LEVEL="INFO")
-    env.pop("RAY_ADDRESS", None)  # this module starts (and stops) its own Ray
-    env.pop("STREAMSINK_METRICS_DIR", None)
-    return env
+def clean_env(tag: str | None = None) -> dict:
+    # This module starts (and stops) its own Ray: no RAY_ADDRESS (tagged_env drops it).
+    return tagged.tagged_env(tag or tagged.new_tag(), VLLM_LOGGING_LEVEL="INFO")
 
 
 def scrape(url: str) -> dict:
@@ -70,13 +72,12 @@ def app(tmp_path_factory):
     port, metrics_port = free_port(), free_port()
     log_path = tmp_path_factory.mktemp("ray_serve") / "serve.log"
     log = open(log_path, "w")
+    tag = tagged.new_tag()
     proc = subprocess.Popen(
         cli("serve", "--ray", "--replicas", "2", "--model", model, "--sink", str(SINK),
             "--window", str(WINDOW), "--port", str(port), "--metrics-port", str(metrics_port),
-            "--max-model-len", str(MAX_MODEL_LEN), "--max-num-batched-tokens", "256",
-            "--max-num-seqs", "4", "--kv-cache-memory-bytes", str(64 << 20), "--enforce-eager",
-            "--api-key", API_KEY),
-        stdout=subprocess.PIPE, stderr=log, text=True, env=clean_env())
+            *APP_ARGS, "--api-key", API_KEY),
+        stdout=subprocess.PIPE, stderr=log, text=True, env=clean_env(tag))
     ready: list = []
 
     def read_stdout():  # keep draining stdout so the server never blocks on a full pipe
@@ -100,16 +101,12 @@ def app(tmp_path_factory):
         assert api == f"http://127.0.0.1:{port}/v1"
         assert metrics == f"http://127.0.0.1:{metrics_port}/metrics"
         assert replicas == "2"
-        yield {"proc": proc, "api": api, "metrics": metrics, "log": log_path}
+        yield {"proc": proc, "api": api, "metrics": metrics, "log": log_path, "tag": tag,
+               "model": model}
     finally:
         if proc.poll() is None:
-            family = _descendants(proc.pid)
             proc.kill()
-            for p in family:
-                try:
-                    p.kill()
-                except psutil.Error:
-                    pass
+        tagged.kill_tagged(tag)
         log.close()
 
 
@@ -318,12 +315,49 @@ def test_killed_replica_is_replaced(app):
     assert len(_engine_processes(app)) == 2
 
 
-def test_sigterm_stops_everything(app):
-    """SIGTERM: exit 0, and no process the app started is left (Ray, replicas, engines)."""
+def test_sigterm_mid_request_stops_everything(app):
+    """SIGTERM while a request streams: exit 0 within 30 s, and no process the app started is
+    left (Ray, replicas, engines)."""
     proc = app["proc"]
-    family = _descendants(proc.pid)
-    assert any("raylet" in " ".join(_cmd(p)) for p in family)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0
-    _, alive = psutil.wait_procs(family, timeout=30)
-    assert not alive, [_cmd(p) for p in alive]
+    assert any("raylet" in line for line in tagged.tagged_processes(app["tag"]))
+    chunks = []
+
+    def stream():
+        try:
+            for chunk in client(app).completions.create(
+                    model=model_id(app), prompt=long_prompt(100), max_tokens=4000, stream=True,
+                    extra_body={"ignore_eos": True}):
+                chunks.append(chunk)
+        except Exception:
+            pass  # the app went away mid-stream: expected
+
+    reader = threading.Thread(target=stream, daemon=True)
+    reader.start()
+    tagged.wait_for(lambda: len(chunks) > 10, 120, "streamed tokens", proc)
+    took = tagged.stop_and_time(proc, signal.SIGTERM, timeout_s=120)
+    assert proc.returncode == 0
+    assert took < 30, took
+    assert tagged.leftovers(app["tag"]) == []
+
+
+def test_sigterm_while_replicas_start(tmp_path):
+    """A second app, stopped while Ray Serve starts its replicas: exit 0 within 30 s, nothing
+    left. (Runs after the first app is gone: the module's last test.)"""
+    from tiny_models import make_tiny_llama_with_tokenizer
+
+    model = make_tiny_llama_with_tokenizer(tmp_path / "model", sharp=False)
+    tag, log = tagged.new_tag(), tmp_path / "serve.log"
+    proc = tagged.start(["serve", "--ray", "--model", model, "--port", str(free_port()),
+                         "--window", str(WINDOW), *APP_ARGS], tag, log)
+    try:
+        tagged.wait_for(lambda: any("ServeReplica" in line or "EngineCore" in line
+                                    for line in tagged.tagged_processes(tag)),
+                        600, "a starting replica", proc, log)
+        took = tagged.stop_and_time(proc, signal.SIGTERM, timeout_s=120)
+        assert proc.returncode == 0, log.read_text()[-3000:]
+        assert took < 30, took
+        assert tagged.leftovers(tag) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        tagged.kill_tagged(tag)

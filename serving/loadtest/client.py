@@ -20,8 +20,11 @@ import contextlib
 import io
 import json
 import random
+import signal
 import time
 from dataclasses import dataclass, field
+
+from streamsink.serving import processes
 
 
 @dataclass
@@ -81,8 +84,35 @@ def make_prompts(tokenizer_path: str, count: int, prompt_tokens: int, output_tok
 
 def run_load(spec: LoadSpec) -> LoadResult:
     """Run the load to completion (bounded by spec.requests, spec.duration_s and
-    spec.drain_timeout_s) and return one record per started request."""
-    return asyncio.run(_run(spec))
+    spec.drain_timeout_s) and return one record per started request. SIGINT/SIGTERM cancel it
+    and raise processes.Interrupted."""
+    return asyncio.run(_run_until_stopped(spec))
+
+
+async def _run_until_stopped(spec: LoadSpec) -> LoadResult:
+    # A signal handler that raises (processes.raise_on_signal) would land inside the event
+    # loop's own callbacks, which swallow it; the loop's handlers cancel the load instead.
+    loop = asyncio.get_running_loop()
+    load = asyncio.current_task()
+    stopped: list[str] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def stop(sig: signal.Signals) -> None:
+        stopped.append(sig.name)
+        load.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        return await _run(spec)
+    except asyncio.CancelledError:
+        if stopped:
+            raise processes.Interrupted(stopped[0]) from None
+        raise
+    finally:
+        for sig, handler in previous.items():
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, handler)  # the launcher's own handling, for what follows
 
 
 async def _run(spec: LoadSpec) -> LoadResult:
