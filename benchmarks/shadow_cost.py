@@ -1,4 +1,4 @@
-"""What the sink shadows (DESIGN.md §3 option 4) cost inside a batch-16 decode step: the native
+"""What the sink shadows (docs/architecture.md §4, option 4) cost inside a batch-16 decode step: the native
 op (shadow_op.cpp, shipped), the stock-op path it replaced (the fallback without a compiler), and
 a step without shadows — the floor any shadow write can reach.
 

@@ -21,16 +21,32 @@ def register() -> None:
     _registered_in_pid = os.getpid()
     from streamsink.attention import register_attention_backend
     from streamsink.kv_policy import register_kv_policy
-    from streamsink.patches import apply_all
-
     from streamsink.metrics import register_collector, start_ray_export
+    from streamsink.patches import (
+        check_version,
+        default_chunk,
+        engine_config,
+        hf_gpt_neox_rope,
+        input_length,
+        kv_cache_spec,
+        openai_max_tokens,
+        openai_prompt_length,
+        renderer_length,
+        rotary_embedding,
+        scheduler_length_cap,
+        worker_batch_rows,
+    )
 
     register_kv_policy()
     # First: in a Ray Serve replica this picks the replica's own snapshot folder.
     start_ray_export()
     register_collector()
     register_attention_backend()
-    apply_all()
+    check_version()
+    for patch in (rotary_embedding, hf_gpt_neox_rope, engine_config, default_chunk, input_length,
+                  renderer_length, openai_prompt_length, openai_max_tokens, scheduler_length_cap,
+                  kv_cache_spec, worker_batch_rows):
+        patch.apply()
     # A child of vLLM's logger, so the line carries vLLM's process prefix (EngineCore, Worker).
     from vllm.logger import init_logger
 

@@ -35,6 +35,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 
 ENV_DIR = "STREAMSINK_METRICS_DIR"
 PUBLISH_INTERVAL = 0.25  # seconds
@@ -82,6 +83,9 @@ class Publisher:
     def __init__(self) -> None:
         self.path = os.path.join(metrics_dir(), f"{os.getpid()}-{id(self):x}.json")
         self._last = 0.0
+        # A manager that is gone reports nothing (its gauges would otherwise stay at their
+        # last value); its counters start again with the engine that replaces it.
+        weakref.finalize(self, _remove, self.path)
 
     def publish(self, values: dict, force: bool = False) -> None:
         """Write the snapshot (at most every PUBLISH_INTERVAL seconds unless force)."""
@@ -93,6 +97,13 @@ class Publisher:
         with open(tmp, "w") as f:
             json.dump(values, f)
         os.replace(tmp, self.path)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def read_totals(path: str | None = None) -> dict:

@@ -1,4 +1,4 @@
-// Sink shadows of a decode step, every layer in one pass (DESIGN.md §3 option 4; see
+// Sink shadows of a decode step, every layer in one pass (docs/architecture.md §4, option 4; see
 // shadow_op.py for why this exists and how it is built and loaded).
 //
 // The cache is vLLM's CPU "vec" layout: per (block, KV head) a page of 2*B*D elements, keys as

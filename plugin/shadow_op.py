@@ -1,7 +1,7 @@
 """The sink-shadow write of a decode step as one native loop over every layer (shadow_op.cpp),
 built on first use.
 
-Why: a decode step past C writes S shadows per request per layer (DESIGN.md §3 option 4). Done
+Why: a decode step past C writes S shadows per request per layer (docs/architecture.md §4, option 4). Done
 with stock ops (a gather of every element, vLLM's rotary op, vLLM's cache write) that costs
 ~6 ms of a ~146 ms batch-16 step (30 layers): three passes, each paying PyTorch's per-element
 overhead on ~25K scattered elements and re-reading the column-major key pages. One loop that

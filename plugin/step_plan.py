@@ -10,12 +10,13 @@ that its recent tokens sit at p' = p - offset, and its cached keys are re-rotate
 model's RoPE, the sink rotations and the shadows all work on row positions, which stay below
 max_model_len. Nothing here needs the absolute position.
 
-Semantics (DESIGN.md §1): query i sees j <= i with j < S or j > i - W; with n = min(i+1, C) the
+Semantics (docs/architecture.md §1): query i sees j <= i with j < S or j > i - W; with n = min(i+1, C) the
 query sits at slot n-1 and a window key j at slot n-1-(i-j), so keys rotated at their absolute
 positions already give the right window logits. Only sink logits need the query rotated by
 (n-1) - i, a rotation by a non-positive angle that is zero while i < C.
 
-Two ways to compute a request's attention (DESIGN.md §3 options 4 and 2), chosen per request:
+Two ways to compute a request's attention (docs/architecture.md §4, options 4 and 2), chosen
+per request:
 - kernel: the request is dense (all its queries < C) or a decode at i >= C+S-1. For each such
   decode the plan lists "shadow" writes: sink j's K/V, re-rotated to position i-C+1+j, into the
   slots of the S tokens just evicted. The last C slots then read as one contiguous run of

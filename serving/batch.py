@@ -168,7 +168,6 @@ def finish_reason(generated: int, max_tokens: int, last_token: int, stop_ids: se
 def _generate(args, setup: Setup, pending, writer, stop) -> tuple[int, int, int, float]:
     from tqdm import tqdm
 
-    ok = errors = generated = 0
     bar = tqdm(total=len(pending), unit="rec", desc="batch (starting engines)", file=sys.stderr,
                dynamic_ncols=True)
     start = time.perf_counter()
@@ -179,33 +178,42 @@ def _generate(args, setup: Setup, pending, writer, stop) -> tuple[int, int, int,
         quiet_ray_data(args.verbose)
         results = run_rows(setup.rows, setup.model_path, setup.engine_kwargs, args.replicas,
                            setup.max_num_seqs, setup.env)
-        for result in results:
-            row = setup.rows[result["idx"]]
-            record = pending[result["idx"]]
-            if "error" in result:
-                writer.write({"id": record.id, "error": result["error"]})
-                errors += 1
-            else:
-                max_tokens = row["sampling_params"]["max_tokens"]
-                writer.write({
-                    "id": record.id, "text": result["text"],
-                    "prompt_tokens": int(result["prompt_tokens"]),
-                    "generated_tokens": int(result["generated_tokens"]),
-                    "finish_reason": finish_reason(
-                        int(result["generated_tokens"]), max_tokens, int(result["last_token"]),
-                        setup.stop_ids, row["sampling_params"]["ignore_eos"]),
-                })
-                ok += 1
-                generated += int(result["generated_tokens"])
-            elapsed = time.perf_counter() - start
-            bar.set_description_str("batch", refresh=False)
-            bar.set_postfix_str(f"{generated / elapsed:.1f} tok/s, {errors} errors",
-                                refresh=False)
-            bar.update(1)
-            if stop.requested:
-                break
+        with processes.ray_sigterm_is_a_stop():  # Ray may install its handler again meanwhile
+            ok, errors, generated = _write_results(results, setup, pending, writer, bar, stop,
+                                                   start)
     finally:
         bar.close()
         ray_cluster.stop(handle)
         processes.stop_descendants()
     return ok, errors, generated, time.perf_counter() - start
+
+
+def _write_results(results, setup: Setup, pending, writer, bar, stop,
+                   start: float) -> tuple[int, int, int]:
+    """Append each result to OUT as it arrives; stop early when a stop was requested."""
+    ok = errors = generated = 0
+    for result in results:
+        row = setup.rows[result["idx"]]
+        record = pending[result["idx"]]
+        if "error" in result:
+            writer.write({"id": record.id, "error": result["error"]})
+            errors += 1
+        else:
+            max_tokens = row["sampling_params"]["max_tokens"]
+            writer.write({
+                "id": record.id, "text": result["text"],
+                "prompt_tokens": int(result["prompt_tokens"]),
+                "generated_tokens": int(result["generated_tokens"]),
+                "finish_reason": finish_reason(
+                    int(result["generated_tokens"]), max_tokens, int(result["last_token"]),
+                    setup.stop_ids, row["sampling_params"]["ignore_eos"]),
+            })
+            ok += 1
+            generated += int(result["generated_tokens"])
+        elapsed = time.perf_counter() - start
+        bar.set_description_str("batch", refresh=False)
+        bar.set_postfix_str(f"{generated / elapsed:.1f} tok/s, {errors} errors", refresh=False)
+        bar.update(1)
+        if stop.requested:
+            break
+    return ok, errors, generated

@@ -9,6 +9,7 @@ checks it, stops what it started, and exits 0.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -19,7 +20,7 @@ import psutil
 
 PR_SET_CHILD_SUBREAPER = 36
 # Whatever a graceful stop leaves after this is killed; the whole stop stays within ~30 s.
-GRACE_S = 15.0
+GRACE_S = 10.0
 
 
 def become_subreaper() -> bool:
@@ -88,6 +89,19 @@ class StopRequest:
 
 class Interrupted(Exception):
     """Raised out of a launcher's work when SIGINT/SIGTERM asked it to stop."""
+
+
+@contextlib.contextmanager
+def ray_sigterm_is_a_stop():
+    """Ray installs a SIGTERM handler of its own in the driver (`sys.exit(15)`, at ray.init and
+    again later); inside this block the SystemExit it raises becomes Interrupted, a requested
+    stop, so the launcher's clean-up runs and it exits 0."""
+    try:
+        yield
+    except SystemExit as exc:
+        if exc.code != signal.SIGTERM:
+            raise
+        raise Interrupted("SIGTERM") from None
 
 
 def raise_on_signal() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import signal
 import sys
 from dataclasses import dataclass
 
@@ -20,7 +19,7 @@ import psutil
 
 from streamsink.patches.ray_agent_ports import fixed_agent_ports
 from streamsink.serving.network import free_port
-from streamsink.serving.processes import Interrupted, reap
+from streamsink.serving.processes import ray_sigterm_is_a_stop, reap
 
 MIN_LOGICAL_CPUS = 8
 OBJECT_STORE_BYTES = 512 << 20
@@ -38,14 +37,8 @@ class RayHandle:
 def start_or_join(metrics_port: int | None = None, verbose: bool = False) -> RayHandle:
     """Join $RAY_ADDRESS, or start a local Ray (retrying a start the raylet gave up on).
     Raises processes.Interrupted when SIGTERM arrives meanwhile."""
-    try:
+    with ray_sigterm_is_a_stop():  # ray.init installs its own SIGTERM handler first thing
         return _start_or_join(metrics_port, verbose)
-    except SystemExit as exc:
-        # ray.init installs a SIGTERM handler of its own first thing (sys.exit(15)): a stop
-        # asked for while Ray starts arrives here.
-        if exc.code == signal.SIGTERM:
-            raise Interrupted("SIGTERM") from None
-        raise
 
 
 def _start_or_join(metrics_port: int | None, verbose: bool) -> RayHandle:

@@ -14,14 +14,14 @@ import threading
 
 from streamsink.patches.ray_serve_api_key import build_openai_app_with_key
 from streamsink.serving import processes, ray_cluster
-from streamsink.serving.network import LOOPBACK, api_key, check_exposure, url_host
+from streamsink.serving.network import LOOPBACK, api_key, url_host
 from streamsink.serving.ray_config import RaySpec, build_spec
 
 APP_NAME = "streamsink"
 READY_PREFIX = "streamsink serve --ray: ready"
 DEFAULT_PORT = 8000
 # serve.shutdown waits for replicas (some may still be starting); past this we stop Ray anyway.
-SERVE_SHUTDOWN_S = 10.0
+SERVE_SHUTDOWN_S = 5.0
 
 
 def deploy(spec: RaySpec, host: str, port: int, key: str | None) -> None:
@@ -62,8 +62,7 @@ def run(args) -> int:
     host = args.host or LOOPBACK
     port = args.port or DEFAULT_PORT
     replicas = args.replicas or 1
-    key = api_key(args.api_key)
-    check_exposure(host, key)
+    key = api_key(args.api_key)  # serve.run checked the exposure rule already
     spec = build_spec(args.model, args.sink, args.window, replicas, args.vllm_args)
     processes.become_subreaper()
     stop = processes.StopRequest().install()
@@ -96,8 +95,9 @@ def run(args) -> int:
 
         deployer = threading.Thread(target=deploy_into, daemon=True)
         deployer.start()
-        while deployer.is_alive() and not stop.requested:
-            deployer.join(0.5)
+        with processes.ray_sigterm_is_a_stop():
+            while deployer.is_alive() and not stop.requested:
+                deployer.join(0.5)
         if stop.requested:
             return 0
         if failure:
@@ -106,8 +106,11 @@ def run(args) -> int:
         h = url_host(host)
         print(f"{READY_PREFIX} api=http://{h}:{port}/v1 metrics=http://{h}:"
               f"{handle.metrics_port}/metrics replicas={replicas}", flush=True)
-        while not stop.event.wait(1.0):  # a timed wait: signal handlers run in between
-            pass
+        with processes.ray_sigterm_is_a_stop():
+            while not stop.event.wait(1.0):  # a timed wait: signal handlers run in between
+                pass
+        return 0
+    except processes.Interrupted:  # Ray's own SIGTERM handler fired (ray_sigterm_is_a_stop)
         return 0
     finally:
         print("streamsink serve --ray: shutting down", file=sys.stderr, flush=True)

@@ -1,6 +1,8 @@
 """Engines in one process keep their own settings: a streaming engine, a stock one and a second
 streaming one with other S and W, alive together, each sees only its own configuration (the
 config is read through its own VllmConfig; nothing is kept in module globals)."""
+import gc
+
 import pytest
 
 from conftest import prompt_nlls, random_tokens, tiny_engine
@@ -29,7 +31,11 @@ def engines(tiny_llama):
     stock = tiny_engine(tiny_llama, None, kv_cache_memory_bytes=1 << 26)
     second = tiny_engine(tiny_llama, {"sink_tokens": 2, "window_tokens": 60},
                          kv_cache_memory_bytes=1 << 26)
-    return first, stock, second, prompt, before
+    yield first, stock, second, prompt, before
+    # In-process engines share vLLM's distributed state: shut them down now, not whenever the
+    # garbage collector meets them during a later module's engine.
+    del first, stock, second
+    gc.collect()
 
 
 def test_each_engine_has_its_own_kv_policy(engines):

@@ -1,6 +1,7 @@
 """A streaming engine given no KV budget sizes its pool from what it can ever hold
 (plugin/kv_budget.py), so vLLM's CPU free-memory check (92% of the node free by default) has
 nothing to refuse; a stock engine is untouched."""
+import gc
 from types import SimpleNamespace
 
 import pytest
@@ -79,6 +80,7 @@ def test_engine_without_budget_starts_where_the_free_memory_check_fails(tiny_lla
                   max_num_batched_tokens=512)
     with pytest.raises(Exception, match="less than desired CPU memory utilization"):
         LLM(**common)
+    gc.collect()  # the failed engine's clean-up, before the next engine shares vLLM's state
     llm = LLM(**common, additional_config={"streamsink": {"sink_tokens": 4,
                                                           "window_tokens": 508}})
     config = llm.llm_engine.vllm_config
@@ -93,3 +95,5 @@ def test_engine_without_budget_starts_where_the_free_memory_check_fails(tiny_lla
                        SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False),
                        use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
+    del llm
+    gc.collect()

@@ -16,7 +16,8 @@ def kv_internals(llm):
 
 
 def block_bound(sink, window, step_tokens, block_size):
-    """DESIGN.md §2: ceil(S/B) + ceil((W + Q)/B) + 1."""
+    """ceil(S/B) + ceil((W + Q)/B) + 1: the tighter textbook bound, which equals the built one
+    (docs/architecture.md §2) unless S - 1 extra tokens cross a block boundary."""
     return math.ceil(sink / block_size) + math.ceil((window + step_tokens) / block_size) + 1
 
 

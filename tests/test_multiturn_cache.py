@@ -140,6 +140,8 @@ def sessions(llm):
 
 @pytest.fixture(scope="module")
 def runs(tiny_llama):
+    from streamsink.prefix_cache import StreamingPrefixCache
+
     on = engine(tiny_llama, caching=True)
     scheduler, manager, pool = internals(on)
     got = {"pool_blocks": pool.num_gpu_blocks}
@@ -270,7 +272,7 @@ def test_sessions_side_by_side_under_pool_pressure(runs):
     # The pool recycled cached blocks: some turns found less than their processed history.
     full = {(s, t): (len(prompts[(s, t - 1)]) + GEN - 1) // BLOCK * BLOCK for s, t in later}
     assert any(cached[k] < full[k] for k in later)
-    # DESIGN.md §2's per-stream bound, hits included.
+    # The per-stream bound (docs/architecture.md §2), hits included.
     bound = math.ceil(SINK / BLOCK) + math.ceil((SINK + WINDOW - 1 + CHUNK) / BLOCK) + 1
     assert max_held <= bound
 
