@@ -8,7 +8,9 @@ of 64) runs three streams in one call (prompts of 600, 200 and 40 tokens, 48 gen
 chunked prefill past C, decodes with sink shadows, mixed steps, row rebases), then continues the
 longest from the prefix cache (60 more tokens, 32 generated); every prompt and generated token's
 NLL is compared with the reference over the same tokens. Stock vLLM (no streamsink) runs the
-first C+1 tokens, where streaming is dense, against the same reference.
+first C+1 tokens, where streaming is dense, against the same reference (LongRoPE: C tokens, so
+that stock vLLM's max_model_len stays within original_max_position_embeddings, past which it
+takes the long factors for every position).
 
     .venv/bin/python benchmarks/families.py [--quick] [--only NAME ...]
 
@@ -72,6 +74,7 @@ def measure(names: list[str], shape_args: dict, workdir: str) -> dict:
     from family_streams import (
         StreamShape,
         build_model,
+        dense_prefix,
         max_difference,
         run_stock_dense,
         run_streaming,
@@ -86,7 +89,7 @@ def measure(names: list[str], shape_args: dict, workdir: str) -> dict:
         run = run_streaming(path, shape)
         jobs = [references.add((path, seq.tokens, shape.sink, shape.window))
                 for seq in run.sequences]
-        stock = run_stock_dense(path, run.sequences[0].tokens[:shape.cache_tokens + 1])
+        stock = run_stock_dense(path, run.sequences[0].tokens[:dense_prefix(path, shape)])
         pending[name] = (path, run, jobs, stock, time.perf_counter() - started)
         print(f"{name}: engines done ({pending[name][-1]:.1f} s)", flush=True)
     references.close()
@@ -96,7 +99,7 @@ def measure(names: list[str], shape_args: dict, workdir: str) -> dict:
         streaming = max(max_difference(seq.nlls, ref) for seq, ref in zip(run.sequences, refs))
         dense = max(abs(a - b) for a, b in zip(stock, refs[0]))
         variants[name] = {**describe(path), "max_abs_dnll": streaming,
-                          "stock_dense_max_abs_dnll": dense,
+                          "stock_dense_max_abs_dnll": dense, "stock_dense_tokens": len(stock),
                           "tokens_compared": sum(len(s.nlls) for s in run.sequences),
                           "longest_stream": len(run.sequences[0].tokens),
                           "rebases": run.rebases, "prefix_cache_hit_tokens": run.cached_tokens,
@@ -116,7 +119,8 @@ def render(result: dict) -> str:
         runs = [v for v in result["variants"].values() if v["family"] == family.name]
         if runs:
             worst = max(v["max_abs_dnll"] for v in runs)
-            measured = f"{worst:.1e} ({', '.join(v['positions'] for v in runs)})"
+            kinds = dict.fromkeys(v["positions"] for v in runs)   # in order, once each
+            measured = f"{worst:.1e} ({', '.join(kinds)})"
         else:
             measured = "not measured"
         lines.append(f"| {family.name} | {', '.join(family.architectures)} | "

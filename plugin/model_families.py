@@ -26,7 +26,7 @@ class Family:
     name: str
     architectures: tuple[str, ...]
     rope_types: tuple[str, ...] = ()   # accepted rope_type values; empty: no RoPE
-    rope_pairs: str = "halves"         # "halves" (NeoX) or "adjacent" (GPT-J)
+    rope_pairs: str = "halves"         # "halves" (NeoX) or "adjacent pairs" (GPT-J)
     alibi: bool = False                # a variant of the family uses ALiBi
 
     def positions(self) -> str:
@@ -35,7 +35,7 @@ class Family:
         if self.rope_types:
             variants = ", ".join(f"{t} ({LENGTH_DEPENDENT[t]})" if t in LENGTH_DEPENDENT else t
                                  for t in self.rope_types)
-            parts.append(f"RoPE, {self.rope_pairs} pairs: {variants}")
+            parts.append(f"RoPE rotating {self.rope_pairs}: {variants}")
         if self.alibi:
             parts.append("ALiBi")
         return "; ".join(parts)
@@ -52,7 +52,7 @@ FAMILIES = (
     # Through vLLM's Transformers backend: Hugging Face's rotary module (patches/hf_gpt_neox_rope.py).
     Family("GPT-NeoX", ("GPTNeoXForCausalLM",), ("default",)),
     # vLLM's GPT-J reads no RoPE parameters from the config: base 10000, plain.
-    Family("GPT-J", ("GPTJForCausalLM",), ("default",), rope_pairs="adjacent"),
+    Family("GPT-J", ("GPTJForCausalLM",), ("default",), rope_pairs="adjacent pairs"),
     Family("Falcon", ("FalconForCausalLM",), ("default",), alibi=True),
     Family("BLOOM", ("BloomForCausalLM",), alibi=True),
 )

@@ -158,6 +158,20 @@ def run_streaming(model_path: str, shape: StreamShape, seed: int = 0) -> FamilyR
         gc.collect()
 
 
+def dense_prefix(model_path: str, shape: StreamShape) -> int:
+    """How many tokens of a stream stock vLLM runs against the reference: C + 1 (streaming is
+    dense for queries < C), fewer when vLLM's own max_model_len (prompt + 1) would pass a
+    length-dependent variant's threshold: stock vLLM then picks LongRoPE's long factors for
+    every position, where the reference (Hugging Face on the visible tokens) keeps the short
+    ones up to the threshold."""
+    from transformers import AutoConfig
+
+    from streamsink.rope import fixed_frequency_limit
+
+    limit = fixed_frequency_limit(AutoConfig.from_pretrained(model_path))
+    return shape.cache_tokens + 1 if limit is None else min(shape.cache_tokens + 1, limit[0] - 1)
+
+
 def run_stock_dense(model_path: str, tokens: list[int]) -> list[float]:
     """Stock vLLM (no streamsink config) on one prompt: NLL of tokens[t+1] by t."""
     llm = tiny_engine(model_path, None, max_model_len=len(tokens) + 1, max_num_seqs=1,

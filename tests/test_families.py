@@ -19,6 +19,7 @@ from family_streams import (
     FAMILY_MODELS,
     StreamShape,
     build_model,
+    dense_prefix,
     max_difference,
     run_stock_dense,
     run_streaming,
@@ -44,7 +45,8 @@ def measured(models):
         run = run_streaming(models[name], SHAPE)
         jobs = [references.add((models[name], seq.tokens, SHAPE.sink, SHAPE.window))
                 for seq in run.sequences]
-        stock = run_stock_dense(models[name], run.sequences[0].tokens[:SHAPE.cache_tokens + 1])
+        prefix = dense_prefix(models[name], SHAPE)
+        stock = run_stock_dense(models[name], run.sequences[0].tokens[:prefix])
         runs[name] = (run, jobs, stock)
     references.close()
     return {name: (run, [references[j] for j in jobs], stock)
@@ -74,7 +76,7 @@ def test_every_streaming_path_ran(measured, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_stock_vllm_equals_reference_while_dense(measured, family):
     run, references, stock = measured[family]
-    assert len(stock) == SHAPE.cache_tokens
+    assert len(stock) == SHAPE.cache_tokens   # every variant's threshold is past C here
     assert max(abs(a - b) for a, b in zip(stock, references[0])) < TOLERANCE
 
 
@@ -187,3 +189,25 @@ def test_rope_spec_equals_the_reference_frequencies(models, family):
                                         else config.n_positions)
     assert torch.allclose(spec.inv_freq(), inv_freq, rtol=1e-12, atol=0)
     assert abs(spec.attention_factor - factor) < 1e-12
+
+
+def test_supported_models_table_has_a_row_per_family(monkeypatch):
+    """benchmarks/families.py renders one row per registry family: its architectures, position
+    variants and the largest |dNLL| over the variants measured (or that none was)."""
+    import importlib
+    import os
+
+    from conftest import ROOT
+    from streamsink.model_families import FAMILIES as REGISTRY
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    bench = importlib.import_module("families")
+    result = {"variants": {
+        "a": {"family": "Falcon", "positions": "RoPE default", "max_abs_dnll": 2e-6},
+        "b": {"family": "Falcon", "positions": "ALiBi", "max_abs_dnll": 5e-6},
+        "c": {"family": "Falcon", "positions": "RoPE default", "max_abs_dnll": 1e-6}}}
+    rows = bench.render(result).splitlines()[2:]
+    assert len(rows) == len(REGISTRY)
+    falcon = next(r for r in rows if r.startswith("| Falcon |"))
+    assert "FalconForCausalLM" in falcon and "5.0e-06 (RoPE default, ALiBi)" in falcon
+    assert sum("not measured" in r for r in rows) == len(REGISTRY) - 1
