@@ -113,8 +113,8 @@ def render(result: dict) -> str:
     measured over its variants (and which ones were measured)."""
     from streamsink.model_families import FAMILIES
 
-    lines = ["| Family | Architectures | Positions (RoPE/ALiBi variants) | max \\|ΔNLL\\| measured |",
-             "|---|---|---|---|"]
+    lines = ["| Family | Architectures | Positions (RoPE/ALiBi variants) "
+             "| max \\|ΔNLL\\| measured |", "|---|---|---|---|"]
     for family in FAMILIES:
         runs = [v for v in result["variants"].values() if v["family"] == family.name]
         if runs:

@@ -49,7 +49,8 @@ FAMILIES = (
     Family("Qwen2", ("Qwen2ForCausalLM",), ROPE_VARIANTS),
     Family("Qwen3", ("Qwen3ForCausalLM",), ROPE_VARIANTS),
     Family("Phi-3", ("Phi3ForCausalLM",), ROPE_VARIANTS),
-    # Through vLLM's Transformers backend: Hugging Face's rotary module (patches/hf_gpt_neox_rope.py).
+    # Through vLLM's Transformers backend: Hugging Face's rotary module
+    # (patches/hf_gpt_neox_rope.py).
     Family("GPT-NeoX", ("GPTNeoXForCausalLM",), ("default",)),
     # vLLM's GPT-J reads no RoPE parameters from the config: base 10000, plain.
     Family("GPT-J", ("GPTJForCausalLM",), ("default",), rope_pairs="adjacent pairs"),

@@ -103,7 +103,8 @@ def _config(kind: str, **overrides):
             hidden_size=256, num_attention_heads=4, max_position_embeddings=256,
             original_max_position_embeddings=64,
             rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
-                             "short_factor": [1.0] * 32, "long_factor": [4.0] * 32}),
+                             "short_factor": [1.0] * 32, "long_factor": [4.0] * 32,
+                             **overrides}),
         "neox_linear": lambda: GPTNeoXConfig(
             hidden_size=128, num_attention_heads=2,
             rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}),
@@ -124,12 +125,17 @@ def _config(kind: str, **overrides):
                                         "original_max_position_embeddings (64)"),
     ("GPTNeoXForCausalLM", "neox_linear", 64, "rope_type 'linear' for GPTNeoXForCausalLM"),
     ("LlamaForCausalLM", "llama", 64, "rope_type 'ntk'"),
+    # Hugging Face applies a configured attention_factor, vLLM ignores it.
+    ("Phi3ForCausalLM", "longrope", 64, "vLLM's attention factor (1.1"),
 ])
 def test_refusals_are_one_line_naming_the_reason(arch, kind, cache, message):
     from streamsink.engine_setup import model_refusal
 
-    overrides = {"rope_parameters": {"rope_type": "ntk", "rope_theta": 1e4, "factor": 2.0}} \
-        if message == "rope_type 'ntk'" else {}
+    overrides = {}
+    if message == "rope_type 'ntk'":
+        overrides = {"rope_parameters": {"rope_type": "ntk", "rope_theta": 1e4, "factor": 2.0}}
+    elif kind == "longrope" and cache == 64:
+        overrides = {"attention_factor": 2.0}
     reason = model_refusal(arch, _config(kind, **overrides), cache)
     assert reason is not None and message in reason and "\n" not in reason
 
