@@ -1,16 +1,24 @@
 """Patch: the RoPE table of a streaming engine covers its rows, from float64 angles.
 
 Why: a streaming engine feeds the model *row positions* (row_window.py), which stay below
-max_model_len however long a stream runs, so vLLM's own RotaryEmbedding, its table and a graph
-compiled once serve every step. Two things differ from stock: max_model_len may exceed the model's
-max_position_embeddings (a dense window wider than the model's context), and streamsink re-rotates
-cached keys and sink shadows with float64 angles, so the table should agree with them to the
-last bit rather than carry fp32 angle error (~3e-4 rad at position 4096).
-How: RotaryEmbeddingBase._compute_cos_sin_cache (called once, when the layer is built) is wrapped:
-for an engine with a streamsink config it returns max(max_position_embeddings, max_model_len)
-rows of cos/sin from float64 angles. get_rope caches instances by their parameters only, so its
-cache (_ROPE_DICT) is keyed also by the streaming engine's row width: a stock engine built in
-the same process never gets a streaming table, nor the other way round. Nothing runs per step.
+max_model_len however long a stream runs, so vLLM's own rotary module, its table and a graph
+compiled once serve every step. Three things differ from stock: max_model_len may exceed the
+rows of vLLM's table (a dense window wider than the model's context); streamsink re-rotates
+cached keys and sink shadows with float64 angles (rope.py), so the table should agree with them
+to the last bit rather than carry fp32 angle error (~3e-4 rad at position 4096); and LongRoPE
+must keep its short factors for every row position (vLLM picks the long ones for the whole
+engine when max_model_len exceeds original_max_position_embeddings, while a stream's in-cache
+length, which is what the factors follow, stays within it: engine_setup.py refuses otherwise).
+How: the methods that build the table (called once, when the layer is built) are wrapped: for an
+engine with a streamsink config they return max(vLLM's rows, max_model_len) rows of the model's
+RoPE (streamsink.rope.RopeSpec of the engine's model config: the variant's frequencies and
+attention factor) from float64 angles. vLLM's scaled variants override the table method
+(linear, dynamic NTK, YaRN; llama3 only changes the frequencies, which the base method reads), so
+each class's own method is wrapped; Phi-3's LongRoPE module is not a RotaryEmbedding, and its
+constructor is wrapped instead. The spec must describe the module being built (rotated features,
+pairing), else the engine refuses to start. get_rope caches instances by their parameters only,
+so its cache (_ROPE_DICT) is keyed also by the streaming engine's row width: a stock engine built
+in the same process never gets a streaming table, nor the other way round. Nothing runs per step.
 Delete when: vLLM sizes the table by max_model_len and computes it in float64 (or lets a plugin
 pick the table), and keys get_rope's cache by it.
 """
@@ -20,13 +28,31 @@ import inspect
 
 import torch
 from vllm.model_executor.layers import rotary_embedding as rope_pkg
-from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
+from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding, RotaryEmbeddingBase
+from vllm.model_executor.layers.rotary_embedding.dynamic_ntk_scaling_rope import (
+    DynamicNTKScalingRotaryEmbedding,
+)
+from vllm.model_executor.layers.rotary_embedding.linear_scaling_rope import (
+    LinearScalingRotaryEmbedding,
+)
+from vllm.model_executor.layers.rotary_embedding.llama3_rope import Llama3RotaryEmbedding
+from vllm.model_executor.layers.rotary_embedding.phi3_long_rope_scaled_rope import (
+    Phi3LongRoPEScaledRotaryEmbedding,
+)
+from vllm.model_executor.layers.rotary_embedding.yarn_scaling_rope import (
+    YaRNScalingRotaryEmbedding,
+)
 
 from streamsink.engine_setup import engine_being_built
 from streamsink.errors import PatchTargetMoved
-from streamsink.rope import RopeSpec
+from streamsink.rope import RopeSpec, rope_spec_from_hf_config
 
-_original_compute = None
+# Classes whose own _compute_cos_sin_cache is replaced, and the classes each one builds for.
+_TABLE_METHODS = {RotaryEmbeddingBase: (RotaryEmbedding, Llama3RotaryEmbedding),
+                  LinearScalingRotaryEmbedding: (LinearScalingRotaryEmbedding,),
+                  DynamicNTKScalingRotaryEmbedding: (DynamicNTKScalingRotaryEmbedding,),
+                  YaRNScalingRotaryEmbedding: (YaRNScalingRotaryEmbedding,)}
+_originals: dict[object, object] = {}
 
 
 def _streaming_row_width() -> int | None:
@@ -35,13 +61,62 @@ def _streaming_row_width() -> int | None:
     return None if cfg is None else vllm_config.model_config.max_model_len
 
 
-def _compute_cos_sin_cache(self) -> torch.Tensor:
-    rows = _streaming_row_width()
-    if rows is None:
-        return _original_compute(self)
-    spec = RopeSpec(head_dim=self.head_size, rotary_dim=self.rotary_dim, theta=float(self.base))
-    positions = torch.arange(max(self.max_position_embeddings, rows))
-    return spec.cos_sin(positions, torch.float32)
+def _streaming_engine():
+    """(RopeSpec, max_model_len) of the streaming engine being built in this process, else
+    None."""
+    cfg, vllm_config = engine_being_built()
+    if cfg is None:
+        return None
+    model_config = vllm_config.model_config
+    return rope_spec_from_hf_config(model_config.hf_text_config), model_config.max_model_len
+
+
+def _spec_for(module, spec: RopeSpec | None) -> RopeSpec:
+    """The engine's spec, checked against the module it is to fill."""
+    if spec is None or (spec.head_dim, spec.rotary_dim, spec.neox_style) != (
+            module.head_size, module.rotary_dim, getattr(module, "is_neox_style", True)):
+        raise RuntimeError(
+            f"streamsink: the model builds {type(module).__name__}(head_size={module.head_size}, "
+            f"rotary_dim={module.rotary_dim}), which its config's RoPE ({spec}) does not "
+            f"describe; this model is not supported")
+    return spec
+
+
+def _table_method(owner):
+    original = owner.__dict__["_compute_cos_sin_cache"]
+
+    def _compute_cos_sin_cache(self) -> torch.Tensor:
+        engine = _streaming_engine()
+        if engine is None:
+            return original(self)
+        if type(self) not in _TABLE_METHODS[owner]:
+            raise RuntimeError(f"streamsink: no streaming RoPE table for {type(self).__name__}")
+        spec, rows = _spec_for(self, engine[0]), engine[1]
+        stock_rows = self.max_position_embeddings
+        if isinstance(self, LinearScalingRotaryEmbedding):
+            if len(self.scaling_factors) != 1:
+                raise RuntimeError("streamsink: one linear RoPE scaling factor per engine")
+            self._scaling_factor_to_offset = {float(self.scaling_factors[0]): 0}
+            stock_rows = int(self.max_position_embeddings * self.scaling_factors[0])
+        elif isinstance(self, YaRNScalingRotaryEmbedding):
+            stock_rows = int(self.max_position_embeddings * self.scaling_factor)
+        return spec.model_table(torch.arange(max(stock_rows, rows)), torch.float32)
+
+    return original, _compute_cos_sin_cache
+
+
+def _longrope_init(self, *args, **kwargs) -> None:
+    _originals[Phi3LongRoPEScaledRotaryEmbedding](self, *args, **kwargs)
+    engine = _streaming_engine()
+    if engine is None:
+        return
+    spec, rows = _spec_for(self, engine[0]), engine[1]
+    # Short factors at every row position: index the table by position alone.
+    self.use_long_rope = False
+    rows = max(self.original_max_position_embeddings, rows)
+    table = spec.model_table(torch.arange(rows), torch.float32).to(
+        self.long_short_cos_sin_cache.dtype)
+    self.register_buffer("long_short_cos_sin_cache", table, persistent=False)
 
 
 class _RopeCacheByEngine(dict):
@@ -62,26 +137,45 @@ class _RopeCacheByEngine(dict):
 
 
 def check_target() -> None:
-    compute = _original_compute or RotaryEmbeddingBase.__dict__.get("_compute_cos_sin_cache")
     source = inspect.getsource(rope_pkg.get_rope)
     init = inspect.getsource(RotaryEmbeddingBase.__init__)
-    if compute is None or list(inspect.signature(compute).parameters) != ["self"] or \
-            "cache = self._compute_cos_sin_cache()" not in init or \
+    if "cache = self._compute_cos_sin_cache()" not in init or \
             "if key in _ROPE_DICT:" not in source or "_ROPE_DICT[key] = rotary_emb" not in source:
-        raise PatchTargetMoved("RotaryEmbeddingBase._compute_cos_sin_cache(self) / get_rope's "
-                               "_ROPE_DICT cache changed")
-    for attr in ("head_size", "rotary_dim", "base", "max_position_embeddings"):
+        raise PatchTargetMoved("RotaryEmbeddingBase.__init__'s table / get_rope's _ROPE_DICT "
+                               "cache changed")
+    for attr in ("head_size", "rotary_dim", "max_position_embeddings", "is_neox_style"):
         if f"self.{attr} = " not in init:
             raise PatchTargetMoved(f"RotaryEmbeddingBase no longer sets self.{attr}")
+    for owner in _TABLE_METHODS:
+        method = _originals.get(owner) or owner.__dict__.get("_compute_cos_sin_cache")
+        if method is None or list(inspect.signature(method).parameters) != ["self"]:
+            raise PatchTargetMoved(f"{owner.__name__}._compute_cos_sin_cache(self) changed")
+    if "_compute_cos_sin_cache" in Llama3RotaryEmbedding.__dict__ or \
+            "_compute_inv_freq" not in Llama3RotaryEmbedding.__dict__:
+        raise PatchTargetMoved("Llama3RotaryEmbedding no longer only overrides _compute_inv_freq")
+    for name in ("self.scaling_factors", "self._scaling_factor_to_offset"):
+        if name not in inspect.getsource(LinearScalingRotaryEmbedding):
+            raise PatchTargetMoved(f"LinearScalingRotaryEmbedding no longer sets {name}")
+    longrope = inspect.getsource(_originals.get(Phi3LongRoPEScaledRotaryEmbedding)
+                                 or Phi3LongRoPEScaledRotaryEmbedding.__init__)
+    forward = inspect.getsource(Phi3LongRoPEScaledRotaryEmbedding.forward)
+    for needle, where in (("self.use_long_rope = ", longrope),
+                          ('"long_short_cos_sin_cache", long_short_cache', longrope),
+                          ("if self.use_long_rope:", forward),
+                          ("idx = positions", forward)):
+        if needle not in where:
+            raise PatchTargetMoved(f"Phi3LongRoPEScaledRotaryEmbedding no longer contains "
+                                   f"{needle!r}")
 
 
 def apply() -> None:
-    global _original_compute
-    if _original_compute is not None:
+    if _originals:
         return
     check_target()
-    _original_compute = RotaryEmbeddingBase._compute_cos_sin_cache
-    RotaryEmbeddingBase._compute_cos_sin_cache = _compute_cos_sin_cache
+    for owner in _TABLE_METHODS:
+        _originals[owner], owner._compute_cos_sin_cache = _table_method(owner)
+    _originals[Phi3LongRoPEScaledRotaryEmbedding] = Phi3LongRoPEScaledRotaryEmbedding.__init__
+    Phi3LongRoPEScaledRotaryEmbedding.__init__ = _longrope_init
     cache = _RopeCacheByEngine()
     cache.update({(k, None): v for k, v in rope_pkg._ROPE_DICT.items()})
     rope_pkg._ROPE_DICT = cache

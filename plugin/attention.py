@@ -13,6 +13,10 @@ stock classes. With one:
   window keys as stored, through PyTorch's fused CPU attention, and sink keys against the query
   re-rotated to its in-cache slot (option 2: O(S) extra work per query, none per window key),
   merged by log-sum-exp.
+
+ALiBi models (BLOOM, Falcon-RW) store nothing positional in a key: a shadow is a plain copy, and
+vLLM's kernel biases by the difference of logical slots, which shadows make the in-cache
+distance; the PyTorch path adds each head's bias by in-cache distance (attend_tile).
 """
 from __future__ import annotations
 
@@ -62,7 +66,7 @@ class StreamsinkMetadataBuilder(CPUAttentionMetadataBuilder):
         out.streamsink = plan = plan_step(
             self.streamsink, self.rope, self.block_size, seq_lens=seq_lens,
             query_start=query_start, block_table=cm.block_table_tensor[:cm.num_reqs],
-            dtype=self.dtype, kv_heads=self.num_kv_heads)
+            dtype=self.dtype, kv_heads=self.num_kv_heads, head_dim=self.head_dim)
         if plan.shadows is not None:
             plan.shadows.layer_caches = self.layer_caches()
         if plan.kernel_reqs:
@@ -109,12 +113,14 @@ class StreamsinkMetadataBuilder(CPUAttentionMetadataBuilder):
 
 
 def attend_tile(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tile: QueryTile,
-                scale: float, rotary_dim: int) -> torch.Tensor:
+                scale: float, rope: RopeSpec | None,
+                alibi_slopes: torch.Tensor | None = None) -> torch.Tensor:
     """Sink + window attention of one tile. query [T, Hq, D] -> [T, Hq, D].
 
     The window part runs in PyTorch's fused CPU attention (flash-style, multithreaded), which
     returns the log-sum-exp too; the <= S sink logits use the query re-rotated to its in-cache
-    slot and join by log-sum-exp, as vLLM's cascade attention merges partial states."""
+    slot and join by log-sum-exp, as vLLM's cascade attention merges partial states. An ALiBi
+    model (rope None, alibi_slopes [Hq]) adds -slope * (in-cache distance) to both parts."""
     T, Hq, D = query.shape
     Hkv = keys.shape[1]
     G = Hq // Hkv
@@ -126,20 +132,27 @@ def attend_tile(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, t
             x = values[blocks].transpose(0, 1)       # [NB, Hkv, B, D] -> [Hkv, NB, B, D]
         return x.reshape(Hkv, -1, D).repeat_interleave(G, dim=0)
 
+    window_mask, sink_bias = tile.window_mask, None
+    if alibi_slopes is not None:
+        window_mask, sink_bias = _alibi_biases(tile, alibi_slopes, query.dtype)
     q = query.transpose(0, 1)                        # [Hq, T, D]
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q[None].contiguous(), gather(tile.window_blocks, True)[None],
-        gather(tile.window_blocks, False)[None], 0.0, False, attn_mask=tile.window_mask,
+        gather(tile.window_blocks, False)[None], 0.0, False, attn_mask=window_mask,
         scale=scale)
     out, lse = out[0], lse[0]                        # [Hq, T, D], [Hq, T] (lse in fp32)
     if tile.sink_mask is not None:
         # The merge runs in the log-sum-exp's dtype (fp32 for bf16 models).
         acc = lse.dtype
         S = tile.sink_mask.shape[-1]
-        sink_q = rotate(q, tile.sink_rotation[None], rotary_dim).to(acc)
+        sink_q = q if rope is None else rotate(q, tile.sink_rotation[None], rope.rotary_dim,
+                                                rope.neox_style)
         sink_k = gather(tile.sink_blocks, True)[:, :S].to(acc)
         sink_v = gather(tile.sink_blocks, False)[:, :S].to(acc)
-        logits = torch.matmul(sink_q, sink_k.transpose(1, 2)).mul_(scale).add_(tile.sink_mask)
+        logits = torch.matmul(sink_q.to(acc), sink_k.transpose(1, 2)).mul_(scale)
+        logits.add_(tile.sink_mask)
+        if sink_bias is not None:
+            logits.add_(sink_bias)
         out = out.to(acc)
         top = torch.maximum(lse, logits.amax(dim=-1))            # [Hq, T]
         window_weight = (lse - top).exp_()
@@ -150,6 +163,23 @@ def attend_tile(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, t
     return out.transpose(0, 1)
 
 
+def _alibi_biases(tile: QueryTile, slopes: torch.Tensor, dtype: torch.dtype):
+    """(window mask with each head's ALiBi bias [1, Hq, T, NB*B], sink bias [Hq, T, S] or None),
+    in fp32 at least whatever the model's dtype (the fused kernel takes an fp32 mask with a bf16
+    query, and a bias of hundreds in bf16 would be off by whole units; with a float64 query it
+    needs a float64 mask). Built by the step's first layer and shared by the others: every
+    layer has the same slopes."""
+    key = tuple(slopes.tolist())
+    cached = tile.alibi_biases.get(key)
+    if cached is None:
+        acc = torch.promote_types(dtype, torch.float32)
+        per_head = -slopes.to(acc)[:, None, None]
+        window = tile.window_mask.to(acc) + per_head * tile.window_distance.to(acc)
+        sink = None if tile.sink_distance is None else per_head * tile.sink_distance.to(acc)
+        cached = tile.alibi_biases[key] = (window, sink)
+    return cached
+
+
 class StreamsinkAttentionImpl(CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -158,13 +188,20 @@ class StreamsinkAttentionImpl(CPUAttentionBackendImpl):
         self.rope: RopeSpec | None = None
         if self.streamsink is not None:
             self.rope = rope_spec_from_hf_config(vllm_config.model_config.hf_text_config)
+            if (self.rope is None) == (self.alibi_slopes is None):
+                # The config and the layer disagree on how positions are encoded.
+                raise RuntimeError(
+                    "streamsink: this attention layer has " + (
+                        "ALiBi slopes but the model config has RoPE" if self.rope is not None
+                        else "no ALiBi slopes but the model config uses ALiBi"))
             # The kernel's left window; the metadata builder picks it up from the layers.
             self.sliding_window = self.streamsink.cache_tokens
         self.native_shadows = (shadow_op.shadow_writer(vllm_config.model_config.dtype)
                                if self.streamsink is not None else None)
 
     def _write_shadows(self, layer, kv_cache: torch.Tensor, shadows: ShadowWrites) -> None:
-        """Sink j's K/V, rotated from position j to i-C+1+j, into the slots the window left.
+        """Sink j's K/V, rotated from position j to i-C+1+j (copied as is for ALiBi), into the
+        slots the window left.
 
         With the native op (shadow_op.py) the first layer of the step writes them for every
         layer in one call: the slots are the same in all, and no layer reads them before its own
@@ -173,10 +210,12 @@ class StreamsinkAttentionImpl(CPUAttentionBackendImpl):
             caches = shadows.layer_caches
             if caches is None or not any(c.data_ptr() == kv_cache.data_ptr() for c in caches):
                 caches = [kv_cache]   # not bound as the builder saw them: this layer alone
+            rope = self.rope
             shadow_op.write_shadows(self.native_shadows, caches, shadows.source_slots,
                                     shadows.slots, shadows.positions,
                                     shadows.rotation_table_f32, self.head_size,
-                                    self.rope.rotary_dim)
+                                    0 if rope is None else rope.rotary_dim,
+                                    adjacent_pairs=rope is not None and not rope.neox_style)
             shadows.written.update(c.data_ptr() for c in caches)
             return
         # One gather of the sinks' keys and values, vLLM's in-place RoPE op on the keys, and
@@ -189,8 +228,9 @@ class StreamsinkAttentionImpl(CPUAttentionBackendImpl):
         """Rotate the gathered sink keys in place and write keys and values to the shadow slots
         (benchmarks/shadow_cost.py times this part alone)."""
         keys = sink_kv[:shadows.key_elements].view(-1, self.num_kv_heads * self.head_size)
-        ops.rotary_embedding(shadows.positions, keys, None, self.head_size,
-                             shadows.rotation_table, True)
+        if self.rope is not None:
+            ops.rotary_embedding(shadows.positions, keys, None, self.head_size,
+                                 shadows.rotation_table, self.rope.neox_style)
         num_blocks, kv_heads, block_size, _ = kv_cache.shape
         key_cache, value_cache = kv_cache.view(num_blocks, kv_heads, 2 * block_size,
                                                -1).chunk(2, dim=2)
@@ -215,7 +255,7 @@ class StreamsinkAttentionImpl(CPUAttentionBackendImpl):
         q_all = query.view(query.shape[0], self.num_heads, self.head_size)
         for tile in plan.tiles:
             out[tile.tokens] = attend_tile(q_all[tile.tokens], keys, values, tile, self.scale,
-                                           self.rope.rotary_dim).to(out.dtype)
+                                           self.rope, self.alibi_slopes).to(out.dtype)
         return output
 
     def _kernel_requests(self, layer, query, kv_cache, plan: StepPlan, output) -> None:

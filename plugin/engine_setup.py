@@ -13,14 +13,19 @@ from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 from streamsink.config import StreamsinkConfig, config_from_additional, streaming_config
 from streamsink.errors import StreamsinkConfigError
 from streamsink.kv_budget import size_kv_pool
-from streamsink.rope import rope_spec_from_hf_config
+from streamsink.model_families import REFUSED, family_of, supported_architectures
+from streamsink.rope import (
+    fixed_frequency_limit,
+    rope_spec_from_hf_config,
+    rope_type_of,
+    uses_alibi,
+)
 from streamsink.row_window import min_row_tokens
 
 logger = init_logger("vllm.plugins.streamsink")
 
-# Architectures whose attention path we have checked against the reference: RoPE is NeoX-style
-# on (a prefix of) each head and applied to q and k right before vLLM's attention layer.
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "GPTNeoXForCausalLM"}
+# Architectures a streaming engine runs (model_families.py says how each encodes positions).
+SUPPORTED_ARCHITECTURES = frozenset(supported_architectures())
 # vLLM's KV block size on CPU when none is given (CpuPlatform's default).
 CPU_DEFAULT_BLOCK_SIZE = 128
 
@@ -34,19 +39,39 @@ def configure_streaming_engine(vllm_config) -> None:
     if cfg is None or model_config is None:
         return
     arch = (model_config.architectures or ["?"])[0]
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise StreamsinkConfigError(
-            f"streamsink does not support {arch} (supported: "
-            f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
-    if getattr(model_config.hf_text_config, "sliding_window", None) is not None:
+    reason = model_refusal(arch, model_config.hf_text_config, cfg.cache_tokens)
+    if reason is not None:
+        raise StreamsinkConfigError(reason)
+
+
+def model_refusal(arch: str, hf_config, cache_tokens: int) -> str | None:
+    """Why a streaming engine of C = cache_tokens cannot run this model (one line), or None."""
+    if arch in REFUSED:
+        return f"streamsink does not support {arch}: it {REFUSED[arch]}"
+    family = family_of(arch)
+    if family is None:
+        return (f"streamsink does not support {arch} (supported: "
+                f"{', '.join(supported_architectures())})")
+    if getattr(hf_config, "sliding_window", None) is not None:
         # vLLM would give such layers its own sliding-window KV manager, which frees the sinks.
-        raise StreamsinkConfigError(
-            f"streamsink does not support models with their own sliding window "
-            f"(sliding_window={model_config.hf_text_config.sliding_window}); set it to null")
+        return (f"streamsink does not support models with their own sliding window "
+                f"(sliding_window={hf_config.sliding_window}); set it to null")
+    if uses_alibi(hf_config):
+        return None if family.alibi else f"streamsink does not support {arch} with ALiBi"
+    rope_type = rope_type_of(hf_config)
+    if rope_type not in family.rope_types:
+        return (f"streamsink does not support rope_type {rope_type!r} for {arch} (supported: "
+                f"{', '.join(family.rope_types)})")
     try:
-        rope_spec_from_hf_config(model_config.hf_text_config)
+        rope_spec_from_hf_config(hf_config)
     except ValueError as exc:
-        raise StreamsinkConfigError(str(exc)) from None
+        return str(exc)
+    limit = fixed_frequency_limit(hf_config)
+    if limit is not None and cache_tokens > limit[0]:
+        return (f"streamsink supports rope_type {rope_type!r} only while S+W stays within "
+                f"{limit[1]} ({limit[0]}), where its frequencies do not change; got "
+                f"S+W={cache_tokens}")
+    return None
 
 
 def finish_streaming_engine(vllm_config) -> None:

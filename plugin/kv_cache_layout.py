@@ -23,18 +23,24 @@ def split_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def rotate_cached_keys(kv_cache: torch.Tensor, blocks: torch.Tensor, cos_sin: torch.Tensor,
-                       rotary_dim: int) -> None:
+                       rotary_dim: int, neox_style: bool = True) -> None:
     """Rotate every key stored in `blocks` of one layer's cache by one angle set, in place
-    (cos_sin: [rotary_dim], cos | sin; NeoX style). Keys are [head_dim, B] per (block, KV head),
-    so the rotated halves are rows of that page."""
+    (cos_sin: [rotary_dim], cos | sin; features paired as halves (NeoX) or neighbours (GPT-J)).
+    Keys are [head_dim, B] per (block, KV head), so the rotated features are rows of that
+    page."""
     keys, _ = split_kv_cache(kv_cache)
     half = rotary_dim // 2
     cos = cos_sin[:half, None].to(kv_cache.dtype)
     sin = cos_sin[half:, None].to(kv_cache.dtype)
     k = keys[blocks]                                          # [N, Hkv, D, B]
-    x1, x2 = k[:, :, :half], k[:, :, half:rotary_dim]
-    rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=2)
-    keys[blocks, :, :rotary_dim] = rotated
+    if neox_style:
+        first, second = slice(0, half), slice(half, rotary_dim)
+    else:
+        first, second = slice(0, rotary_dim, 2), slice(1, rotary_dim, 2)
+    x1, x2 = k[:, :, first], k[:, :, second]
+    rotated_1, rotated_2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    k[:, :, first], k[:, :, second] = rotated_1, rotated_2
+    keys[blocks, :, :rotary_dim] = k[:, :, :rotary_dim]
 
 
 def flat_kv_index(blocks: np.ndarray, offsets: np.ndarray, kv_heads: int, head_dim: int,

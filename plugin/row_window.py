@@ -54,7 +54,7 @@ class RowWindow:
                  block_width: int, kv_caches: list | None = None, rope=None) -> None:
         self.cfg = cfg
         self.kv_caches = kv_caches if kv_caches is not None else []  # the runner's, per layer
-        self.rope = rope                                   # RopeSpec, for re-rotations
+        self.rope = rope          # RopeSpec, for re-rotations; None: ALiBi (nothing to rotate)
         self.block_size = block_size
         self.sink_blocks = -(-cfg.sink_tokens // block_size)
         self.head_tokens = self.sink_blocks * block_size   # row positions kept as they are
@@ -176,7 +176,8 @@ class RowWindow:
             if kv_cache is None or kv_cache.data_ptr() in seen:
                 continue  # layers sharing one cache tensor rotate it once
             seen.add(kv_cache.data_ptr())
-            rotate_cached_keys(kv_cache, index, cos_sin, self.rope.rotary_dim)
+            rotate_cached_keys(kv_cache, index, cos_sin, self.rope.rotary_dim,
+                               self.rope.neox_style)
 
     def copied(self, copies) -> None:
         """The scheduler's block copies of this step (run right after this, before any write):

@@ -5,8 +5,10 @@
 // [D][B] (column-major: feature d of the token at offset t is at d*B + t), then values as [B][D].
 // The same shadows go to every cache in `caches` (the layers of the step: same slots, each
 // layer's own sink K/V). For shadow n, every layer and every KV head: read the key of sink slot
-// src[n], rotate it (NeoX style, the first rotary_dim features, halves paired) by table row
-// rot_row[n], write it to slot dst[n]; copy the value the same way. Shadows of one request
+// src[n], rotate its first rotary_dim features by table row rot_row[n], write it to slot dst[n];
+// copy the value the same way. Features pair up as halves (NeoX: d with d + rotary_dim/2) or,
+// with adjacent_pairs, as neighbours (GPT-J: 2d with 2d+1); rotary_dim 0 is a plain copy (ALiBi
+// models: nothing positional is stored in a key). Shadows of one request
 // share their source and destination cache lines (the S sinks are adjacent slots, so are their
 // shadows), so they stay in L1 across n.
 // Threads: OpenMP, built against the libgomp.so.1 that torch has already loaded by then, so the
@@ -41,9 +43,12 @@ inline void store(uint16_t* p, float x) {
 
 template <typename T>
 void write_shadows(T* const* caches, int64_t layers, int64_t shadows, int64_t kv_heads,
-                   int64_t head_dim, int64_t block_size, int64_t rotary_dim, const int64_t* src,
-                   const int64_t* dst, const int64_t* rot_row, const float* cos_sin) {
+                   int64_t head_dim, int64_t block_size, int64_t rotary_dim,
+                   int64_t adjacent_pairs, const int64_t* src, const int64_t* dst,
+                   const int64_t* rot_row, const float* cos_sin) {
     const int64_t B = block_size, D = head_dim, half = rotary_dim / 2;
+    // Angle d of the table row rotates features a = d * step and b = a + partner.
+    const int64_t step = adjacent_pairs ? 2 : 1, partner = adjacent_pairs ? 1 : half;
     const int64_t page = 2 * B * D;
     // Split over the cores: the work is cache misses (a sink key read and a shadow key written
     // touch D lines each), and each core keeps its own misses in flight. Contiguous ranges keep
@@ -61,9 +66,10 @@ void write_shadows(T* const* caches, int64_t layers, int64_t shadows, int64_t kv
             const T* sk = cache + (sb * kv_heads + h) * page + so;
             T* dk = cache + (db * kv_heads + h) * page + dof;
             for (int64_t d = 0; d < half; ++d) {
-                const float x1 = load(sk + d * B), x2 = load(sk + (d + half) * B);
-                store(dk + d * B, x1 * cos[d] - x2 * sin[d]);
-                store(dk + (d + half) * B, x2 * cos[d] + x1 * sin[d]);
+                const int64_t a = d * step, b = a + partner;
+                const float x1 = load(sk + a * B), x2 = load(sk + b * B);
+                store(dk + a * B, x1 * cos[d] - x2 * sin[d]);
+                store(dk + b * B, x2 * cos[d] + x1 * sin[d]);
             }
             for (int64_t d = rotary_dim; d < D; ++d) dk[d * B] = sk[d * B];
             const T* sv = cache + (sb * kv_heads + h) * page + B * D + so * D;
@@ -79,18 +85,20 @@ extern "C" {
 
 void streamsink_write_shadows_f32(float* const* caches, int64_t layers, int64_t shadows,
                                   int64_t kv_heads, int64_t head_dim, int64_t block_size,
-                                  int64_t rotary_dim, const int64_t* src, const int64_t* dst,
-                                  const int64_t* rot_row, const float* cos_sin) {
-    write_shadows(caches, layers, shadows, kv_heads, head_dim, block_size, rotary_dim, src, dst,
-                  rot_row, cos_sin);
+                                  int64_t rotary_dim, int64_t adjacent_pairs, const int64_t* src,
+                                  const int64_t* dst, const int64_t* rot_row,
+                                  const float* cos_sin) {
+    write_shadows(caches, layers, shadows, kv_heads, head_dim, block_size, rotary_dim,
+                  adjacent_pairs, src, dst, rot_row, cos_sin);
 }
 
 void streamsink_write_shadows_bf16(uint16_t* const* caches, int64_t layers, int64_t shadows,
                                    int64_t kv_heads, int64_t head_dim, int64_t block_size,
-                                   int64_t rotary_dim, const int64_t* src, const int64_t* dst,
-                                   const int64_t* rot_row, const float* cos_sin) {
-    write_shadows(caches, layers, shadows, kv_heads, head_dim, block_size, rotary_dim, src, dst,
-                  rot_row, cos_sin);
+                                   int64_t rotary_dim, int64_t adjacent_pairs,
+                                   const int64_t* src, const int64_t* dst, const int64_t* rot_row,
+                                   const float* cos_sin) {
+    write_shadows(caches, layers, shadows, kv_heads, head_dim, block_size, rotary_dim,
+                  adjacent_pairs, src, dst, rot_row, cos_sin);
 }
 
 }  // extern "C"

@@ -44,7 +44,10 @@ _SOURCE = Path(__file__).with_name("shadow_op.cpp")
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off", "-fopenmp"]
 _FUNCTIONS = {torch.float32: "streamsink_write_shadows_f32",
               torch.bfloat16: "streamsink_write_shadows_bf16"}
-_ARGTYPES = [ctypes.POINTER(ctypes.c_void_p)] + [ctypes.c_int64] * 6 + [ctypes.c_void_p] * 4
+_ARGTYPES = [ctypes.POINTER(ctypes.c_void_p)] + [ctypes.c_int64] * 7 + [ctypes.c_void_p] * 4
+
+# A valid table pointer for plain copies (rotary_dim 0 reads no row of it).
+_NO_ROTATION = torch.zeros(1, dtype=torch.float32)
 
 _library: ctypes.CDLL | None = None
 _load_tried = False
@@ -118,18 +121,22 @@ def shadow_writer(dtype: torch.dtype):
 
 def write_shadows(writer, kv_caches: Sequence[torch.Tensor], source_slots: torch.Tensor,
                   dest_slots: torch.Tensor, rotation_rows: torch.Tensor,
-                  rotation_table: torch.Tensor, head_dim: int, rotary_dim: int) -> None:
+                  rotation_table: torch.Tensor | None, head_dim: int, rotary_dim: int,
+                  adjacent_pairs: bool = False) -> None:
     """Shadow n, in every cache of kv_caches: the K/V at slot source_slots[n] (every KV head),
-    keys rotated by row rotation_rows[n] of rotation_table (fp32, cos|sin), to slot
-    dest_slots[n]. writer: shadow_writer(dtype of the caches). kv_caches: one step's layers,
-    [blocks, kv_heads, B, 2*head_dim] each, one shape and dtype; index tensors: contiguous int64
-    on CPU."""
+    keys rotated by row rotation_rows[n] of rotation_table (fp32, cos|sin; features paired as
+    halves, or as neighbours with adjacent_pairs), to slot dest_slots[n]. rotary_dim 0 (no
+    table): a plain copy. writer: shadow_writer(dtype of the caches). kv_caches: one step's
+    layers, [blocks, kv_heads, B, 2*head_dim] each, one shape and dtype; index tensors:
+    contiguous int64 on CPU."""
     global _calls, _layers_written
     _, kv_heads, block_size, _ = kv_caches[0].shape
     pointers = (ctypes.c_void_p * len(kv_caches))(*[c.data_ptr() for c in kv_caches])
+    if rotation_table is None:
+        rotary_dim, rotation_table = 0, _NO_ROTATION
     writer(pointers, len(kv_caches), len(source_slots), kv_heads, head_dim, block_size,
-           rotary_dim, source_slots.data_ptr(), dest_slots.data_ptr(), rotation_rows.data_ptr(),
-           rotation_table.data_ptr())
+           rotary_dim, int(adjacent_pairs), source_slots.data_ptr(), dest_slots.data_ptr(),
+           rotation_rows.data_ptr(), rotation_table.data_ptr())
     _calls += 1
     _layers_written += len(kv_caches)
 

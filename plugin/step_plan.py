@@ -10,10 +10,13 @@ that its recent tokens sit at p' = p - offset, and its cached keys are re-rotate
 model's RoPE, the sink rotations and the shadows all work on row positions, which stay below
 max_model_len. Nothing here needs the absolute position.
 
-Semantics (docs/architecture.md §1): query i sees j <= i with j < S or j > i - W; with n = min(i+1, C) the
-query sits at slot n-1 and a window key j at slot n-1-(i-j), so keys rotated at their absolute
-positions already give the right window logits. Only sink logits need the query rotated by
-(n-1) - i, a rotation by a non-positive angle that is zero while i < C.
+Semantics (docs/architecture.md §1): query i sees j <= i with j < S or j > i - W; with
+n = min(i+1, C) the query sits at slot n-1 and a window key j at slot n-1-(i-j), so keys rotated
+at their absolute positions already give the right window logits. Only sink logits need the
+query rotated by (n-1) - i, a rotation by a non-positive angle that is zero while i < C. ALiBi
+models (rope None) store nothing positional: their bias is by in-cache distance, i - j for a
+window key and n-1-j for a sink, which the kernel gets from shadow slots and the PyTorch path
+from the tile's distances.
 
 Two ways to compute a request's attention (docs/architecture.md §4, options 4 and 2), chosen
 per request:
@@ -61,6 +64,11 @@ class QueryTile:
     sink_blocks: torch.Tensor | None    # [ceil(S/B)] physical blocks of the sinks; None: no sink
     sink_mask: torch.Tensor | None      # [1, T, S] 0 where sink j is visible (outside the window)
     sink_rotation: torch.Tensor | None  # [T, rotary_dim] cos|sin: query position -> its slot
+    # ALiBi models only: in-cache distances from each query to the window key columns [T, NB*B]
+    # and to the sinks [T, S] (attend_tile turns them into each head's bias, once per step).
+    window_distance: torch.Tensor | None = None
+    sink_distance: torch.Tensor | None = None
+    alibi_biases: dict = field(default_factory=dict)   # slopes -> (window, sink) bias
 
 
 @dataclass
@@ -68,7 +76,8 @@ class ShadowWrites:
     """Sink K/V to copy, re-rotated, into the slots the window just left (kernel steps).
 
     Shadow n: the K/V of every KV head at slot source_slots[n] (block * B + offset, a sink),
-    keys rotated by positions[n] (i-C+1), to slot slots[n]. The slots are the same for every
+    keys rotated by positions[n] (i-C+1; not for ALiBi models, whose rotation tables are None),
+    to slot slots[n]. The slots are the same for every
     layer. attention.py writes them with the native op (shadow_op.py), for every layer in
     layer_caches at once when the metadata builder found them, or, without the op, with stock
     ops one layer at a time (one gather at source_index, vLLM's rotary op, vLLM's cache write)."""
@@ -76,8 +85,8 @@ class ShadowWrites:
     source_slots: torch.Tensor     # [N] int64
     slots: torch.Tensor            # [N] int64 destination slot (block * B + offset)
     positions: torch.Tensor        # [N] int64: rotate sink j by this many positions (i-C+1)
-    rotation_table: torch.Tensor   # cos|sin rows by position, model dtype (vLLM's layout)
-    rotation_table_f32: torch.Tensor  # the same rows in fp32 (the native op's)
+    rotation_table: torch.Tensor | None  # cos|sin rows by position, model dtype (vLLM's layout)
+    rotation_table_f32: torch.Tensor | None  # the same rows in fp32 (the native op's)
     kv_heads: int
     head_dim: int
     block_size: int
@@ -117,7 +126,7 @@ class StepPlan:
 
 
 def _query_tile(start: int, first: int, last: int, request: int, block_table: torch.Tensor,
-                cfg: StreamsinkConfig, rope: RopeSpec, block_size: int,
+                cfg: StreamsinkConfig, rope: RopeSpec | None, block_size: int,
                 dtype: torch.dtype) -> QueryTile:
     """Queries at row positions first..last of one request, its tokens from `start` on."""
     window_lo = max(first - cfg.window_tokens + 1, 0)
@@ -130,16 +139,21 @@ def _query_tile(start: int, first: int, last: int, request: int, block_table: to
                      window_blocks=block_table[request, logical].long(),
                      window_mask=mask[None, None], sink_blocks=None, sink_mask=None,
                      sink_rotation=None)
+    # The query's in-cache slot n-1 (row positions of a rebased row are >= C-1, like the
+    # absolute ones, so the clamp reads the same).
+    slot = qpos.clamp(max=cfg.cache_tokens - 1)
+    if rope is None:
+        tile.window_distance = (qpos - col).to(torch.float32)
     sinks = torch.arange(cfg.sink_tokens)[None, :]
     outside = (sinks <= qpos - cfg.window_tokens) & (sinks <= qpos)   # not already a window key
     if bool(outside.any()):
         tile.sink_blocks = block_table[request, :-(-cfg.sink_tokens // block_size)].long()
         tile.sink_mask = torch.zeros(outside.shape, dtype=dtype).masked_fill_(
             ~outside, float("-inf"))[None]
-        # From the query's position to its in-cache slot n-1 (row positions of a rebased row
-        # are >= C-1, like the absolute ones, so the clamp reads the same).
-        delta = qpos[:, 0].clamp(max=cfg.cache_tokens - 1) - qpos[:, 0]        # <= 0
-        tile.sink_rotation = rope.cos_sin(delta, dtype)
+        if rope is None:
+            tile.sink_distance = (slot - sinks).to(torch.float32)
+        else:  # from the query's position to its slot
+            tile.sink_rotation = rope.cos_sin((slot - qpos)[:, 0], dtype)      # angles <= 0
     return tile
 
 
@@ -155,9 +169,9 @@ def _rotation_table(rope: RopeSpec, rows: int, dtype: torch.dtype) -> torch.Tens
     return rope.cos_sin(torch.arange(rows), dtype)
 
 
-def _shadow_writes(cfg: StreamsinkConfig, rope: RopeSpec, block_size: int,
+def _shadow_writes(cfg: StreamsinkConfig, rope: RopeSpec | None, block_size: int,
                    seq_lens: list[int], requests: list[int], block_table: torch.Tensor,
-                   kv_heads: int, dtype: torch.dtype) -> ShadowWrites | None:
+                   kv_heads: int, head_dim: int, dtype: torch.dtype) -> ShadowWrites | None:
     """Shadows for the decodes past C among `requests` (all of them kernel requests).
 
     Built every decode step, so the index arithmetic is numpy on a handful of numbers (a torch op
@@ -180,21 +194,24 @@ def _shadow_writes(cfg: StreamsinkConfig, rope: RopeSpec, block_size: int,
         source_slots=torch.from_numpy(source_blocks * block_size + source % block_size),
         slots=torch.from_numpy(dest_blocks * block_size + dest % block_size),
         positions=torch.from_numpy(shift.astype(np.int64)),
-        rotation_table=_rotation_table(rope, rows_needed, dtype),
-        rotation_table_f32=_rotation_table(rope, rows_needed, torch.float32),
-        kv_heads=kv_heads, head_dim=rope.head_dim, block_size=block_size)
+        rotation_table=None if rope is None else _rotation_table(rope, rows_needed, dtype),
+        rotation_table_f32=(None if rope is None
+                            else _rotation_table(rope, rows_needed, torch.float32)),
+        kv_heads=kv_heads, head_dim=head_dim, block_size=block_size)
 
 
-def plan_step(cfg: StreamsinkConfig, rope: RopeSpec, block_size: int, seq_lens: list[int],
+def plan_step(cfg: StreamsinkConfig, rope: RopeSpec | None, block_size: int, seq_lens: list[int],
               query_start: list[int], block_table: torch.Tensor, dtype: torch.dtype,
-              kv_heads: int = 1) -> StepPlan:
-    """seq_lens and block_table in row positions, one entry per request of the step."""
+              kv_heads: int = 1, head_dim: int | None = None) -> StepPlan:
+    """seq_lens and block_table in row positions, one entry per request of the step. rope None:
+    an ALiBi model (head_dim then required)."""
+    head_dim = head_dim or rope.head_dim
     query_lens = [query_start[r + 1] - query_start[r] for r in range(len(seq_lens))]
     on_kernel = [_kernel_can_run(cfg, n, q) for n, q in zip(seq_lens, query_lens)]
     kernel_reqs = [r for r, ok in enumerate(on_kernel) if ok]
     plan = StepPlan(kernel=all(on_kernel))
     plan.shadows = _shadow_writes(cfg, rope, block_size, seq_lens, kernel_reqs, block_table,
-                                  kv_heads, dtype)
+                                  kv_heads, head_dim, dtype)
     if plan.kernel:
         return plan
     plan.kernel_reqs = kernel_reqs

@@ -85,29 +85,38 @@ class References:
     Transformers backend decorates Hugging Face model classes in-process (GPT-NeoX), and the
     reference must see them as Hugging Face ships them.
 
-    The interpreter starts at once and works in the background, printing one job's result per
-    line; `refs[i]` waits for job i only. It runs one thread (the float64 reference goes one token
+    The interpreter starts at once and works in the background, reading one job and printing
+    one job's result per line; `refs[i]` waits for job i only. With more_jobs=True, add() queues
+    jobs that are known only later (the tokens an engine generates) until close(). It runs one thread (the float64 reference goes one token
     at a time and is bound by Python, not arithmetic) at the lowest priority, on any core (an
     in-process engine may have bound this thread to one): engines under test keep their cores
     when they compute (a descheduled OpenMP thread stalls every barrier of theirs), and the
     reference takes up the time they leave idle (start-ups, scheduling, tokenization)."""
 
-    SCRIPT = ("import json, sys\n"
+    # Jobs are read as they come by a thread of their own, so that the parent never waits to
+    # write one while the interpreter computes (nor both wait on full pipes).
+    SCRIPT = ("import json, queue, sys, threading\n"
+              "jobs = queue.Queue()\n"
+              "def read():\n"
+              "    for line in iter(sys.stdin.readline, ''):\n"
+              "        jobs.put(json.loads(line))\n"
+              "    jobs.put(None)\n"
+              "threading.Thread(target=read, daemon=True).start()\n"
               "from transformers import AutoModelForCausalLM\n"
               "from reference.streaming_llm import streaming_nll\n"
-              "for path, tokens, s, w in json.load(sys.stdin):\n"
+              "for path, tokens, s, w in iter(jobs.get, None):\n"
               "    nlls = streaming_nll(AutoModelForCausalLM.from_pretrained(path), tokens, s, w)\n"
               "    print(json.dumps(nlls), flush=True)\n")
     TIMEOUT = 3600
 
-    def __init__(self, jobs: list[tuple[str, list[int], int, int]]) -> None:
+    def __init__(self, jobs: list[tuple[str, list[int], int, int]],
+                 more_jobs: bool = False) -> None:
         import atexit
-        import json
         import subprocess
         import tempfile
         import time
 
-        self.count = len(jobs)
+        self.count = 0
         self.results: list[list[float]] = []
         self.deadline = time.monotonic() + self.TIMEOUT
         self.stderr = tempfile.TemporaryFile(mode="w+")
@@ -116,11 +125,28 @@ class References:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.stderr, text=True,
                                      preexec_fn=self._background_priority)
-        self.proc.stdin.write(json.dumps(jobs))
-        self.proc.stdin.close()
+        for job in jobs:
+            self.add(job)
+        if not more_jobs:
+            self.close()
         atexit.register(self.stop)  # a module that failed early leaves no reference behind
 
+    def add(self, job: tuple[str, list[int], int, int]) -> int:
+        """Queue one more job; returns its index."""
+        import json
+
+        self.proc.stdin.write(json.dumps(job) + "\n")
+        self.proc.stdin.flush()
+        self.count += 1
+        return self.count - 1
+
+    def close(self) -> None:
+        """No more jobs (the interpreter exits after the last one)."""
+        self.proc.stdin.close()
+
     def stop(self) -> None:
+        if not self.proc.stdin.closed:
+            self.close()
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
@@ -174,8 +200,8 @@ def compute_references(jobs: list[tuple[str, list[int], int, int]]) -> list[list
 # two workers take whole modules in collection order, so starting the long ones first keeps one
 # worker from running a long module alone at the end. The rest keep their order.
 LONG_MODULES = ["test_ray_serve", "test_benchmarks_smoke", "test_batch", "test_metrics_endpoint",
-                "test_foundation_engine", "test_loadtest", "test_streaming_exactness",
-                "test_ppl_cli", "test_chat_cache"]
+                "test_foundation_engine", "test_loadtest", "test_families",
+                "test_streaming_exactness", "test_ppl_cli", "test_chat_cache"]
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -22,32 +22,45 @@ def test_pinned_version_guard(monkeypatch):
 
 def test_rotary_embedding_patch_target():
     from vllm.model_executor.layers import rotary_embedding as rope_pkg
-    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
 
     from streamsink.patches import rotary_embedding
 
-    assert RotaryEmbedding._compute_cos_sin_cache is rotary_embedding._compute_cos_sin_cache
+    for owner in rotary_embedding._TABLE_METHODS:   # each class's own table method is wrapped
+        assert owner.__dict__["_compute_cos_sin_cache"] is not rotary_embedding._originals[owner]
+    assert rope_pkg.Phi3LongRoPEScaledRotaryEmbedding.__init__ is rotary_embedding._longrope_init
     assert isinstance(rope_pkg._ROPE_DICT, rotary_embedding._RopeCacheByEngine)
     rotary_embedding.check_target()
+
+
+def streaming_vllm_config(hf_config, max_model_len: int):
+    """A VllmConfig that reads as a streaming engine being built (only what the RoPE patch
+    reads: max_model_len and the model's config)."""
+    from vllm.config import VllmConfig
+
+    class FakeModelConfig:
+        pass
+
+    model_config = FakeModelConfig()
+    model_config.max_model_len, model_config.hf_text_config = max_model_len, hf_config
+    streaming = VllmConfig(additional_config={"streamsink": {}})
+    object.__setattr__(streaming, "model_config", model_config)
+    return streaming
 
 
 def test_rotary_table_is_float64_and_row_wide_for_streaming_engines_only():
     """Built inside a streaming engine's config, the table covers max_model_len rows from
     float64 angles; outside one (stock) it is vLLM's own; get_rope never mixes the two."""
     import torch
+    from transformers import LlamaConfig
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.rotary_embedding import get_rope
 
     from streamsink.rope import RopeSpec
 
-    class FakeModelConfig:  # only what the patch reads
-        max_model_len = 6000
-
-    streaming = VllmConfig(additional_config={"streamsink": {}})
-    object.__setattr__(streaming, "model_config", FakeModelConfig())
+    llama = LlamaConfig(hidden_size=256, num_attention_heads=4, head_dim=64)
     with set_current_vllm_config(VllmConfig()):
         stock = get_rope(64, 4096, dtype=torch.float32)
-    with set_current_vllm_config(streaming):
+    with set_current_vllm_config(streaming_vllm_config(llama, 6000)):
         ours = get_rope(64, 4096, dtype=torch.float32)
     assert ours is not stock
     assert stock.cos_sin_cache.shape[0] == 4096 and ours.cos_sin_cache.shape[0] == 6000
@@ -57,6 +70,21 @@ def test_rotary_table_is_float64_and_row_wide_for_streaming_engines_only():
     assert not torch.equal(stock.cos_sin_cache, want[:4096])
     with set_current_vllm_config(VllmConfig()):
         assert get_rope(64, 4096, dtype=torch.float32) is stock
+
+
+def test_rotary_table_refuses_a_module_its_config_does_not_describe():
+    """A streaming table is built from the model's config: a rotary module of another shape
+    (here: GPT-J pairing where the config says halves) stops the engine rather than get a
+    table that is not its own."""
+    import torch
+    from transformers import LlamaConfig
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.layers.rotary_embedding import get_rope
+
+    llama = LlamaConfig(hidden_size=256, num_attention_heads=4, head_dim=64)
+    with set_current_vllm_config(streaming_vllm_config(llama, 512)), \
+            pytest.raises(RuntimeError, match="does not describe"):
+        get_rope(64, 1024, is_neox_style=False, dtype=torch.float32)
 
 
 def test_rotary_embedding_patch_refuses_a_moved_target(monkeypatch):

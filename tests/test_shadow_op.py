@@ -1,6 +1,7 @@
 """Sink shadows written into a paged cache: the native op (shadow_op.cpp) and the stock-op path
-both equal the definition — sink j's key rotated from its position j to i-C+1+j and its value,
-copied to slot i-C+1+j of the request's row — and touch nothing else."""
+both equal the definition — sink j's key rotated from its position j to i-C+1+j (features
+paired as halves or, GPT-J, as neighbours; not at all for ALiBi models) and its value, copied to
+slot i-C+1+j of the request's row — and touch nothing else."""
 import pytest
 import torch
 
@@ -11,16 +12,24 @@ from streamsink.step_plan import plan_step
 
 BLOCK = 32
 KV_HEADS = 3
+HEAD_DIM = 64
 
 
-def attention_impl(rope: RopeSpec, native):
+def attention_impl(rope: RopeSpec | None, native):
     """The attention impl's shadow path, with the native op or without (no engine needed)."""
     from streamsink.attention import StreamsinkAttentionImpl
 
     impl = object.__new__(StreamsinkAttentionImpl)
     impl.num_kv_heads, impl.head_size, impl.rope, impl.native_shadows = (
-        KV_HEADS, rope.head_dim, rope, native)
+        KV_HEADS, HEAD_DIM, rope, native)
     return impl
+
+
+def native_write(writer, caches, shadows, rope: RopeSpec | None) -> None:
+    shadow_op.write_shadows(writer, caches, shadows.source_slots, shadows.slots,
+                            shadows.positions, shadows.rotation_table_f32, HEAD_DIM,
+                            0 if rope is None else rope.rotary_dim,
+                            adjacent_pairs=rope is not None and not rope.neox_style)
 
 
 class Layer:
@@ -37,9 +46,9 @@ def make_case(rope: RopeSpec, dtype: torch.dtype):
     blocks_per_row = -(-max(seq_lens) // BLOCK)
     rows = len(seq_lens)
     table = torch.randperm(rows * blocks_per_row + 5)[:rows * blocks_per_row].view(rows, -1) + 2
-    cache = torch.randn(table.max() + 3, KV_HEADS, BLOCK, 2 * rope.head_dim).to(dtype)
+    cache = torch.randn(table.max() + 3, KV_HEADS, BLOCK, 2 * HEAD_DIM).to(dtype)
     plan = plan_step(cfg, rope, BLOCK, seq_lens, list(range(rows + 1)), table.int(), dtype,
-                     kv_heads=KV_HEADS)
+                     kv_heads=KV_HEADS, head_dim=HEAD_DIM)
     assert plan.kernel and len(plan.shadows.slots) == rows * cfg.sink_tokens
     return cfg, seq_lens, table, cache, plan.shadows
 
@@ -58,27 +67,33 @@ def expected_cache(cache, cfg, seq_lens, table, rope):
             dest = shift + j
             db, do = int(table[r, dest // BLOCK]), dest % BLOCK
             key = keys[sb, :, :, so].double()                              # [Hkv, D]
-            angle = rope.cos_sin(torch.tensor([shift]), torch.float64)
-            out_keys[db, :, :, do] = rotate(key, angle, rope.rotary_dim).to(cache.dtype)
+            if rope is not None:
+                angle = rope.cos_sin(torch.tensor([shift]), torch.float64)
+                key = rotate(key, angle, rope.rotary_dim, rope.neox_style)
+            out_keys[db, :, :, do] = key.to(cache.dtype)
             out_values[db, :, do] = values[sb, :, so]
     return out
 
 
 ROPES = [RopeSpec(head_dim=64, rotary_dim=64, theta=10000.0),     # Llama
-         RopeSpec(head_dim=64, rotary_dim=16, theta=10000.0)]     # GPT-NeoX (rotary_pct 0.25)
+         RopeSpec(head_dim=64, rotary_dim=16, theta=10000.0),     # GPT-NeoX (rotary_pct 0.25)
+         # GPT-J (adjacent pairs, rotary_dim 32 of 64), with a variant's attention factor, which
+         # a shadow must not apply a second time.
+         RopeSpec(head_dim=64, rotary_dim=32, theta=10000.0, neox_style=False,
+                  frequencies=tuple(0.6 ** k for k in range(16)), attention_factor=1.25),
+         None]                                                    # ALiBi: a plain copy
+ROPE_IDS = ["full", "partial", "adjacent", "alibi"]
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("rope", ROPES, ids=["full", "partial"])
+@pytest.mark.parametrize("rope", ROPES, ids=ROPE_IDS)
 def test_native_op_writes_the_definition(rope, dtype, tol):
     writer = shadow_op.shadow_writer(dtype)
     assert writer is not None, "the native shadow op did not build here (see the log)"
     cfg, seq_lens, table, cache, shadows = make_case(rope, dtype)
     expected = expected_cache(cache, cfg, seq_lens, table, rope)
     before = cache.clone()
-    shadow_op.write_shadows(writer, [cache], shadows.source_slots, shadows.slots,
-                            shadows.positions, shadows.rotation_table_f32, rope.head_dim,
-                            rope.rotary_dim)
+    native_write(writer, [cache], shadows, rope)
     assert not torch.equal(cache, before)
     torch.testing.assert_close(cache.float(), expected.float(), atol=tol, rtol=tol)
     # Values are copied bit for bit; so are the features past rotary_dim.
@@ -87,13 +102,11 @@ def test_native_op_writes_the_definition(rope, dtype, tol):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rope", ROPES, ids=["full", "partial"])
+@pytest.mark.parametrize("rope", ROPES, ids=ROPE_IDS)
 def test_native_op_equals_stock_op_path(rope, dtype):
     cfg, seq_lens, table, cache, shadows = make_case(rope, dtype)
     native, stock = cache.clone(), cache.clone()
-    shadow_op.write_shadows(shadow_op.shadow_writer(dtype), [native], shadows.source_slots,
-                            shadows.slots, shadows.positions, shadows.rotation_table_f32,
-                            rope.head_dim, rope.rotary_dim)
+    native_write(shadow_op.shadow_writer(dtype), [native], shadows, rope)
     attention_impl(rope, None)._write_shadows(Layer(), stock, shadows)
     # The stock path rotates with a table in the model's dtype: bf16 may differ by a rounding.
     tol = 1e-6 if dtype == torch.float32 else 2e-2

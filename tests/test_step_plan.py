@@ -9,6 +9,9 @@ from streamsink.rope import RopeSpec
 from streamsink.step_plan import plan_step
 
 ROPE = RopeSpec(head_dim=64, rotary_dim=64, theta=10000.0)
+# GPT-J's pairing (adjacent features) on part of the head, with scaled frequencies.
+ADJACENT = RopeSpec(head_dim=64, rotary_dim=32, theta=10000.0, neox_style=False,
+                    frequencies=tuple(0.5 ** k for k in range(16)), attention_factor=1.3)
 
 
 def visible_positions(tile, t, block_size, logical_of_physical):
@@ -118,15 +121,32 @@ def test_sink_rotation_moves_query_to_its_cache_slot():
                                                               torch.float64)[0])
 
 
+def test_alibi_tiles_carry_in_cache_distances():
+    """Without RoPE (ALiBi) a tile has no rotation but the distances its bias is made of: i - j
+    to window keys, n-1-j to sinks (n-1 = C-1 for a query past C)."""
+    cfg = StreamsinkConfig(sink_tokens=4, window_tokens=12)
+    plan = plan_step(cfg, None, 8, [40], [0, 2], torch.arange(10).view(1, 10), torch.float32,
+                     head_dim=64)
+    (tile,) = plan.tiles
+    assert tile.sink_rotation is None
+    assert tile.sink_distance[1].tolist() == [15 - j for j in range(4)]
+    columns = tile.window_blocks.tolist()   # identity table: logical block = physical block
+    assert tile.window_distance[1, 7].item() == 39 - (columns[0] * 8 + 7)
+
+
+@pytest.mark.parametrize("positions", ["neox", "adjacent", "alibi"])
 @pytest.mark.parametrize("sink,window,first,count", [(4, 12, 30, 9), (4, 12, 5, 20),
                                                      (1, 30, 40, 3), (0, 9, 20, 5)])
-def test_tile_attention_equals_the_definition(sink, window, first, count):
+def test_tile_attention_equals_the_definition(sink, window, first, count, positions):
     """attend_tile (fused window attention + sinks merged by log-sum-exp) equals softmax over
-    V(i) written out: window keys as stored, sink logits with the query at its cache slot."""
+    V(i) written out: window keys as stored, sink logits with the query at its cache slot (RoPE,
+    either pairing), or ALiBi's -slope * (in-cache distance) on every logit."""
     from streamsink.attention import attend_tile
     from streamsink.kv_cache_layout import split_kv_cache
     from streamsink.rope import rotate
 
+    rope = {"neox": ROPE, "adjacent": ADJACENT, "alibi": None}[positions]
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625]) if rope is None else None
     torch.manual_seed(sink + first)
     cfg = StreamsinkConfig(sink_tokens=sink, window_tokens=window)
     block_size, kv_heads, heads, d = 8, 2, 4, 64
@@ -134,9 +154,10 @@ def test_tile_attention_equals_the_definition(sink, window, first, count):
     cache = torch.randn(8, kv_heads, block_size, 2 * d, dtype=torch.float64)
     keys, values = split_kv_cache(cache)
     seq = first + count
-    plan = plan_step(cfg, ROPE, block_size, [seq], [0, count], table, torch.float64)
+    plan = plan_step(cfg, rope, block_size, [seq], [0, count], table, torch.float64,
+                     head_dim=d)
     query = torch.randn(count, heads, d, dtype=torch.float64)
-    got = torch.cat([attend_tile(query[t.tokens], keys, values, t, 0.125, ROPE.rotary_dim)
+    got = torch.cat([attend_tile(query[t.tokens], keys, values, t, 0.125, rope, slopes)
                      for t in plan.tiles])
 
     def kv(j):  # [Hkv, D] key and value of token j
@@ -153,23 +174,30 @@ def test_tile_attention_equals_the_definition(sink, window, first, count):
                     continue
                 k, v = kv(j)
                 q = query[t, h]
-                if j < sink and j <= i - window:   # a sink outside the window: q at its slot
-                    q = rotate(q, ROPE.cos_sin(torch.tensor([slot - i]), torch.float64)[0],
-                               ROPE.rotary_dim)
-                logits.append(0.125 * q @ k[h // 2])
+                outside = j < sink and j <= i - window    # a sink outside the window
+                if outside and rope is not None:          # q at its slot
+                    q = rotate(q, rope.cos_sin(torch.tensor([slot - i]), torch.float64)[0],
+                               rope.rotary_dim, rope.neox_style)
+                bias = 0.0
+                if rope is None:
+                    bias = -float(slopes[h]) * ((slot if outside else i) - j)
+                logits.append(0.125 * q @ k[h // 2] + bias)
                 vals.append(v[h // 2])
             want = torch.softmax(torch.stack(logits), 0) @ torch.stack(vals)
             assert torch.allclose(got[t, h], want, atol=1e-10), (t, h)
 
 
-def test_rebase_rerotation_equals_keys_cached_at_the_new_row_positions():
+@pytest.mark.parametrize("neox_style", [True, False], ids=["halves", "adjacent"])
+def test_rebase_rerotation_equals_keys_cached_at_the_new_row_positions(neox_style):
     """RowWindow moves a row by delta and rotates the kept blocks' cached keys by -delta: the
-    result equals keys rotated at the new row positions directly (the "vec" cache layout)."""
+    result equals keys rotated at the new row positions directly (the "vec" cache layout), with
+    the model's table (attention factor included) against a pure rotation."""
     from streamsink.kv_cache_layout import rotate_cached_keys, split_kv_cache
     from streamsink.rope import rotate
 
     torch.manual_seed(0)
-    rope = RopeSpec(head_dim=64, rotary_dim=16, theta=10000.0)        # partial rotary too
+    rope = RopeSpec(head_dim=64, rotary_dim=16, theta=10000.0, neox_style=neox_style,
+                    frequencies=tuple(0.3 ** k for k in range(8)), attention_factor=1.2)
     num_blocks, kv_heads, block_size, delta = 5, 2, 8, 3 * 8
     raw = torch.randn(num_blocks, block_size, kv_heads, 64, dtype=torch.float64)
     positions = torch.arange(num_blocks * block_size).view(num_blocks, block_size) + 100
@@ -177,15 +205,15 @@ def test_rebase_rerotation_equals_keys_cached_at_the_new_row_positions():
     def cache_at(pos):  # keys rotated at `pos`, stored as the CPU backend stores them
         cache = torch.zeros(num_blocks, kv_heads, block_size, 2 * 64, dtype=torch.float64)
         keys, _ = split_kv_cache(cache)
-        rotated = rotate(raw, rope.cos_sin(pos.flatten(), torch.float64).view(
-            num_blocks, block_size, 1, -1), rope.rotary_dim)
+        rotated = rotate(raw, rope.model_table(pos.flatten(), torch.float64).view(
+            num_blocks, block_size, 1, -1), rope.rotary_dim, rope.neox_style)
         keys.copy_(rotated.permute(0, 2, 3, 1))                        # [N, Hkv, D, B]
         return cache
 
     moved = cache_at(positions)
     kept = torch.tensor([1, 3, 4])
     rotate_cached_keys(moved, kept, rope.cos_sin(torch.tensor([-delta]), torch.float64)[0],
-                       rope.rotary_dim)
+                       rope.rotary_dim, rope.neox_style)
     want = cache_at(positions - delta)
     assert torch.allclose(moved[kept], want[kept], atol=1e-12)
     assert torch.equal(moved[[0, 2]], cache_at(positions)[[0, 2]])  # other blocks untouched

@@ -114,6 +114,21 @@ def make_tiny_llama_scaled(path, rope_type: str, seed: int = 0, layers: int = 2,
     return _save(LlamaForCausalLM(config), path)
 
 
+def make_tiny_mistral(path, seed: int = 0, layers: int = 2, max_positions: int = 4096) -> str:
+    """Mistral without a sliding window (as later Mistral releases ship; a streaming engine
+    refuses a model with its own window)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MistralConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512,
+                           num_hidden_layers=layers, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=64,
+                           max_position_embeddings=max_positions, sliding_window=None,
+                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                           tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    return _save(MistralForCausalLM(config), path)
+
+
 def make_tiny_qwen2(path, seed: int = 0, layers: int = 2, max_positions: int = 4096) -> str:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

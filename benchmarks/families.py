@@ -1,0 +1,167 @@
+"""Every supported model family and RoPE/ALiBi variant (plugin/model_families.py) streamed by
+the engine against the literal reference (reference/streaming_llm.py), on tiny random
+checkpoints (tests/tiny_models.py; no model hub): the max |dNLL| per family for the
+supported-models table.
+
+Per variant, one streaming engine (fp32; S=4, W=60, KV blocks of 32, rows of 256 tokens, steps
+of 64) runs three streams in one call (prompts of 600, 200 and 40 tokens, 48 generated each:
+chunked prefill past C, decodes with sink shadows, mixed steps, row rebases), then continues the
+longest from the prefix cache (60 more tokens, 32 generated); every prompt and generated token's
+NLL is compared with the reference over the same tokens. Stock vLLM (no streamsink) runs the
+first C+1 tokens, where streaming is dense, against the same reference (LongRoPE: C tokens, so
+that stock vLLM's max_model_len stays within original_max_position_embeddings, past which it
+takes the long factors for every position).
+
+    .venv/bin/python benchmarks/families.py [--quick] [--only NAME ...]
+
+Writes results/families/<UTC date>-<short commit>.json; render(result) gives the markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import common
+
+ROOT = os.path.dirname(common.HERE)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+FULL = dict(sink=4, window=60, block=32, max_model_len=256, step=64, prompts=(600, 200, 40),
+            generated=48, continuation=60, continuation_generated=32)
+QUICK = dict(sink=4, window=28, block=32, max_model_len=128, step=32, prompts=(150, 60, 20),
+             generated=16, continuation=20, continuation_generated=12)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+
+        return platform.processor() or "unknown"
+
+
+def short_commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                          capture_output=True, text=True)
+    return done.stdout.strip() or "nocommit"
+
+
+def describe(model_path: str) -> dict:
+    """Architecture, registry family and position encoding of a checkpoint."""
+    from transformers import AutoConfig
+
+    from streamsink.model_families import family_of
+    from streamsink.rope import rope_type_of, uses_alibi
+
+    config = AutoConfig.from_pretrained(model_path)
+    arch = config.architectures[0]
+    family = family_of(arch)
+    return {"architecture": arch, "family": family.name if family else None,
+            "positions": "ALiBi" if uses_alibi(config) else f"RoPE {rope_type_of(config)}"}
+
+
+def measure(names: list[str], shape_args: dict, workdir: str) -> dict:
+    from conftest import References
+    from family_streams import (
+        StreamShape,
+        build_model,
+        dense_prefix,
+        max_difference,
+        run_stock_dense,
+        run_streaming,
+    )
+
+    shape = StreamShape(**shape_args)
+    references = References([], more_jobs=True)
+    pending = {}
+    for name in names:
+        path = build_model(name, workdir)
+        started = time.perf_counter()
+        run = run_streaming(path, shape)
+        jobs = [references.add((path, seq.tokens, shape.sink, shape.window))
+                for seq in run.sequences]
+        stock = run_stock_dense(path, run.sequences[0].tokens[:dense_prefix(path, shape)])
+        pending[name] = (path, run, jobs, stock, time.perf_counter() - started)
+        print(f"{name}: engines done ({pending[name][-1]:.1f} s)", flush=True)
+    references.close()
+    variants = {}
+    for name, (path, run, jobs, stock, seconds) in pending.items():
+        refs = [references[j] for j in jobs]
+        streaming = max(max_difference(seq.nlls, ref) for seq, ref in zip(run.sequences, refs))
+        dense = max(abs(a - b) for a, b in zip(stock, refs[0]))
+        variants[name] = {**describe(path), "max_abs_dnll": streaming,
+                          "stock_dense_max_abs_dnll": dense, "stock_dense_tokens": len(stock),
+                          "tokens_compared": sum(len(s.nlls) for s in run.sequences),
+                          "longest_stream": len(run.sequences[0].tokens),
+                          "rebases": run.rebases, "prefix_cache_hit_tokens": run.cached_tokens,
+                          "attention_steps": run.paths, "engine_seconds": round(seconds, 1)}
+        print(f"{name}: max |dNLL| {streaming:.2e} (stock dense {dense:.2e})", flush=True)
+    return variants
+
+
+def render(result: dict) -> str:
+    """The supported-models table: one row per family of the registry, with the largest |dNLL|
+    measured over its variants (and which ones were measured)."""
+    from streamsink.model_families import FAMILIES
+
+    lines = ["| Family | Architectures | Positions (RoPE/ALiBi variants) "
+             "| max \\|ΔNLL\\| measured |", "|---|---|---|---|"]
+    for family in FAMILIES:
+        runs = [v for v in result["variants"].values() if v["family"] == family.name]
+        if runs:
+            worst = max(v["max_abs_dnll"] for v in runs)
+            kinds = dict.fromkeys(v["positions"] for v in runs)   # in order, once each
+            measured = f"{worst:.1e} ({', '.join(kinds)})"
+        else:
+            measured = "not measured"
+        lines.append(f"| {family.name} | {', '.join(family.architectures)} | "
+                     f"{family.positions()} | {measured} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from family_streams import FAMILY_MODELS
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="the test suite's shorter streams")
+    parser.add_argument("--only", nargs="*", choices=list(FAMILY_MODELS), default=None)
+    args = parser.parse_args()
+    names = args.only or list(FAMILY_MODELS)
+    shape = QUICK if args.quick else FULL
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as workdir:
+        variants = measure(names, shape, workdir)
+    import torch
+    import transformers
+    import vllm
+
+    result = {"shape": {k: list(v) if isinstance(v, tuple) else v for k, v in shape.items()},
+              "tolerance_in_tests": 1e-3, "variants": variants,
+              "seconds": round(time.perf_counter() - started, 1),
+              "cpu_model": cpu_model(), "commit": short_commit(),
+              "versions": {"vllm": vllm.__version__, "torch": torch.__version__,
+                           "transformers": transformers.__version__},
+              "machine": common.machine()}
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    folder = os.path.join(common.RESULTS, "families")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{date}-{result['commit']}{'-quick' if args.quick else ''}.json")
+    if os.path.exists(path):  # never overwrite a recorded run
+        path = path[:-5] + f"-{int(time.time())}.json"
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(render(result))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
