@@ -12,7 +12,8 @@ PACKAGES = {"plugin": "streamsink", "patches": "streamsink.patches",
 # Lower layers first; a module may import modules of its own layer or of a lower one.
 LAYERS = [
     # leaves: import nothing else of ours but other leaves
-    {"errors", "config", "rope", "kv_spec", "kv_cache_layout", "model_store", "metrics"},
+    {"errors", "config", "rope", "kv_spec", "kv_cache_layout", "model_store", "metrics",
+     "model_families"},
     # the KV policy and the attention path
     {"prefix_cache", "kv_policy", "kv_budget", "step_plan", "shadow_op", "row_window",
      "attention"},
