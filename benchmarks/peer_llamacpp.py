@@ -48,7 +48,8 @@ SLOT_MARGIN = 16
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 1 and 2 streams of 256+192 tokens, 4+124, short perplexity")
+                   help="smoke run: 1 and 2 streams of 256+192 tokens, 4+124, no Q4_1 rows, "
+                        "400 tokens of perplexity without the dense rows")
     p.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--prompt-tokens", type=int, default=2048)
     p.add_argument("--output-tokens", type=int, default=1024)
@@ -67,6 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text", default=os.path.join(common.SHARED_DATA, "katrine-14263.txt"),
                    help="perplexity text (default: a book of the shared data folder)")
     p.add_argument("--ppl-tokens", type=int, default=4096, help="tokens of the text scored")
+    p.add_argument("--no-dense", action="store_true",
+                   help="skip the dense perplexity rows (streamsink and llama.cpp)")
     p.add_argument("--skip-load", action="store_true")
     p.add_argument("--skip-ppl", action="store_true")
     p.add_argument("--startup-timeout", type=float, default=1800.0)
@@ -75,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.streams, args.prompt_tokens, args.output_tokens = [1, 2], 256, 192
         args.window, args.ppl_tokens = 124, 400
-        args.eager = True
+        args.eager = args.no_q4 = args.no_dense = True
         if args.restart_per_level is None:
             args.restart_per_level = False
     if args.restart_per_level is None:
@@ -254,8 +257,12 @@ def load_phase(args, res: Results, binary: str, checkpoint: str, stem_path: str,
                         memory = sampler.stop()
                         if report is not None:
                             png = f"{os.path.basename(stem_path)}-{name}-c{streams}.png"
-                            shutil.copy(os.path.join(out, "dashboard.png"),
-                                        os.path.join(os.path.dirname(stem_path), png))
+                            render_dashboard(report, name, os.path.join(
+                                os.path.dirname(stem_path), png),
+                                f"{name}: {streams} concurrent, {prompt_tokens}+"
+                                f"{args.output_tokens} tokens, " + (
+                                    f"S+W {args.sink}+{args.window}" if is_ss else
+                                    f"slot {slot_ctx} tokens, keep {args.sink}"))
                             report["dashboard"] = png
                             report.pop("processes", None)
                         if args.keep_logs:
@@ -279,6 +286,8 @@ def load_phase(args, res: Results, binary: str, checkpoint: str, stem_path: str,
                                                                    _model_id(server),
                                                                    trace_prompt[0],
                                                                    args.output_tokens)}
+                        if not is_ss:
+                            annotate_shifts(traces[name], slot_ctx, args.sink)
                     res.save()
                 finally:
                     if not (is_ss and ss_server is not None):
@@ -288,6 +297,16 @@ def load_phase(args, res: Results, binary: str, checkpoint: str, stem_path: str,
     finally:
         if ss_server is not None:
             ss_server[0].stop()
+
+
+def render_dashboard(report: dict, name: str, path: str, title: str) -> None:
+    """The load test's dashboard again, its run named after the system (a --target run is
+    labelled "streamsink" whatever the server, and titled with the load test's own defaults)."""
+    from streamsink.serving import dashboard
+    from streamsink.serving.loadtest import SERIES
+
+    run = dict(report["runs"][0], name=name)
+    dashboard.render(path, [run], [(key, t) for key, t, _e in SERIES], title=title)
 
 
 def _model_id(server: peer_servers.Server) -> str:
@@ -309,7 +328,9 @@ def ppl_phase(args, res: Results, binary: str, checkpoint: str, logs: str,
     try:
         print(f"\n=== perplexity: {len(ids)} tokens of {os.path.basename(args.text)} ===",
               flush=True)
-        for label, window in ((f"streamsink {S}+{W}", W), ("streamsink dense", len(ids) + 1)):
+        ours = [(f"streamsink {S}+{W}", W)] + ([] if args.no_dense else
+                                                 [("streamsink dense", len(ids) + 1)])
+        for label, window in ours:
             print(f"[{label}] streamsink ppl", flush=True)
             r = peer_ppl.streamsink_ppl(args.text, checkpoint, sink=S, window=window,
                                         max_tokens=len(ids),
@@ -322,7 +343,7 @@ def ppl_phase(args, res: Results, binary: str, checkpoint: str, logs: str,
         ggufs = [("f32", f32_gguf, "f32")] + ([] if args.no_q4 else [("q4_1", q4_gguf, None)])
         for tag, gguf, kv in ggufs:
             shapes = [(f"llama.cpp {tag} context shift keep {S}, slot {S + W}", S + W)]
-            if tag == "f32":
+            if tag == "f32" and not args.no_dense:
                 shapes.append((f"llama.cpp {tag} dense", None))
             for label, slot in shapes:
                 print(f"[{label}] llama-server, one token a request", flush=True)
@@ -357,15 +378,15 @@ def ppl_phase(args, res: Results, binary: str, checkpoint: str, logs: str,
             else:
                 out["results"][label] = {"skipped": f"needs >= {2 * (S + W)} tokens"}
             res.save()
-        dense = nlls.get("streamsink dense")
+        # Where two modes are the same computation, their per-token NLLs must agree.
+        shift = nlls[f"llama.cpp f32 context shift keep {S}, slot {S + W}"]
         out["agreement"] = {
-            "streamsink dense vs llama.cpp f32 dense":
-                peer_ppl.nll_agreement(dense, nlls.get("llama.cpp f32 dense", [])),
             f"streamsink {S}+{W} vs llama.cpp f32 shift, before the first eviction":
                 peer_ppl.nll_agreement(nlls[f"streamsink {S}+{W}"][: S + W - 1],
-                                       nlls[f"llama.cpp f32 context shift keep {S}, slot "
-                                            f"{S + W}"][: S + W - 1]),
-        }
+                                       shift[: S + W - 1])}
+        if not args.no_dense:
+            out["agreement"]["streamsink dense vs llama.cpp f32 dense"] = \
+                peer_ppl.nll_agreement(nlls["streamsink dense"], nlls["llama.cpp f32 dense"])
         out["nlls"] = {k: [round(v, 6) for v in vs] for k, vs in nlls.items()}
         res.save()
     finally:
@@ -373,22 +394,35 @@ def ppl_phase(args, res: Results, binary: str, checkpoint: str, logs: str,
 
 
 # -- pictures and the table -----------------------------------------------------------------------
+def shift_points(prompt_tokens: int, generated: int, slot_ctx: int, keep: int) -> list[int]:
+    """The generated tokens k before whose decoding llama-server shifts the slot: it then holds
+    prompt + k - 1 tokens, and shifts when that + 1 reaches the slot (keeping `keep` and half of
+    the rest). The shift's cost lands on the gap before token k + 1."""
+    held, points = prompt_tokens, []
+    for k in range(1, generated + 1):
+        if held + 1 >= slot_ctx:
+            points.append(k)
+            held -= (held - keep) // 2
+        held += 1
+    return points
+
+
+def annotate_shifts(trace: dict, slot_ctx: int, keep: int) -> None:
+    prompt = (trace.get("usage") or {}).get("prompt_tokens") or trace["prompt_tokens"]
+    points = shift_points(prompt, len(trace["token_times_s"]), slot_ctx, keep)
+    itl = trace["itl_s"]
+    trace["shift_before_token"] = points
+    trace["itl_at_shifts_ms"] = [round(itl[k - 1] * 1000, 2) for k in points if k - 1 < len(itl)]
+
+
 def plot_traces(traces: dict, path: str, slot_ctx: int, keep: int) -> None:
     fig, (ax,) = common.figure(size=(9, 4))
     for name, tr in traces.items():
         itl = [g * 1000 for g in tr["itl_s"]]
         ax.plot(range(2, len(itl) + 2), itl, label=name, linewidth=0.8)
-    # Where llama-server shifts: the slot holds prompt + generated tokens; it shifts when that
-    # reaches slot_ctx - 1 and then holds keep + half of the rest.
-    any_llama = next((tr for n, tr in traces.items() if n.startswith("llamacpp")), None)
-    if any_llama:
-        held, n = any_llama["prompt_tokens"], 0
-        while n < len(any_llama["itl_s"]) + 1:
-            if held + 1 >= slot_ctx:
-                ax.axvline(n, color="grey", linestyle=":", linewidth=0.8)
-                held -= (held - keep) // 2
-            held += 1
-            n += 1
+    llama = next((tr for n, tr in traces.items() if n.startswith("llamacpp")), None)
+    for k in (llama or {}).get("shift_before_token", []):
+        ax.axvline(k + 1, color="grey", linestyle=":", linewidth=0.8)
     ax.set(yscale="log", xlabel="generated token (dotted: llama.cpp context shift)",
            ylabel="inter-token latency (ms)", title="one stream, every token")
     common.save_figure(fig, [ax], path)
@@ -434,7 +468,9 @@ def print_table(payload: dict) -> None:
         itl = sorted(tr["itl_s"])
         if itl:
             print(f"trace {name}: {len(tr['token_times_s'])} tokens, ITL median "
-                  f"{itl[len(itl) // 2] * 1000:.1f} ms, max {itl[-1] * 1000:.1f} ms")
+                  f"{itl[len(itl) // 2] * 1000:.1f} ms, max {itl[-1] * 1000:.1f} ms"
+                  + (f"; at the shifts (before tokens {tr['shift_before_token']}): "
+                     f"{tr['itl_at_shifts_ms']} ms" if "shift_before_token" in tr else ""))
     ppl = payload.get("ppl", {}).get("results", {})
     if ppl:
         print()

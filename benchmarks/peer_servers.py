@@ -64,7 +64,9 @@ def streamsink_engine(model: str, *, streams: int, sink: int, window: int, chunk
     sizing: every stream's window held at once, in whole blocks, plus one block in flight)."""
     blocks_per_stream = math.ceil(sink / BLOCK) + math.ceil((sink + window) / BLOCK) + 1
     row = (math.ceil(sink / BLOCK) + 1) * BLOCK + sink + window + chunk
-    blocks = max(streams * blocks_per_stream, math.ceil(row / BLOCK))
+    # + 1: vLLM keeps one block of the pool to itself (the null block), and it refuses to start
+    # unless one request of max_model_len fits in the rest.
+    blocks = max(streams * blocks_per_stream, math.ceil(row / BLOCK)) + 1
     return {"kv_cache_bytes": blocks * BLOCK * kv_bytes_per_token(model), "kv_blocks": blocks,
             "max_model_len": row, "max_num_batched_tokens": chunk, "max_num_seqs": streams}
 
@@ -153,8 +155,10 @@ def start_llama_server(binary: str, gguf: str, log_path: str, timeout_s: float =
 
 def start_streamsink(model: str, log_path: str, timeout_s: float, **kw) -> Server:
     port = free_port()
+    # The server as a user starts it: not the in-process engine the benchmark scripts ask for.
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     server = Server("streamsink", streamsink_argv(model, port=port, **kw), port, "/v1/models",
-                    log_path)
+                    log_path, env=env)
     server.start(timeout_s)
     return server
 
