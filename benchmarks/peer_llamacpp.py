@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -43,13 +44,15 @@ import peer_servers
 # Prompt tokens left free in a llama-server slot: the load's prompts are counted with the HF
 # tokenizer, llama-server re-tokenizes their text (and needs prompt < slot context).
 SLOT_MARGIN = 16
+# llama.cpp rounds every sequence's context up to a multiple of this (llama-context.cpp).
+LLAMA_CTX_STEP = 256
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 1 and 2 streams of 256+192 tokens, 4+124, no Q4_1 rows, "
-                        "400 tokens of perplexity without the dense rows")
+                   help="smoke run: 1 and 2 streams of 320+192 tokens, 4+252, no Q4_1 rows, "
+                        "600 tokens of perplexity without the dense rows")
     p.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--prompt-tokens", type=int, default=2048)
     p.add_argument("--output-tokens", type=int, default=1024)
@@ -76,13 +79,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep-logs", metavar="DIR", help="copy server and load-test logs here")
     args = p.parse_args(argv)
     if args.quick:
-        args.streams, args.prompt_tokens, args.output_tokens = [1, 2], 256, 192
-        args.window, args.ppl_tokens = 124, 400
+        args.streams, args.prompt_tokens, args.output_tokens = [1, 2], 320, 192
+        args.window, args.ppl_tokens = 252, 600
         args.eager = args.no_q4 = args.no_dense = True
         if args.restart_per_level is None:
             args.restart_per_level = False
     if args.restart_per_level is None:
         args.restart_per_level = True
+    if (args.sink + args.window) % LLAMA_CTX_STEP:
+        p.error(f"--sink + --window must be a multiple of {LLAMA_CTX_STEP}: llama.cpp rounds "
+                "each slot's context up to one, and both systems must keep the same number "
+                "of tokens")
     return args
 
 
@@ -159,7 +166,17 @@ def run_loadtest(api_url: str, checkpoint: str, out: str, *, streams: int, promp
            "--duration", "30", "--drain-timeout", str(600 if quick else 6 * 3600),
            "--prompt-tokens", str(prompt_tokens), "--output-tokens", str(output_tokens),
            "--no-progress"]
-    code = subprocess.call(cmd)
+    proc = subprocess.Popen(cmd)
+    try:
+        code = proc.wait()
+    except BaseException:
+        # Ctrl-C / SIGTERM: the load test stops its Prometheus on SIGTERM, not on SIGKILL.
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
     path = os.path.join(out, "report.json")
     if not os.path.exists(path):
         return code, None
@@ -204,7 +221,12 @@ def start_system(system: dict, args, binary: str, checkpoint: str, streams: int,
     server = peer_servers.start_llama_server(
         binary, system["gguf"], log_path, slots=streams, slot_ctx=args.sink + args.window,
         keep=args.sink, threads=args.threads, kv_type=system["kv_type"], batch=args.chunk)
-    return server, {}
+    reported = peer_servers.llama_slot_ctx(server.base_url)
+    if reported != args.sink + args.window:
+        server.stop()
+        raise peer_servers.ServerFailed(f"llama-server made its slots {reported} tokens, not "
+                                        f"{args.sink + args.window}")
+    return server, {"slot_ctx_reported": reported}
 
 
 def load_phase(args, res: Results, binary: str, checkpoint: str, stem_path: str,
@@ -292,8 +314,6 @@ def load_phase(args, res: Results, binary: str, checkpoint: str, stem_path: str,
                 finally:
                     if not (is_ss and ss_server is not None):
                         server.stop()
-                    if args.keep_logs and os.path.exists(log):
-                        shutil.copy(log, args.keep_logs)
     finally:
         if ss_server is not None:
             ss_server[0].stop()
@@ -484,8 +504,14 @@ def print_table(payload: dict) -> None:
             print(f"{label}: max |dNLL| {a['max_abs_diff']} over {a['tokens']} tokens")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so every server and load test we started is stopped.
+    signal.signal(signal.SIGTERM, _interrupt)
     t_start = time.monotonic()
     from streamsink.model_store import cache_dir, resolve_model
 

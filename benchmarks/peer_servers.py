@@ -153,6 +153,12 @@ def start_llama_server(binary: str, gguf: str, log_path: str, timeout_s: float =
     return server
 
 
+def llama_slot_ctx(base_url: str) -> int:
+    """The context of each slot, as the running llama-server reports it (/props)."""
+    with urllib.request.urlopen(base_url + "/props", timeout=30) as r:
+        return int(json.loads(r.read())["default_generation_settings"]["n_ctx"])
+
+
 def start_streamsink(model: str, log_path: str, timeout_s: float, **kw) -> Server:
     port = free_port()
     # The server as a user starts it: not the in-process engine the benchmark scripts ask for.
