@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 1 and 2 streams of 320+192 tokens, 4+252, no Q4_1 rows, "
-                        "600 tokens of perplexity without the dense rows")
+                        "520 tokens of perplexity without the dense rows")
     p.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--prompt-tokens", type=int, default=2048)
     p.add_argument("--output-tokens", type=int, default=1024)
@@ -80,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.streams, args.prompt_tokens, args.output_tokens = [1, 2], 320, 192
-        args.window, args.ppl_tokens = 252, 600
+        args.window, args.ppl_tokens = 252, 520
         args.eager = args.no_q4 = args.no_dense = True
         if args.restart_per_level is None:
             args.restart_per_level = False

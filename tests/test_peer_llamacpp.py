@@ -100,7 +100,7 @@ def _llama_server_cached() -> bool:
 def test_quick_comparison(tmp_path):
     env = dict(os.environ, STREAMSINK_BENCH_RESULTS=str(tmp_path))
     done = subprocess.run([sys.executable, os.path.join(BENCH, "peer_llamacpp.py"), "--quick"],
-                          capture_output=True, text=True, timeout=1500, env=env, cwd=BENCH)
+                          capture_output=True, text=True, timeout=3600, env=env, cwd=BENCH)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (result_file,) = (tmp_path / "peer_llamacpp").glob("*-quick.json")
     result = json.loads(result_file.read_text())
