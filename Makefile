@@ -1,7 +1,7 @@
 # The two commands a fresh clone needs: `make demo` and `make test` (each sets up first).
 PY := .venv/bin/python
 
-.PHONY: setup demo test bench docs clean
+.PHONY: setup demo test bench bench-peers docs clean
 
 setup:
 	@bash scripts/setup.sh
@@ -36,6 +36,11 @@ bench: setup
 # Tables and plots of the docs from the committed results (no engine; seconds).
 docs: setup
 	$(PY) benchmarks/report.py
+
+# streamsink against llama.cpp's llama-server (context shift) on this machine; builds llama.cpp
+# once into the cache. Not part of `bench` or `test`. BENCH_ARGS=--quick for the smoke run.
+bench-peers: setup
+	nice -n 10 $(PY) benchmarks/peer_llamacpp.py $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv

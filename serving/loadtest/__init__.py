@@ -43,8 +43,23 @@ RATE_WINDOW = "10s"
 _NAME = '{{__name__=~"{regex}",job="{job}"}}'
 
 
+# llama.cpp's llama-server (`--metrics`) names its own series ("llamacpp:requests_processing");
+# a vLLM name asked for here that has an equivalent there matches it too. llama-server has no
+# latency histograms, and it adds a request's generated tokens to its counter only when the
+# request ends (so its tokens/s series comes in steps at request ends).
+LLAMACPP_NAMES = {
+    "num_requests_running": "requests_processing",
+    "num_requests_waiting": "requests_deferred",
+    "generation_tokens(_total)?": "tokens_predicted_total",
+    "kv_cache_usage_perc": "kv_cache_usage_ratio",  # older llama-server versions only
+}
+
+
 def _sel(name: str, job: str) -> str:
-    return _NAME.format(regex=f"(ray_)?vllm[:_]{name}", job=job)
+    regex = f"(ray_)?vllm[:_]{name}"
+    if name in LLAMACPP_NAMES:
+        regex += f"|llamacpp:{LLAMACPP_NAMES[name]}"
+    return _NAME.format(regex=regex, job=job)
 
 
 def _sink_sel(name: str, job: str) -> str:

@@ -284,7 +284,7 @@ def summarize(result: LoadResult, slos_ms: dict[str, float],
         if not values_s:
             return {"count": 0}
         arr = np.asarray(values_s) * 1000.0
-        return {"count": int(arr.size), "mean": float(arr.mean()),
+        return {"count": int(arr.size), "mean": float(arr.mean()), "max": float(arr.max()),
                 **{f"p{p:g}": float(np.percentile(arr, p)) for p in percentiles}}
 
     tokens = sum(r.tokens for r in recs)
