@@ -92,6 +92,7 @@ def converse(api_url: str, model: str, turns: list[str], answer_tokens: int,
 
 
 def run_server(args, caching: bool, turns: list[str], answers=None) -> list[dict]:
+    from streamsink.model_store import served_name
     from streamsink.serving.loadtest.servers import EngineArgs, ServerProcess
 
     extra = [] if caching else ["--no-enable-prefix-caching"]
@@ -102,7 +103,8 @@ def run_server(args, caching: bool, turns: list[str], answers=None) -> list[dict
     server.start()
     try:
         print(f"caching {'on' if caching else 'off'}: {server.api_url} (log {log})", flush=True)
-        return converse(server.api_url, args.model_dir, turns, args.answer_tokens, answers)
+        return converse(server.api_url, served_name(args.model_dir), turns, args.answer_tokens,
+                        answers)
     finally:
         server.stop()
 

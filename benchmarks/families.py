@@ -14,7 +14,8 @@ takes the long factors for every position).
 
     .venv/bin/python benchmarks/families.py [--quick] [--only NAME ...]
 
-Writes results/families/<UTC date>-<short commit>.json; render(result) gives the markdown table.
+Writes results/families/<UTC date>-<short commit>.json; `make docs` renders the supported-models
+table from it (reports/families.py).
 """
 from __future__ import annotations
 
@@ -108,26 +109,6 @@ def measure(names: list[str], shape_args: dict, workdir: str) -> dict:
     return variants
 
 
-def render(result: dict) -> str:
-    """The supported-models table: one row per family of the registry, with the largest |dNLL|
-    measured over its variants (and which ones were measured)."""
-    from streamsink.model_families import FAMILIES
-
-    lines = ["| Family | Architectures | Positions (RoPE/ALiBi variants) "
-             "| max \\|ΔNLL\\| measured |", "|---|---|---|---|"]
-    for family in FAMILIES:
-        runs = [v for v in result["variants"].values() if v["family"] == family.name]
-        if runs:
-            worst = max(v["max_abs_dnll"] for v in runs)
-            kinds = dict.fromkeys(v["positions"] for v in runs)   # in order, once each
-            measured = f"{worst:.1e} ({', '.join(kinds)})"
-        else:
-            measured = "not measured"
-        lines.append(f"| {family.name} | {', '.join(family.architectures)} | "
-                     f"{family.positions()} | {measured} |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     from family_streams import FAMILY_MODELS
 
@@ -159,7 +140,6 @@ def main() -> None:
         path = path[:-5] + f"-{int(time.time())}.json"
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
-    print(render(result))
     print(f"wrote {path}")
 
 

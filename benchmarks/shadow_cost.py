@@ -1,6 +1,6 @@
-"""What the sink shadows (docs/architecture.md §4, option 4) cost inside a batch-16 decode step: the native
-op (shadow_op.cpp, shipped), the stock-op path it replaced (the fallback without a compiler), and
-a step without shadows — the floor any shadow write can reach.
+"""What the sink shadows (docs/architecture.md §4, option 4) cost inside a batch-16 decode step: the
+native op (shadow_op.cpp, shipped), the stock-op path it replaced (the fallback without a
+compiler), and a step without shadows — the floor any shadow write can reach.
 
 A diagnostic, not a result users get: variant "none" skips the shadows, so its attention is WRONG
 on purpose; only its step time means anything. One stock engine (default compiled mode) and one

@@ -7,8 +7,9 @@ stock classes. With one:
 - the KV write is stock (keys rotated at their row positions, stock cache layout); the layers'
   KV spec becomes the streaming one in the model runner (patches/kv_cache_spec.py);
 - vLLM's C++ kernel with a sliding window of C = S+W computes every request it can (dense
-  requests, and decodes past C after writing the S sink "shadows": docs/architecture.md, "RoPE", option 4; O(S)
-  writes per decode per layer, see step_plan.py) — the whole step in one call when all can;
+  requests, and decodes past C after writing the S sink "shadows": docs/architecture.md §4,
+  option 4; O(S) writes per decode per layer, see step_plan.py) — the whole step in one call
+  when all can;
 - the other requests (prefill chunks past C) read the window and sink blocks the step plan lists:
   window keys as stored, through PyTorch's fused CPU attention, and sink keys against the query
   re-rotated to its in-cache slot (option 2: O(S) extra work per query, none per window key),

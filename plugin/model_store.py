@@ -94,6 +94,17 @@ def _dequantize_gguf(gguf: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+def served_name(model: str | None) -> str:
+    """The short name clients put in "model" (the default model's, a directory's last part, or
+    the hub id as given)."""
+    if not model:
+        return DEFAULT_MODEL_NAME
+    expanded = os.path.expanduser(model)
+    if os.path.isdir(expanded):
+        return os.path.basename(os.path.normpath(expanded))
+    return model
+
+
 def _looks_like_path(model: str) -> bool:
     # Hub ids are "name" or "org/name"; anything else with a separator is meant as a path.
     return (model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", "", 1)

@@ -1,14 +1,14 @@
 """The sink-shadow write of a decode step as one native loop over every layer (shadow_op.cpp),
 built on first use.
 
-Why: a decode step past C writes S shadows per request per layer (docs/architecture.md §4, option 4). Done
-with stock ops (a gather of every element, vLLM's rotary op, vLLM's cache write) that costs
-~6 ms of a ~146 ms batch-16 step (30 layers): three passes, each paying PyTorch's per-element
-overhead on ~25K scattered elements and re-reading the column-major key pages. One loop that
-reads each sink key once, rotates it in registers and writes it to its shadow slot touches each
-cache line once. The shadows' slots are the same in every layer, and no layer reads them before
-its own attention, so the first layer of a step writes them for all (attention.py): one call and
-one share of work per core a step instead of thirty small ones (batch 16: ~2.6 -> ~1.7 ms).
+Why: a decode step past C writes S shadows per request per layer (docs/architecture.md §4, option
+4). Done with stock ops (a gather of every element, vLLM's rotary op, vLLM's cache write) that
+costs ~6 ms of a ~146 ms batch-16 step (30 layers): three passes, each paying PyTorch's per-element
+overhead on ~25K scattered elements and re-reading the column-major key pages. One loop that reads
+each sink key once, rotates it in registers and writes it to its shadow slot touches each cache
+line once. The shadows' slots are the same in every layer, and no layer reads them before its own
+attention, so the first layer of a step writes them for all (attention.py): one call and one share
+of work per core a step instead of thirty small ones (batch 16: ~2.6 -> ~1.7 ms).
 
 How: the C++ source ships in the package; the first streaming engine on a machine compiles it
 with the system C++ compiler (the one torch.compile's inductor already needs on CPU) into the

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 
 from streamsink.config import CONFIG_KEY
-from streamsink.model_store import DEFAULT_MODEL_NAME, resolve_model
+from streamsink.model_store import resolve_model, served_name
 from streamsink.serving.engine_args import (
     DEFAULT_DTYPE,
     DEFAULT_MAX_NUM_SEQS,
@@ -81,7 +81,7 @@ def build_spec(model: str | None, sink: int, window: int, replicas: int,
     model_path = resolve_model(model)
     kwargs = VllmArgParser("streamsink serve --ray").explicit(vllm_args)
     served = kwargs.pop("served_model_name", None)
-    model_id = (served[0] if served else None) or model or DEFAULT_MODEL_NAME
+    model_id = (served[0] if served else None) or served_name(model)
     for name in _NOT_ENGINE_ARGS & set(kwargs):
         raise EngineArgsError(f"--{name.replace('_', '-')} is set by streamsink serve --ray "
                               f"(use --model / --served-model-name)")

@@ -28,7 +28,7 @@ import tempfile
 
 from streamsink.errors import UsageError
 from streamsink.metrics import ENV_DIR
-from streamsink.model_store import resolve_model
+from streamsink.model_store import resolve_model, served_name
 from streamsink.serving import processes
 from streamsink.serving.engine_args import (
     DEFAULT_DTYPE,
@@ -52,7 +52,8 @@ def _given(flag: str, argv: list[str]) -> bool:
 def server_argv(model: str | None, sink: int, window: int, vllm_args: list[str]) -> list[str]:
     """vLLM server arguments: ours first, the user's pass-through arguments win."""
     argv = ["--model", resolve_model(model)]
-    defaults = {"--dtype": DEFAULT_DTYPE, "--max-num-seqs": str(DEFAULT_MAX_NUM_SEQS),
+    defaults = {"--served-model-name": served_name(model), "--dtype": DEFAULT_DTYPE,
+                "--max-num-seqs": str(DEFAULT_MAX_NUM_SEQS),
                 "--additional-config": json.dumps(streamsink_entry(sink, window))}
     for flag, value in defaults.items():
         if not _given(flag, vllm_args):

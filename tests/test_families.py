@@ -198,8 +198,9 @@ def test_rope_spec_equals_the_reference_frequencies(models, family):
 
 
 def test_supported_models_table_has_a_row_per_family(monkeypatch):
-    """benchmarks/families.py renders one row per registry family: its architectures, position
-    variants and the largest |dNLL| over the variants measured (or that none was)."""
+    """The supported-models table (benchmarks/reports/families.py, rendered into README.md by
+    `make docs`) has one row per registry family: its architectures, position variants and the
+    largest |dNLL| over the variants measured (or that none was)."""
     import importlib
     import os
 
@@ -207,12 +208,15 @@ def test_supported_models_table_has_a_row_per_family(monkeypatch):
     from streamsink.model_families import FAMILIES as REGISTRY
 
     monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
-    bench = importlib.import_module("families")
-    result = {"variants": {
+    reports = importlib.import_module("reports.families")
+    base = importlib.import_module("reports.base")
+    data = {"variants": {
         "a": {"family": "Falcon", "positions": "RoPE default", "max_abs_dnll": 2e-6},
         "b": {"family": "Falcon", "positions": "ALiBi", "max_abs_dnll": 5e-6},
         "c": {"family": "Falcon", "positions": "RoPE default", "max_abs_dnll": 1e-6}}}
-    rows = bench.render(result).splitlines()[2:]
+    result = base.Result("families", "benchmarks/results/families/x.json", data, {})
+    text = reports.markdown({"families": result}, base.Doc(base="", img="docs/img/"))
+    rows = [r for r in text.splitlines() if r.startswith("| ") and "---" not in r][1:]
     assert len(rows) == len(REGISTRY)
     falcon = next(r for r in rows if r.startswith("| Falcon |"))
     assert "FalconForCausalLM" in falcon and "5.0e-06 (RoPE default, ALiBi)" in falcon

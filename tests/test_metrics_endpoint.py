@@ -4,7 +4,6 @@ differs): no KV budget, step size or max_model_len given, on a machine whose mem
 cache — the defaults must fit."""
 import json
 import os
-import subprocess
 import sys
 import urllib.request
 
@@ -14,21 +13,21 @@ from openai_server import get, metric, running_server
 # SmolLM2's context, the default max_model_len of `streamsink serve`.
 MAX_MODEL_LEN = 8192
 GENERATED = 48
-# The README's command, less `--port 8000` (a free port is added).
-README_SERVE = ["serve", "--sink", "4", "--window", "1020", "--max-num-seqs", "64"]
+# The README's command, `streamsink serve` (a free port is added instead of 8000).
+README_SERVE = ["serve"]
 SHARED_BOOK = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
                            "katrine-14263.txt")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    model = subprocess.run([sys.executable, "-m", "streamsink.serving.cli", "model-path"],
-                           capture_output=True, text=True, timeout=600).stdout.strip()
     log = tmp_path_factory.mktemp("serve") / "server.log"
     # `streamsink serve` runs vLLM's own OpenAI server module with a streamsink config.
     with running_server([sys.executable, "-m", "streamsink.serving.cli", *README_SERVE],
                         log) as base:
-        yield base, model
+        # The README's requests name the model by its short default name.
+        assert json.loads(get(base + "/v1/models"))["data"][0]["id"] == "SmolLM2-135M-Instruct"
+        yield base, "SmolLM2-135M-Instruct"
 
 
 @pytest.mark.skipif(not os.path.exists(SHARED_BOOK), reason="needs ../shared/data")

@@ -162,7 +162,6 @@ def chat(sim, turns, user_tokens, gen_tokens, chunk=10**9, seed=0):
 
 
 def test_chat_turns_hit_the_processed_history_and_read_clean_keys():
-    from streamsink.prefix_cache import StreamingPrefixCache
 
     sim = Sim()
     copies_before = sim.manager.shadow_copies_total
@@ -215,7 +214,6 @@ def test_a_shared_shadowed_block_would_be_caught(monkeypatch):
 def test_concurrent_requests_never_share_a_block():
     """B continues A's history while A keeps decoding (and shadowing) over the same range:
     B gets copies of the blocks A holds; both read only their own keys."""
-    from streamsink.prefix_cache import StreamingPrefixCache
 
     sim = Sim()
     a = sim.request("A", [3 + i % 450 for i in range(150)], 120)
@@ -235,7 +233,6 @@ def test_concurrent_requests_never_share_a_block():
 def test_first_step_a_single_token_decode_on_adopted_blocks():
     """A prompt one token past a block boundary: the hit leaves one token, whose step is a
     kernel decode that shadows the adopted (cached) blocks at once."""
-    from streamsink.prefix_cache import StreamingPrefixCache
 
     sim = Sim()
     prompt = [3 + i % 300 for i in range(200)]
@@ -267,7 +264,6 @@ def test_chunked_prefill_and_hits(chunk):
 def test_no_free_block_for_a_copy_drops_the_hash():
     """A shadow must never wait for a free block: with none left after the pass, the cached
     block just leaves the cache (the next hit is shorter, never wrong)."""
-    from streamsink.prefix_cache import StreamingPrefixCache
 
     sim = Sim()
     chat(sim, turns=2, user_tokens=20, gen_tokens=30)

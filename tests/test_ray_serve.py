@@ -3,7 +3,6 @@ with per-replica metrics on Ray's Prometheus export. One real Ray and one app fo
 started and stopped here (a tiny random Llama with the default model's tokenizer keeps it cheap).
 The last test stops the app with SIGTERM in the middle of a streamed request and checks that
 nothing of it is left; another stops a second app while its replicas start."""
-import os
 import re
 import signal
 import subprocess

@@ -6,8 +6,8 @@ images(results, img_dir) -> the file names it wrote under docs/img/."""
 from __future__ import annotations
 
 from . import (batch_resume_check, batch_throughput, chat_session, decode_latency, dtype_cost,
-               headline, latency_vs_cache, load, many_streams, memory, memory_1000k, passkey,
-               perplexity, ppl_speed, ray_serve, shadow_cost)
+               families, headline, latency_vs_cache, load, many_streams, memory, memory_1000k,
+               passkey, perplexity, ppl_speed, ray_serve, shadow_cost)
 
 # generated block id -> renderer, in the order docs/benchmarks.md shows them
 BLOCKS = {
@@ -27,9 +27,10 @@ BLOCKS = {
     "batch_resume_check": batch_resume_check,
     "ray_serve": ray_serve,
     "headline": headline,
+    "models": families,
 }
 # which document holds which blocks
 DOCUMENTS = {
-    "README.md": ("headline",),
-    "docs/benchmarks.md": tuple(b for b in BLOCKS if b != "headline"),
+    "README.md": ("headline", "models"),
+    "docs/benchmarks.md": tuple(b for b in BLOCKS if b not in ("headline", "models")),
 }
