@@ -25,7 +25,8 @@ SERVE_SHUTDOWN_S = 5.0
 
 
 def deploy(spec: RaySpec, host: str, port: int, key: str | None) -> None:
-    """Start Serve's HTTP proxy on host:port and run the OpenAI app (blocks until healthy)."""
+    """Start Serve's HTTP proxy on host:port and submit the OpenAI app (returns at once; the
+    replicas start in the background: app_state() says when they are up)."""
     from ray import serve
     from ray.serve.llm import build_openai_app
 
@@ -34,7 +35,17 @@ def deploy(spec: RaySpec, host: str, port: int, key: str | None) -> None:
         app = build_openai_app_with_key(spec.llm_config(), key)
     else:
         app = build_openai_app({"llm_configs": [spec.llm_config()]})
-    serve.run(app, name=APP_NAME, route_prefix="/")
+    serve.run_many([serve.RunTarget(target=app, name=APP_NAME, route_prefix="/")],
+                   wait_for_ingress_deployment_creation=False,
+                   wait_for_applications_running=False)
+
+
+def app_state() -> tuple[str, str]:
+    """(status, message) of the app: RUNNING once every replica is healthy."""
+    from ray import serve
+
+    app = serve.status().applications.get(APP_NAME)
+    return (str(app.status.value), app.message or "") if app else ("NOT_STARTED", "")
 
 
 def shutdown(handle: ray_cluster.RayHandle) -> None:
@@ -85,24 +96,19 @@ def run(args) -> int:
             return 0
         print(f"streamsink serve --ray: starting {replicas} replica(s) of {spec.model_id} "
               f"(engine args {spec.engine_kwargs})", flush=True)
-        failure: list[str] = []
-
-        def deploy_into():  # off the main thread: a signal during start-up still stops
-            try:
-                deploy(spec, host, port, key)
-            except Exception as exc:
-                failure.append(" ".join(str(exc).split())[:500] or type(exc).__name__)
-
-        deployer = threading.Thread(target=deploy_into, daemon=True)
-        deployer.start()
         with processes.ray_sigterm_is_a_stop():
-            while deployer.is_alive() and not stop.requested:
-                deployer.join(0.5)
+            deploy(spec, host, port, key)
+            # Polled here, not waited for inside Ray: a signal during the minutes of start-up
+            # still stops at once.
+            status, message = app_state()
+            while status != "RUNNING" and not stop.event.wait(1.0):
+                if status == "DEPLOY_FAILED":
+                    print(f"streamsink: error: the app did not start: "
+                          f"{' '.join(message.split())[:500]}", file=sys.stderr)
+                    return 1
+                status, message = app_state()
         if stop.requested:
             return 0
-        if failure:
-            print(f"streamsink: error: the app did not start: {failure[0]}", file=sys.stderr)
-            return 1
         h = url_host(host)
         print(f"{READY_PREFIX} api=http://{h}:{port}/v1 metrics=http://{h}:"
               f"{handle.metrics_port}/metrics replicas={replicas}", flush=True)
