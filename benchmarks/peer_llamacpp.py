@@ -40,6 +40,7 @@ import llamacpp_model
 import peer_ppl
 import peer_probes
 import peer_servers
+import result_files
 
 # Prompt tokens left free in a llama-server slot: the load's prompts are counted with the HF
 # tokenizer, llama-server re-tokenizes their text (and needs prompt < slot context).
@@ -91,31 +92,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                 "each slot's context up to one, and both systems must keep the same number "
                 "of tokens")
     return args
-
-
-# -- provenance -----------------------------------------------------------------------------------
-def cpu_info() -> dict:
-    info = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in ("model name", "flags") and key not in info:
-                    info[key] = value.strip()
-    except OSError:
-        pass
-    flags = info.get("flags", "").split()
-    return {"model": info.get("model name"), "flags": flags,
-            "simd": [f for f in flags if f.startswith(("avx", "amx", "fma", "f16c", "sse4"))]}
-
-
-def repo_commit() -> dict:
-    def git(*a):
-        return subprocess.run(["git", *a], cwd=common.HERE, capture_output=True,
-                              text=True).stdout.strip()
-    return {"commit": git("rev-parse", "--short", "HEAD") or "nocommit",
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def llama_server_version(binary: str) -> str:
@@ -528,29 +504,29 @@ def main(argv=None) -> int:
           f"{weights['tensors_compared']} tensors", flush=True)
 
     out_dir = os.path.join(common.RESULTS, "peer_llamacpp")
-    commit = repo_commit()
-    stem = result_stem(out_dir, commit["commit"], args.quick)
+    provenance = result_files.provenance_now(
+        {k: v for k, v in vars(args).items() if k != "keep_logs"})
+    stem = result_stem(out_dir, provenance["commit"] or "nocommit", args.quick)
     stem_path = os.path.join(out_dir, stem)
     import torch
     import vllm
 
     payload = {
+        "benchmark": "peer_llamacpp",
+        "provenance": provenance,
         "args": {k: v for k, v in vars(args).items() if k != "keep_logs"},
-        "repository": commit,
         "versions": {"vllm": vllm.__version__, "torch": torch.__version__,
                      "llama_cpp_python_sdist": llamacpp_build.LLAMA_CPP_PYTHON_VERSION,
                      "llamacpp_commit": llamacpp_build.LLAMACPP_COMMIT,
                      "llama_server": llama_server_version(binary),
                      "python": platform.python_version()},
         "llamacpp_build": {**llamacpp_build.build_info(), "prepare_s_this_run": round(prepare_s, 1)},
-        "cpu": cpu_info(), "cpus": os.cpu_count(), "platform": platform.platform(),
         "env": {k: os.environ.get(k) for k in ("VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS",
                                                "VLLM_CPU_KVCACHE_SPACE")},
         "model": {"checkpoint": os.path.basename(checkpoint),
                   "f32_gguf": os.path.basename(f32_gguf), "q4_gguf": os.path.basename(q4_gguf),
                   "f32_gguf_vs_q4_dequantized": weights},
         "slot_margin": SLOT_MARGIN,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "long_prompt_probe": {}, "load": {"runs": [], "traces": {}},
         "ppl": {"results": {}},
     }

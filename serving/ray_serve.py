@@ -9,9 +9,10 @@ included — takes everything down again (processes.py) and exits 0.
 """
 from __future__ import annotations
 
+import os
 import sys
-import threading
 
+from streamsink.errors import one_line
 from streamsink.patches.ray_serve_api_key import build_openai_app_with_key
 from streamsink.serving import processes, ray_cluster
 from streamsink.serving.network import LOOPBACK, api_key, url_host
@@ -20,8 +21,6 @@ from streamsink.serving.ray_config import RaySpec, build_spec
 APP_NAME = "streamsink"
 READY_PREFIX = "streamsink serve --ray: ready"
 DEFAULT_PORT = 8000
-# serve.shutdown waits for replicas (some may still be starting); past this we stop Ray anyway.
-SERVE_SHUTDOWN_S = 5.0
 
 
 def deploy(spec: RaySpec, host: str, port: int, key: str | None) -> None:
@@ -49,24 +48,19 @@ def app_state() -> tuple[str, str]:
 
 
 def shutdown(handle: ray_cluster.RayHandle) -> None:
-    """Stop the app (and Ray when we started it); then make sure nothing of ours is left."""
+    """A Ray we started: stop every process of it (Serve's controller, proxy and replicas are
+    Ray's processes). Someone else's cluster: delete our app and disconnect."""
     from ray import serve
 
-    def stop_serve():
-        try:
-            if handle.started:
-                serve.shutdown()
-            else:
-                serve.delete(APP_NAME)  # someone else's cluster: leave its other apps alone
-        except Exception as exc:  # already gone; shutting down anyway
-            print(f"streamsink serve --ray: serve shutdown: {exc}", file=sys.stderr)
-
-    stopper = threading.Thread(target=stop_serve, daemon=True)
-    stopper.start()
-    stopper.join(SERVE_SHUTDOWN_S)
-    ray_cluster.stop(handle)
     if handle.started:
         processes.stop_descendants()
+        ray_cluster.stop(handle)  # reaps what is left of the session
+        return
+    try:
+        serve.delete(APP_NAME, _blocking=False)  # leave the cluster's other apps alone
+    except Exception as exc:  # already gone; disconnecting anyway
+        print(f"streamsink serve --ray: serve delete: {exc}", file=sys.stderr)
+    ray_cluster.stop(handle)
 
 
 def run(args) -> int:
@@ -77,25 +71,50 @@ def run(args) -> int:
     spec = build_spec(args.model, args.sink, args.window, replicas, args.vllm_args)
     processes.become_subreaper()
     stop = processes.StopRequest().install()
-    handle = None
+    started: list[ray_cluster.RayHandle] = []
+    code = 1
     try:
-        try:
-            handle = ray_cluster.start_or_join(args.metrics_port)
-        except processes.Interrupted:
-            return 0
-        except Exception as exc:  # no cluster at RAY_ADDRESS, a port taken, ...
-            if stop.requested:
-                return 0
-            print(f"streamsink: error: Ray did not start: {' '.join(str(exc).split())[:300]}",
-                  file=sys.stderr)
-            return 1
-        # After ray.init: Ray's core worker installs its own fatal-signal handler for SIGTERM
-        # (it logs and aborts); ours must be the one that runs.
-        stop.install()
+        code = _serve(spec, host, port, key, args.metrics_port, replicas, stop, started)
+    except Exception as exc:
+        print(f"streamsink: error: {one_line(exc)}", file=sys.stderr)
+    finally:
+        print("streamsink serve --ray: shutting down", file=sys.stderr, flush=True)
+        if started:
+            shutdown(started[0])
+        else:
+            processes.stop_descendants()
+        if not started or started[0].started:
+            # Ray's and Serve's threads in this process (long polls, the core worker) would
+            # touch the cluster just taken down while the interpreter exits, and Ray ends a
+            # process that does so with exit status 1: leave without that teardown.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return code
+
+
+def _serve(spec: RaySpec, host: str, port: int, key: str | None, metrics_port: int | None,
+           replicas: int, stop: processes.StopRequest,
+           started: list[ray_cluster.RayHandle]) -> int:
+    """Start or join Ray, deploy, print the ready line and wait for a stop; the exit code."""
+    try:
+        handle = ray_cluster.start_or_join(metrics_port)
+    except processes.Interrupted:
+        return 0
+    except Exception as exc:  # no cluster at RAY_ADDRESS, a port taken, ...
         if stop.requested:
             return 0
-        print(f"streamsink serve --ray: starting {replicas} replica(s) of {spec.model_id} "
-              f"(engine args {spec.engine_kwargs})", flush=True)
+        print(f"streamsink: error: Ray did not start: {one_line(exc)}", file=sys.stderr)
+        return 1
+    started.append(handle)
+    # After ray.init: Ray's core worker installs its own SIGTERM handler (sys.exit(15));
+    # ours must be the one that runs.
+    stop.install()
+    if stop.requested:
+        return 0
+    print(f"streamsink serve --ray: starting {replicas} replica(s) of {spec.model_id} "
+          f"(engine args {spec.engine_kwargs})", flush=True)
+    try:
         with processes.ray_sigterm_is_a_stop():
             deploy(spec, host, port, key)
             # Polled here, not waited for inside Ray: a signal during the minutes of start-up
@@ -107,20 +126,13 @@ def run(args) -> int:
                           f"{' '.join(message.split())[:500]}", file=sys.stderr)
                     return 1
                 status, message = app_state()
-        if stop.requested:
-            return 0
-        h = url_host(host)
-        print(f"{READY_PREFIX} api=http://{h}:{port}/v1 metrics=http://{h}:"
-              f"{handle.metrics_port}/metrics replicas={replicas}", flush=True)
-        with processes.ray_sigterm_is_a_stop():
+            if stop.requested:
+                return 0
+            h = url_host(host)
+            print(f"{READY_PREFIX} api=http://{h}:{port}/v1 metrics=http://{h}:"
+                  f"{handle.metrics_port}/metrics replicas={replicas}", flush=True)
             while not stop.event.wait(1.0):  # a timed wait: signal handlers run in between
                 pass
+    except processes.Interrupted:  # Ray's own SIGTERM handler fired
         return 0
-    except processes.Interrupted:  # Ray's own SIGTERM handler fired (ray_sigterm_is_a_stop)
-        return 0
-    finally:
-        print("streamsink serve --ray: shutting down", file=sys.stderr, flush=True)
-        if handle is not None:
-            shutdown(handle)
-        else:
-            processes.stop_descendants()
+    return 0

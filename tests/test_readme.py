@@ -38,6 +38,7 @@ def test_python_example_runs_as_written(tmp_path):
     done = subprocess.run([sys.executable, "-c", match.group(1)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    tokens, _, text = done.stdout.strip().splitlines()[-1].partition(" prompt tokens: ")
+    (line,) = [ln for ln in done.stdout.splitlines() if " prompt tokens: " in ln]
+    tokens, _, text = line.partition(" prompt tokens: ")
     assert int(tokens) > 1024 and text.strip()
     assert "streamsink: KV pool" in done.stdout + done.stderr

@@ -211,9 +211,9 @@ def _one_run(name: str, args, engine, concurrency, slos, logs, prompts, processe
         if not prom.wait_scraped(name, timeout_s=30):
             raise _Failure(f"Prometheus cannot scrape {metrics_url} (is it the server's metrics "
                            "endpoint?)")
-        model_id = _served_model(api_url)
+        model_id, tokenizer = _served_model(api_url)
         if prompts is None:  # --target without --model: the served model's own tokenizer
-            prompts = _prompts(args, model_id)
+            prompts = _prompts(args, tokenizer)
         _warm_up(api_url, model_id)
         time.sleep(2 * args.scrape_interval)  # an idle baseline on the dashboard
 
@@ -262,14 +262,18 @@ def _prompts(args, tokenizer: str) -> list:
                                     args.seed)
 
 
-def _served_model(api_url: str) -> str:
+def _served_model(api_url: str) -> tuple[str, str]:
+    """(the name requests use, where its tokenizer is: vLLM's "root", the checkpoint it
+    loaded, when that is a directory here; else the name, a hub id)."""
     import urllib.request
 
     try:
         with urllib.request.urlopen(api_url + "/models", timeout=30) as r:
-            return json.loads(r.read())["data"][0]["id"]
+            card = json.loads(r.read())["data"][0]
     except (OSError, ValueError, KeyError, IndexError) as exc:
         raise _Failure(f"cannot list models at {api_url}/models: {exc}") from None
+    root = card.get("root") or card["id"]
+    return card["id"], root if os.path.isdir(root) else card["id"]
 
 
 def _warm_up(api_url: str, model_id: str) -> None:
