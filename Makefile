@@ -38,7 +38,8 @@ docs: setup
 	$(PY) benchmarks/report.py
 
 # streamsink against llama.cpp's llama-server (context shift) on this machine; builds llama.cpp
-# once into the cache. Not part of `bench` or `test`. BENCH_ARGS=--quick for the smoke run.
+# once into the cache. Not part of `bench` or `test`. BENCH_ARGS=--quick for the smoke run (never
+# shown by `make docs`, which renders the latest full run into docs/peer_llamacpp.md).
 bench-peers: setup
 	nice -n 10 $(PY) benchmarks/peer_llamacpp.py $(BENCH_ARGS)
 

@@ -1,4 +1,4 @@
-"""The resume check of `streamsink batch` (issue 10's "done when"): N records on the default model,
+"""The resume check of `streamsink batch`: N records on the default model,
 a third of the prompts past max_model_len; an uninterrupted run side by side with a run killed
 by SIGKILL when half the records are in its output, then the killed run resumed. Checks every id
 once, greedy texts (whole rows) equal to the uninterrupted run, the summary lines.

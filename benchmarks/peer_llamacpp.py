@@ -41,6 +41,7 @@ import peer_ppl
 import peer_probes
 import peer_servers
 import result_files
+from reports import plotting
 
 # Prompt tokens left free in a llama-server slot: the load's prompts are counted with the HF
 # tokenizer, llama-server re-tokenizes their text (and needs prompt < slot context).
@@ -124,9 +125,12 @@ class Results:
         self.path, self.payload, self.scrub = path, payload, scrub
 
     def save(self) -> None:
-        text = json.dumps(self.payload, indent=1)
-        # No machine paths in a committed result.
-        for long, short in sorted(self.scrub.items(), key=lambda kv: -len(kv[0])):
+        # No machine paths in a committed result: paths that exist become repository-relative
+        # or their last component (result_files), the rest (the checkpoint, the cache, the
+        # load tests' temporary folders, gone by now) are named by what they are.
+        text = json.dumps(result_files.portable(self.payload), indent=1)
+        scrub = {**self.scrub, tempfile.gettempdir() + os.sep: "<tmp>/"}
+        for long, short in sorted(scrub.items(), key=lambda kv: -len(kv[0])):
             text = text.replace(long, short)
         with open(self.path, "w") as f:
             f.write(text)
@@ -412,7 +416,7 @@ def annotate_shifts(trace: dict, slot_ctx: int, keep: int) -> None:
 
 
 def plot_traces(traces: dict, path: str, slot_ctx: int, keep: int) -> None:
-    fig, (ax,) = common.figure(size=(9, 4))
+    fig, (ax,) = plotting.figure(size=(9, 4))
     for name, tr in traces.items():
         itl = [g * 1000 for g in tr["itl_s"]]
         ax.plot(range(2, len(itl) + 2), itl, label=name, linewidth=0.8)
@@ -421,11 +425,11 @@ def plot_traces(traces: dict, path: str, slot_ctx: int, keep: int) -> None:
         ax.axvline(k + 1, color="grey", linestyle=":", linewidth=0.8)
     ax.set(yscale="log", xlabel="generated token (dotted: llama.cpp context shift)",
            ylabel="inter-token latency (ms)", title="one stream, every token")
-    common.save_figure(fig, [ax], path)
+    plotting.save(fig, [ax], path)
 
 
 def plot_ppl(nlls: dict, path: str) -> None:
-    fig, (ax,) = common.figure(size=(8, 4))
+    fig, (ax,) = plotting.figure(size=(8, 4))
     width = 100
     for label, values in nlls.items():
         if len(values) >= width:
@@ -433,7 +437,7 @@ def plot_ppl(nlls: dict, path: str) -> None:
             xs = list(range(width, len(values) + 1, max(1, width // 4)))
             ax.plot(xs, ys, label=label, linewidth=1)
     ax.set(yscale="log", xlabel="token position", ylabel=f"perplexity of the last {width}")
-    common.save_figure(fig, [ax], path)
+    plotting.save(fig, [ax], path)
 
 
 def print_table(payload: dict) -> None:
@@ -503,7 +507,7 @@ def main(argv=None) -> int:
           f"dequantized: max |diff| {weights['max_abs_diff']} over "
           f"{weights['tensors_compared']} tensors", flush=True)
 
-    out_dir = os.path.join(common.RESULTS, "peer_llamacpp")
+    out_dir = result_files.benchmark_dir("peer_llamacpp")
     provenance = result_files.provenance_now(
         {k: v for k, v in vars(args).items() if k != "keep_logs"})
     stem = result_stem(out_dir, provenance["commit"] or "nocommit", args.quick)

@@ -1,6 +1,6 @@
 """`streamsink ppl`'s way (chunked prefill, prompt log-probabilities) against a token-at-a-time
 pass over the same tokens on the same engine configuration, side by side in one run: time and
-perplexity (issue: at least 10x faster, same perplexity to 1e-4 relative).
+perplexity (the target: at least 10x faster, the same perplexity to 1e-4 relative).
 
     .venv/bin/python benchmarks/ppl_speed.py [--quick] [--tokens N] [--text FILE]
 """

@@ -1,9 +1,10 @@
 """Regenerate the benchmark tables and plots in the docs from the committed result files.
 
-For every benchmark the docs show, the latest result under benchmarks/results/<name>/ (or the
-one given with --result NAME=PATH) is rendered into the blocks between
-`<!-- generated:BLOCK -->` and `<!-- /generated:BLOCK -->` in README.md and
-docs/benchmarks.md, and plots into docs/img/. The prose around the blocks is written by hand;
+For every benchmark the docs show, the latest result under benchmarks/results/<name>/ that is
+not a smoke run (-quick in its name or quick in its arguments; or the file given with --result
+NAME=PATH) is rendered into the blocks between `<!-- generated:BLOCK -->` and
+`<!-- /generated:BLOCK -->` in README.md, docs/benchmarks.md and docs/peer_llamacpp.md, and
+plots into docs/img/. The prose around the blocks is written by hand;
 the numbers live only inside them.
 
     python benchmarks/report.py                     # what `make docs` runs
@@ -20,13 +21,14 @@ import re
 import sys
 
 import result_files
-from reports import BLOCKS, DOCUMENTS
+from reports import BLOCKS, DOCUMENTS, PARTS
 from reports.base import Doc, Result
 
 REPO = result_files.REPO
 IMG_DIR = os.path.join(REPO, "docs", "img")
 LINKS = {"README.md": Doc(base="", img="docs/img/"),
-         "docs/benchmarks.md": Doc(base="../", img="img/")}
+         "docs/benchmarks.md": Doc(base="../", img="img/"),
+         "docs/peer_llamacpp.md": Doc(base="../", img="img/")}
 BLOCK = re.compile(r"<!-- generated:(?P<name>[\w-]+) -->(?P<body>.*?)"
                    r"<!-- /generated:(?P=name) -->", re.S)
 
@@ -37,11 +39,16 @@ def needed_names() -> list[str]:
 
 def load_results(overrides: dict[str, str] | None = None,
                  root: str | None = None) -> dict[str, Result]:
-    """The result each benchmark's block is rendered from: the override, else the latest."""
+    """The result each benchmark's block is rendered from: the override, else the latest that
+    is not a smoke run (--quick). A name `<benchmark>:<part>` (reports.PARTS) takes the latest
+    run of that benchmark that holds the part: a run may record only some parts of a long
+    benchmark, and each block shows the newest run of its own part."""
     overrides = overrides or {}
     out = {}
     for name in needed_names():
-        path = overrides.get(name) or result_files.latest(name, root)
+        benchmark = name.partition(":")[0]
+        path = overrides.get(name) or result_files.latest(benchmark, root, skip_quick=True,
+                                                          where=PARTS.get(name))
         if path:
             out[name] = Result.from_file(name, path)
     return out

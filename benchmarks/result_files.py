@@ -17,6 +17,7 @@ import glob
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 
@@ -117,18 +118,18 @@ def versions() -> dict:
     return out
 
 
-def _portable(value, root: str = REPO):
+def portable(value, root: str = REPO):
     """A path inside the repository becomes relative to it, any other existing absolute path
     (a checkpoint, a book, a temporary folder) its last component: results are committed and
     name no machine's paths."""
     if isinstance(value, dict):
-        return {k: _portable(v, root) for k, v in value.items()}
+        return {k: portable(v, root) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_portable(v, root) for v in value]
+        return [portable(v, root) for v in value]
     if isinstance(value, str):
         flag, eq, tail = value.partition("=")
         if eq and flag.startswith("--"):
-            return flag + eq + _portable(tail, root)
+            return flag + eq + portable(tail, root)
         if os.path.isabs(value) and os.path.exists(value):
             real = os.path.realpath(value)
             if real == root or real.startswith(root + os.sep):
@@ -149,8 +150,8 @@ def provenance_now(options=None, argv: list[str] | None = None) -> dict:
     return {"time_utc": now.isoformat(timespec="seconds"),
             "started_utc": STARTED.isoformat(timespec="seconds"),
             "commit": commit, "dirty": dirty,
-            "argv": _portable(list(sys.argv if argv is None else argv)),
-            "options": _portable(_jsonable(options)) if options is not None else None,
+            "argv": portable(list(sys.argv if argv is None else argv)),
+            "options": portable(_jsonable(options)) if options is not None else None,
             "machine": machine(), "versions": versions()}
 
 
@@ -169,7 +170,7 @@ def write(name: str, payload: dict, options=None, argv: list[str] | None = None,
           root: str | None = None) -> str:
     """Write one run's result; returns its path. Never overwrites an earlier run."""
     record = {"benchmark": name, "provenance": provenance_now(options, argv),
-              **_portable(_jsonable(payload))}
+              **portable(_jsonable(payload))}
     prov = record["provenance"]
     path = new_path(name, prov["time_utc"][:10], prov["commit"], root)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -210,13 +211,30 @@ def result_files(name: str, root: str | None = None) -> list[str]:
     return sorted(glob.glob(os.path.join(benchmark_dir(name, root), "*.json")))
 
 
-def latest(name: str, root: str | None = None) -> str | None:
-    """The benchmark's newest result file by recorded time (file name breaks ties), or None."""
+def is_quick(path: str, result: dict | None = None) -> bool:
+    """A smoke run (--quick): its file name says so (`<date>-<commit>-quick[-N].json`), or its
+    recorded arguments do. Such a run checks that the script works; the docs never show it."""
+    if re.search(r"-quick(-\d+)?\.json$", os.path.basename(path)):
+        return True
+    result = load(path) if result is None else result
+    options = (result.get("provenance") or {}).get("options") or {}
+    return bool((result.get("args") or {}).get("quick") or options.get("quick"))
+
+
+def latest(name: str, root: str | None = None, *, skip_quick: bool = False,
+           where=None) -> str | None:
+    """The benchmark's newest result file by recorded time (file name breaks ties), or None;
+    with skip_quick, the newest that is not a smoke run; with where (a predicate on a result's
+    data), the newest for which it holds."""
     floor = datetime.datetime.min.replace(tzinfo=datetime.timezone.utc)
-    files = result_files(name, root)
-    if not files:
+    loaded = {p: load(p) for p in result_files(name, root)}
+    if skip_quick:
+        loaded = {p: d for p, d in loaded.items() if not is_quick(p, d)}
+    if where is not None:
+        loaded = {p: d for p, d in loaded.items() if where(d)}
+    if not loaded:
         return None
-    return max(files, key=lambda p: (recorded_time(load(p)) or floor, os.path.basename(p)))
+    return max(loaded, key=lambda p: (recorded_time(loaded[p]) or floor, os.path.basename(p)))
 
 
 def provenance(result: dict, path: str | None = None) -> dict:

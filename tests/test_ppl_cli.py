@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT, References
 
 BOOK = os.path.join(ROOT, "..", "shared", "data", "katrine-14263.txt")
-SINK, WINDOW, OFFSET, TOKENS = 4, 124, 1000, 360  # ~3 caches of 128: the float64 reference is slow
+SINK, WINDOW, OFFSET, TOKENS = 4, 60, 1000, 240  # ~4 caches of 64: the float64 reference is slow
 
 
 @pytest.fixture(scope="module")

@@ -42,4 +42,10 @@ def test_python_example_runs_as_written(tmp_path):
     (line,) = [ln for ln in done.stdout.splitlines() if " prompt tokens, then: " in ln]
     tokens, _, text = line.partition(" prompt tokens, then: ")
     assert int(tokens) > 1024 and text.strip("'\" ")
-    assert "streamsink: KV pool" in done.stdout + done.stderr
+    log = done.stdout + done.stderr
+    assert "streamsink: KV pool" in log
+    # The plugin loads through vLLM's entry point in every vLLM process: the engine core and its
+    # worker run apart from this one (multiprocessing on, as users run it).
+    loaded = [line for line in log.splitlines() if "streamsink" in line and "plugin loaded" in line]
+    assert any("EngineCore" in line for line in loaded), loaded
+    assert any("Worker" in line for line in loaded), loaded

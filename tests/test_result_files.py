@@ -65,7 +65,7 @@ def test_results_name_no_machine_paths(tmp_path):
     outside = tmp_path / "checkpoints" / "SmolLM2-135M-Instruct"
     outside.mkdir(parents=True)
     inside = os.path.join(ROOT, "benchmarks", "common.py")
-    got = result_files._portable({"model": str(outside), "argv": [f"--text={inside}"],
+    got = result_files.portable({"model": str(outside), "argv": [f"--text={inside}"],
                                   "endpoint": "/v1/completions", "n": 3})
     assert got == {"model": "SmolLM2-135M-Instruct", "argv": ["--text=benchmarks/common.py"],
                    "endpoint": "/v1/completions", "n": 3}

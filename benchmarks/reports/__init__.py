@@ -1,13 +1,15 @@
 """One renderer per benchmark the docs show: markdown (and, where a table is hard to read, a
 PNG) from the benchmark's result files. Nothing here imports torch or vLLM.
 
-Each module has NAMES (the result names it reads), markdown(results, doc) and, when it draws,
-images(results, img_dir) -> the file names it wrote under docs/img/."""
+Each renderer has NAMES (the result names it reads), markdown(results, doc) and, when it draws,
+images(results, img_dir) -> the file names it wrote under docs/img/. Mostly a module a block;
+peer_llamacpp renders three blocks (docs/peer_llamacpp.md's two and the README's line), one
+renderer object each, from the newest run holding the block's part (its load, its perplexity)."""
 from __future__ import annotations
 
 from . import (batch_resume_check, batch_throughput, chat_session, decode_latency, dtype_cost,
                families, headline, latency_vs_cache, load, many_streams, memory, memory_1000k,
-               passkey, perplexity, ppl_speed, ray_serve, shadow_cost)
+               passkey, peer_llamacpp, perplexity, ppl_speed, ray_serve, shadow_cost)
 
 # generated block id -> renderer, in the order docs/benchmarks.md shows them
 BLOCKS = {
@@ -28,9 +30,19 @@ BLOCKS = {
     "ray_serve": ray_serve,
     "headline": headline,
     "models": families,
+    "peer_load": peer_llamacpp.peer_load,
+    "peer_ppl": peer_llamacpp.peer_ppl,
+    "peer_headline": peer_llamacpp.peer_headline,
 }
+# Names `<benchmark>:<part>` choose, per block, the newest run that holds that part.
+PARTS = {peer_llamacpp.LOAD: peer_llamacpp.has_load, peer_llamacpp.PPL: peer_llamacpp.has_ppl}
 # which document holds which blocks
+_ELSEWHERE = {
+    "README.md": ("headline", "peer_headline", "models"),
+    "docs/peer_llamacpp.md": ("peer_load", "peer_ppl"),
+}
 DOCUMENTS = {
-    "README.md": ("headline", "models"),
-    "docs/benchmarks.md": tuple(b for b in BLOCKS if b not in ("headline", "models")),
+    **_ELSEWHERE,
+    "docs/benchmarks.md": tuple(b for b in BLOCKS
+                                if not any(b in blocks for blocks in _ELSEWHERE.values())),
 }

@@ -362,9 +362,12 @@ def check_streaming_server(engine: EngineArgs, sink: int, window: int) -> int:
 def _title(cfg: dict, plan: list[str]) -> str:
     load = f"rate {cfg['rate']}/s" if cfg.get("rate") else f"{cfg['concurrency']} concurrent"
     return (f"streamsink loadtest: {load}, {cfg['prompt_tokens']}+{cfg['output_tokens']} tokens, "
-            f"abort {cfg['abort_fraction']:g}; streamsink {cfg['sink']}+{cfg['window']}"
+            f"abort {cfg['abort_fraction']:g}; "
+            + (f"server {cfg['target']}" if cfg.get("target")
+               else f"streamsink {cfg['sink']}+{cfg['window']}")
             + (" vs stock" if "stock" in plan else "")
-            + f"; KV {cfg['kv_cache_bytes'] / 2**20:.0f} MiB")
+            + (f"; KV {cfg['kv_cache_bytes'] / 2**20:.0f} MiB" if cfg.get("kv_cache_bytes")
+               else ""))
 
 
 def _peak(run: dict, key: str) -> float | None:

@@ -1,0 +1,216 @@
+"""The llama.cpp comparison's docs (benchmarks/reports/peer_llamacpp.py) from a small synthetic
+result: the ratios shown are the ones the data gives, a run with only one part renders that part,
+each block shows the newest run holding its part, and a smoke run (--quick) is never the one the
+docs show. No engine, no server."""
+import json
+import os
+import re
+import sys
+
+from conftest import ROOT
+
+BENCH = os.path.join(ROOT, "benchmarks")
+if BENCH not in sys.path:
+    sys.path.insert(0, BENCH)
+
+import report  # noqa: E402
+import result_files  # noqa: E402
+from reports import peer_llamacpp  # noqa: E402
+from reports.base import Result  # noqa: E402
+
+# tokens/s by (system, streams)
+TPS = {("streamsink", 1): 10.0, ("llamacpp-f32", 1): 25.0, ("llamacpp-q4_1", 1): 40.0,
+       ("streamsink", 8): 60.0, ("llamacpp-f32", 8): 40.0, ("llamacpp-q4_1", 8): 48.0}
+SLOT, PROMPT, OUTPUT = 256, 320, 64
+
+
+def _summary(tps: float, streams: int) -> dict:
+    pct = lambda v: {"p50": v, "p99": 2 * v, "max": 3 * v, "mean": v}  # noqa: E731
+    return {"requests": streams, "ok": streams, "errors": 0, "error_samples": [],
+            "tokens_received": streams * OUTPUT, "tokens_per_s": tps, "duration_s": 10.0,
+            "ttft_ms": pct(500.0), "itl_ms": pct(40.0), "e2el_ms": pct(3000.0)}
+
+
+def _trace(itl_ms: float, shifts=None) -> dict:
+    itl = [itl_ms / 1000] * (OUTPUT - 1)
+    tr = {"prompt_tokens": SLOT - 16, "token_times_s": [0.5 + i * itl_ms / 1000
+                                                        for i in range(OUTPUT)],
+          "itl_s": itl, "usage": {"prompt_tokens": SLOT - 16}, "chunks_without_text": 0}
+    if shifts is not None:
+        for k in shifts:
+            itl[k - 1] = 4 * itl_ms / 1000
+        tr.update(shift_before_token=shifts, itl_at_shifts_ms=[4 * itl_ms for _ in shifts])
+    return tr
+
+
+def synthetic(time_utc: str, *, quick: bool = False, load: bool = True,
+              ppl: bool = True) -> dict:
+    systems = [{"name": "streamsink", "kind": "streamsink"},
+               {"name": "llamacpp-f32", "kind": "llamacpp", "gguf": "m-F32.gguf",
+                "kv_type": "f32"},
+               {"name": "llamacpp-q4_1", "kind": "llamacpp", "gguf": "m.Q4_1.gguf",
+                "kv_type": None}]
+    runs = []
+    if load:
+        for (system, streams), tps in TPS.items():
+            runs.append({"system": system, "streams": streams,
+                         "prompt_tokens": PROMPT if system == "streamsink" else SLOT - 16,
+                         "output_tokens": OUTPUT, "loadtest_exit_code": 0,
+                         "memory": {"peak_rss_mib": 1000.0, "peak_pss_mib": 900.0},
+                         "summary": _summary(tps, streams), "report": None})
+    n = 300
+    nlls = {"streamsink 4+252": [2.0] * n,
+            "llama.cpp f32 context shift keep 4, slot 256": [2.1] * n}
+    return {
+        "benchmark": "peer_llamacpp",
+        "provenance": {"time_utc": time_utc, "commit": "abcdef0", "dirty": False,
+                       "options": {"quick": quick}, "machine": {"cores": 2}},
+        "args": {"quick": quick, "streams": [1, 8], "prompt_tokens": PROMPT,
+                 "output_tokens": OUTPUT, "sink": 4, "window": 252},
+        "versions": {"vllm": "0.32.0", "torch": "2.13.0+cpu", "llama_cpp_python_sdist": "0.3.36",
+                     "llamacpp_commit": "0c1e57098"},
+        "llamacpp_build": {"build_seconds": 1458.5, "jobs": 2, "compiler": "c++"},
+        "model": {"checkpoint": "SmolLM2-135M-Instruct", "f32_gguf": "m-F32.gguf",
+                  "q4_gguf": "m.Q4_1.gguf",
+                  "f32_gguf_vs_q4_dequantized": {"tensors_compared": 272, "max_abs_diff": 0.0}},
+        "slot_margin": 16,
+        "long_prompt_probe": {"llamacpp-f32": {
+            "prompt_tokens": 512, "server_token_count": 512, "fitted_prompt_server_tokens": 240,
+            **{k: {"http_status": 400, "body": json.dumps({"error": {
+                "code": 400, "type": "exceed_context_size_error",
+                "message": "request (512 tokens) exceeds the available context size "
+                           "(256 tokens), try increasing it"}})} for k in ("plain", "streamed")},
+        }} if load else {},
+        "load": {"runs": runs, "traces": {"streamsink": _trace(80.0),
+                                          "llamacpp-f32": _trace(40.0, [17, 40])} if load
+                 else {}},
+        "ppl": {"results": {
+            "streamsink 4+252": {"ppl": 7.389, "tokens": n, "what": "x"},
+            "llama.cpp f32 context shift keep 4, slot 256": {"ppl": 8.166, "tokens": n,
+                                                             "shifts_at": [255],
+                                                             "seconds": 30.0, "what": "y"},
+            "llama-perplexity f32 ctx 256": {"ppl": 9.5, "stderr": 1.25, "tokens": 127,
+                                             "chunks": 1, "what": "z"}},
+                "text": "book.txt", "tokens_in": n + 1, "sink": 4, "window": 252,
+                "agreement": {"streamsink 4+252 vs llama.cpp f32 shift, before the first "
+                              "eviction": {"tokens": 255, "max_abs_diff": 0.00123,
+                                           "mean_abs_diff": 0.0001}},
+                "nlls": nlls} if ppl else {"results": {}},
+        "systems": systems, "wall_s": 5400.0,
+    }
+
+
+def write(root, name: str, data: dict) -> str:
+    folder = root / "peer_llamacpp"
+    folder.mkdir(exist_ok=True)
+    path = folder / name
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def parts(path: str) -> dict:
+    """One run's file as the result of every part (what an override gives)."""
+    return {part: Result.from_file(part, path) for part in (peer_llamacpp.LOAD, peer_llamacpp.PPL)}
+
+
+def blocks(results: dict) -> dict[str, str]:
+    rendered = report.render_blocks(results)
+    return {**rendered["docs/peer_llamacpp.md"],
+            "peer_headline": rendered["README.md"]["peer_headline"]}
+
+
+def test_the_ratios_shown_are_the_datas(tmp_path):
+    path = write(tmp_path, "2026-12-05-abcdef0.json", synthetic("2026-12-05T10:00:00+00:00"))
+    out = blocks(parts(path))
+    load = out["peer_load"]
+    # The ratio table: one row per stream count, streamsink's tokens/s over each llama.cpp's.
+    for streams in (1, 8):
+        want = [f"{TPS[('streamsink', streams)] / TPS[(other, streams)]:.2f}×"
+                for other in ("llamacpp-f32", "llamacpp-q4_1")]
+        assert f"| {streams} | {want[0]} | {want[1]} |" in load, load
+        assert peer_llamacpp.tokens_per_s_ratio(
+            Result.from_file("peer_llamacpp", path).data, "llamacpp-f32", streams) == \
+            TPS[("streamsink", streams)] / TPS[("llamacpp-f32", streams)]
+    # Every system at every level, with its tokens/s.
+    for (system, streams), tps in TPS.items():
+        label = peer_llamacpp.label(result_files.load(path), system)
+        assert re.search(rf"\| {re.escape(label)} \| {streams} \| {streams} / {streams} \| "
+                         rf"{tps:.1f} \|", load), (label, streams)
+    assert "llama.cpp Q4_1, default KV (f16)" in load and "llama.cpp F32, f32 KV" in load
+    # The probe's answer, each system's prompts, the stall at a shift against the median.
+    assert "HTTP 400 `exceed_context_size_error`" in load
+    assert f"{PROMPT} prompt" in load and f"{SLOT - 16} prompt" in load
+    assert "| 17, 40 | 160 (4.00×), 160 (4.00×) |" in load
+    assert "1,458 s (24 min)" in load and "5,400 s (1.5 h)" in load
+    assert "img/peer_llamacpp_trace.png" in load
+
+    # The README's line: the same F32 ratios, and who is faster where.
+    head = out["peer_headline"]
+    assert "0.40× at 1 stream and 1.50× at 8 streams" in head, head
+    assert "llama.cpp faster at 1 stream" in head and "streamsink faster at 8 streams" in head
+    assert "HTTP 400" in head and "300 tokens of book: 7.39 against 8.17" in head
+    assert "](docs/peer_llamacpp.md)" in head
+
+    ppl = out["peer_ppl"]
+    assert "| 7.39 |" in ppl and "| 8.17 |" in ppl and "9.50 ± 1.25" in ppl
+    assert "between 127 and 251 recent tokens" in ppl  # slot 256, keep 4
+    assert "max |ΔNLL| 1.2e-03" in ppl
+    # 30 s over 300 requests
+    assert ("one request a token: `llama.cpp f32 context shift keep 4, slot 256` 100 ms a token"
+            in ppl)
+    assert "img/peer_llamacpp_ppl.png" in ppl
+
+    img = tmp_path / "img"
+    results = parts(path)
+    assert sorted(report.render_images(results, str(img))) == \
+        ["peer_llamacpp_ppl.png", "peer_llamacpp_trace.png"]
+    first = {f: (img / f).read_bytes() for f in os.listdir(img)}
+    report.render_images(results, str(img))
+    assert first == {f: (img / f).read_bytes() for f in os.listdir(img)}  # deterministic
+
+
+def test_a_run_with_one_part_renders_that_part(tmp_path):
+    only_ppl = write(tmp_path, "a.json", synthetic("2026-12-05T10:00:00+00:00", load=False))
+    out = blocks(parts(only_ppl))
+    assert "No load result" in out["peer_load"] and "| 7.39 |" in out["peer_ppl"]
+    only_load = write(tmp_path, "b.json", synthetic("2026-12-05T10:00:00+00:00", ppl=False))
+    out = blocks(parts(only_load))
+    assert "No perplexity result" in out["peer_ppl"] and "0.40×" in out["peer_load"]
+    assert "7.39" not in out["peer_headline"] and "0.40×" in out["peer_headline"]
+
+
+def test_quick_runs_are_never_chosen(tmp_path):
+    # Only smoke runs: the docs say there is no result.
+    write(tmp_path, "2026-12-06-abcdef0-quick.json",
+          synthetic("2026-12-06T10:00:00+00:00", quick=True))
+    write(tmp_path, "2026-12-06-abcdef0-quick-2.json",
+          synthetic("2026-12-06T11:00:00+00:00", quick=True))
+    assert not set(report.load_results(root=str(tmp_path))) & {peer_llamacpp.LOAD,
+                                                                 peer_llamacpp.PPL}
+    shown = blocks(report.load_results(root=str(tmp_path)))
+    assert "No full run" in shown["peer_load"] and "no full run" in shown["peer_headline"]
+    # A full run, older than the smoke runs and than one whose arguments say --quick though its
+    # name does not: the full run is the one shown.
+    full = write(tmp_path, "2026-12-05-abcdef0.json", synthetic("2026-12-05T10:00:00+00:00"))
+    write(tmp_path, "2026-12-07-abcdef0.json",
+          synthetic("2026-12-07T10:00:00+00:00", quick=True))
+    assert result_files.latest("peer_llamacpp", str(tmp_path)).endswith("2026-12-07-abcdef0.json")
+    assert result_files.latest("peer_llamacpp", str(tmp_path), skip_quick=True) == full
+    chosen = report.load_results(root=str(tmp_path))
+    assert chosen[peer_llamacpp.LOAD].path.endswith("2026-12-05-abcdef0.json")
+    assert chosen[peer_llamacpp.PPL].path.endswith("2026-12-05-abcdef0.json")
+    assert "smoke run" not in blocks(chosen)["peer_load"]
+
+
+def test_each_block_shows_the_newest_run_of_its_part(tmp_path):
+    full = write(tmp_path, "2026-12-05-abcdef0.json", synthetic("2026-12-05T10:00:00+00:00"))
+    only_ppl = synthetic("2026-12-06T10:00:00+00:00", load=False)
+    only_ppl["ppl"]["results"]["streamsink 4+252"]["ppl"] = 6.5
+    newer_ppl = write(tmp_path, "2026-12-06-abcdef1.json", only_ppl)
+    chosen = report.load_results(root=str(tmp_path))
+    assert chosen[peer_llamacpp.LOAD].path.endswith(os.path.basename(full))
+    assert chosen[peer_llamacpp.PPL].path.endswith(os.path.basename(newer_ppl))
+    out = blocks(chosen)
+    assert "0.40×" in out["peer_load"] and "| 6.50 |" in out["peer_ppl"]
+    assert "2026-12-05-abcdef0.json" in out["peer_load"]
+    assert "2026-12-06-abcdef1.json" in out["peer_ppl"]
