@@ -214,3 +214,6 @@ def test_each_block_shows_the_newest_run_of_its_part(tmp_path):
     assert "0.40×" in out["peer_load"] and "| 6.50 |" in out["peer_ppl"]
     assert "2026-12-05-abcdef0.json" in out["peer_load"]
     assert "2026-12-06-abcdef1.json" in out["peer_ppl"]
+    # The README's line: ratios from the load run, perplexities from the newer run.
+    assert "0.40× at 1 stream" in out["peer_headline"]
+    assert "300 tokens of book: 6.50 against 8.17" in out["peer_headline"]

@@ -508,11 +508,15 @@ def headline_markdown(results: dict, doc: Doc) -> str:
                        f"(HTTP {refused})"
                        + (f", streamsink streamed {max(x['prompt_tokens'] for x in ok):,}-token "
                           "prompts through its cache" if ok else ""))
-    res = _ppl_results(d)
-    mine = res.get(f"streamsink {a.get('sink')}+{a.get('window')}") or {}
-    shift = res.get(f"llama.cpp f32 context shift keep {a.get('sink')}, slot {_slot(d)}") or {}
+    # The perplexities from the newest run that has them (it may be another run than the load's).
+    pd = results[PPL].data if PPL in results else d
+    pa = _args(pd)
+    res = _ppl_results(pd)
+    mine = res.get(f"streamsink {pa.get('sink')}+{pa.get('window')}") or {}
+    shift = res.get(f"llama.cpp f32 context shift keep {pa.get('sink')}, "
+                    f"slot {_slot(pd)}") or {}
     if "ppl" in mine and "ppl" in shift:
-        text = os.path.splitext(str((d.get("ppl") or {}).get("text", "the text")))[0]
+        text = os.path.splitext(str((pd.get("ppl") or {}).get("text", "the text")))[0]
         clauses.append(f"perplexity on {mine['tokens']:,} tokens of {text}: {mine['ppl']:.2f} "
                        f"against {shift['ppl']:.2f} with llama.cpp's context shift")
     if not clauses:
@@ -589,4 +593,4 @@ def ppl_images(results: dict, img_dir: str) -> list[str]:
 # One renderer per block (report.py's interface: NAMES, markdown, optional images).
 peer_load = types.SimpleNamespace(NAMES=(LOAD,), markdown=load_markdown, images=trace_images)
 peer_ppl = types.SimpleNamespace(NAMES=(PPL,), markdown=ppl_markdown, images=ppl_images)
-peer_headline = types.SimpleNamespace(NAMES=(LOAD,), markdown=headline_markdown)
+peer_headline = types.SimpleNamespace(NAMES=(LOAD, PPL), markdown=headline_markdown)
