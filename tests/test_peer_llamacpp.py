@@ -6,7 +6,7 @@
   (building it takes long; `make bench-peers` does it) and STREAMSINK_PEER_SMOKE=1 asks for it
   (it takes longer than the whole rest of the suite allows): every stream of every system completes,
   both systems run the same weights, llama-server refuses a prompt longer than its slot, and with
-  nothing evicted yet both systems score the book's tokens alike.
+  nothing evicted yet both systems score the book's tokens alike (to fp32 arithmetic).
 """
 import json
 import os
@@ -138,12 +138,15 @@ def test_quick_comparison(tmp_path):
     for trace in result["load"]["traces"].values():
         assert len(trace["token_times_s"]) >= args["output_tokens"] - 2
 
-    # Perplexity: nothing evicted yet -> both systems score alike; with eviction every mode
-    # yields a finite perplexity over the tokens asked for.
+    # Perplexity: nothing evicted yet -> both systems score alike, to the two engines' fp32
+    # arithmetic (docs/peer_llamacpp.md: a per-token gap of a few 1e-3 on average, up to several
+    # 1e-2 on single tokens, growing with the position); a misaligned token or position would
+    # be off by whole nats. With eviction every mode yields a finite perplexity.
     ppl = result["ppl"]
     for label, agreement in ppl["agreement"].items():
         assert agreement["tokens"] > 0, label
-        assert agreement["max_abs_diff"] < 1e-2, (label, agreement)
+        assert agreement["mean_abs_diff"] < 1e-2, (label, agreement)
+        assert agreement["max_abs_diff"] < 0.2, (label, agreement)
     for label, r in ppl["results"].items():
         if "ppl" in r and "llama-perplexity" not in label:
             assert r["tokens"] == args["ppl_tokens"] - 1, label

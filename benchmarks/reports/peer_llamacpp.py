@@ -364,6 +364,8 @@ def meaning(mode: str, r: dict) -> str:
     if mode == "streamsink dense":
         return "every earlier token visible (the reference)"
     m = re.fullmatch(r"llama\.cpp (\S+) context shift keep (\d+), slot (\d+)", mode)
+    if m and m[1] != "f32":
+        return f"the same feed as the f32 row, with the {m[1].upper()} GGUF (its default KV type)"
     if m:
         keep, slot = int(m[2]), int(m[3])
         low = slot - (slot - 1 - keep) // 2 - keep  # recent tokens visible right after a shift
@@ -383,6 +385,8 @@ def meaning(mode: str, r: dict) -> str:
         return ("the same feed in a slot larger than the text: a check that both systems score "
                 "the same tokens alike when nothing is evicted")
     m = re.fullmatch(r"llama-perplexity (\S+) ctx (\d+)", mode)
+    if m and m[1] != "f32":
+        return f"the same as the f32 row, with the {m[1].upper()} GGUF"
     if m:
         c = int(m[2])
         return (f"llama.cpp's own tool: non-overlapping {c:,}-token chunks, each from scratch, "
@@ -405,6 +409,20 @@ def _ppl_cell(r: dict) -> str:
     if "ppl" not in r:
         return "skipped" + (f": {r['skipped']}" if r.get("skipped") else "")
     return f"{r['ppl']:.2f}" + (f" ± {r['stderr']:.2f}" if "stderr" in r else "")
+
+
+DENSE_PAIR = ("streamsink dense", "llama.cpp f32 dense")
+GAP_SPAN = 1024  # tokens per row of the dense gap along the text
+
+
+def dense_gap_by_position(nlls: dict) -> list[tuple[int, int, float, float, float]]:
+    """(first, end, mean, median, max) of |ΔNLL| between the two dense modes, per GAP_SPAN
+    tokens: whether the systems' arithmetic drifts apart with the position."""
+    if not all(k in nlls for k in DENSE_PAIR):
+        return []
+    gaps = [abs(x - y) for x, y in zip(*(nlls[k] for k in DENSE_PAIR))]
+    return [(lo, min(lo + GAP_SPAN, len(gaps)), statistics.fmean(g), statistics.median(g), max(g))
+            for lo in range(0, len(gaps), GAP_SPAN) for g in [gaps[lo:lo + GAP_SPAN]]]
 
 
 def ms_per_request(d: dict) -> dict[str, float]:
@@ -445,6 +463,13 @@ def ppl_markdown(results: dict, doc: Doc) -> str:
                                  "tokens" for mode, a in agree.items()))
     else:
         parts.append("*No agreement check in this run.*")
+    spans = dense_gap_by_position(p.get("nlls") or {})
+    if spans:
+        parts.append("The two dense modes along the text (|ΔNLL| per token, streamsink dense "
+                     "against llama.cpp f32 dense):\n\n" + table(
+                         ["tokens", "mean", "median", "max"],
+                         [[f"{lo:,}–{hi - 1:,}", sci(mean), sci(median), sci(top)]
+                          for lo, hi, mean, median, top in spans]))
     per_request = ms_per_request(d)
     if per_request:
         parts.append("The token-at-a-time feed through llama-server, one request a token: "
