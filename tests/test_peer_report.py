@@ -148,6 +148,10 @@ def test_the_ratios_shown_are_the_datas(tmp_path):
     head = out["peer_headline"]
     assert "0.40× at 1 stream and 1.50× at 8 streams" in head, head
     assert "llama.cpp faster at 1 stream" in head and "streamsink faster at 8 streams" in head
+    # The 4-bit rows too (10/40 and 60/48 tokens/s: neither is ahead everywhere, so no winner).
+    assert ("(llama.cpp Q4_1, default KV (f16)): 0.25× at 1 stream and 1.25× at 8 streams"
+            in head), head
+    assert "faster at every stream count" not in head
     assert "HTTP 400" in head and "300 tokens of book: 7.39 against 8.17" in head
     assert "](docs/peer_llamacpp.md)" in head
 

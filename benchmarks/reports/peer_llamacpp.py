@@ -37,6 +37,7 @@ PPL_IMAGE = "peer_llamacpp_ppl.png"
 PAGE = "docs/peer_llamacpp.md"
 PPL_WIDTH = 100  # tokens per point of the running perplexity
 F32 = "llamacpp-f32"  # the llama.cpp system with the same numerics as streamsink's
+Q4 = "llamacpp-q4_1"  # the shipped 4-bit GGUF: what a llama.cpp user would run
 
 
 # ------------------------------------------------------------------------------ the run's data
@@ -518,6 +519,13 @@ def headline_markdown(results: dict, doc: Doc) -> str:
             + _join([f"{ratio(r[n])} at {_streams(n)}" for n in counts])
             + f" ({a.get('output_tokens', 0):,} generated tokens a stream"
             + ("; " + ", ".join(who) if who else "") + ")")
+        q4 = {n: tokens_per_s_ratio(d, Q4, n) for n in counts}
+        if all(v is not None for v in q4.values()):
+            faster = "llama.cpp" if all(v < 1 for v in q4.values()) else (
+                "streamsink" if all(v > 1 for v in q4.values()) else None)
+            clauses.append(f"with the shipped 4-bit file ({label(d, Q4)})"
+                           + (f", {faster} is faster at every stream count" if faster else "")
+                           + ": " + _join([f"{ratio(q4[n])} at {_streams(n)}" for n in counts]))
         top = max(counts)
         mem = [(_run(d, n, top).get("memory") or {}).get("peak_rss_mib")
                for n in (next(x for x in _system_names(d) if _is_streamsink(d, x)), F32)]
