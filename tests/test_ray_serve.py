@@ -23,8 +23,11 @@ SINK, WINDOW = 4, 252
 READY = re.compile(r"^streamsink serve --ray: ready api=(\S+) metrics=(\S+) replicas=(\d+)$")
 START_TIMEOUT = 900
 API_KEY = "test-key-4b1d"
+# No KV budget, as a user starts it: each replica's engine sizes its own pool from its window
+# (stock vLLM's CPU worker would size it from the node's free memory, which two replicas
+# share). The app runs with --api-key: every OpenAI call below must send it.
 APP_ARGS = ["--max-model-len", str(MAX_MODEL_LEN), "--max-num-batched-tokens", "256",
-            "--max-num-seqs", "4", "--kv-cache-memory-bytes", str(64 << 20), "--enforce-eager"]  # the app runs with --api-key: every OpenAI call below must send it
+            "--max-num-seqs", "4", "--enforce-eager"]
 
 
 def cli(*args: str) -> list[str]:
