@@ -49,13 +49,25 @@ def make_tiny_llama_with_tokenizer(path, max_positions: int = 8192, sharp: bool 
 
     source = resolve_model(None)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512,
+    config = LlamaConfig(vocab_size=DEFAULT_VOCAB, hidden_size=256, intermediate_size=512,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          head_dim=64, max_position_embeddings=max_positions,
                          tie_word_embeddings=True,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
                          bos_token_id=1, eos_token_id=2)
-    path = _save(LlamaForCausalLM(config), path, sharpen=sharp)
+    return add_default_tokenizer(_save(LlamaForCausalLM(config), path, sharpen=sharp), source)
+
+
+DEFAULT_VOCAB = 49152  # the default model's tokenizer
+
+
+def add_default_tokenizer(path: str, source: str | None = None) -> str:
+    """Give a checkpoint of DEFAULT_VOCAB tokens the default model's tokenizer and chat
+    template, so that servers can take text and chat requests for it."""
+    if source is None:
+        from streamsink.model_store import resolve_model
+
+        source = resolve_model(None)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                  "special_tokens_map.json"):
         if os.path.exists(os.path.join(source, name)):
@@ -129,11 +141,12 @@ def make_tiny_mistral(path, seed: int = 0, layers: int = 2, max_positions: int =
     return _save(MistralForCausalLM(config), path)
 
 
-def make_tiny_qwen2(path, seed: int = 0, layers: int = 2, max_positions: int = 4096) -> str:
+def make_tiny_qwen2(path, seed: int = 0, layers: int = 2, max_positions: int = 4096,
+                    vocab: int = VOCAB) -> str:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=256, intermediate_size=512,
+    config = Qwen2Config(vocab_size=vocab, hidden_size=256, intermediate_size=512,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=max_positions,
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
@@ -206,13 +219,13 @@ def make_tiny_falcon(path, variant: str, seed: int = 0, layers: int = 2,
     return _save(FalconForCausalLM(config), path, jitter_vectors=True)
 
 
-def make_tiny_bloom(path, seed: int = 0, layers: int = 2) -> str:
+def make_tiny_bloom(path, seed: int = 0, layers: int = 2, vocab: int = VOCAB) -> str:
     """BLOOM with 3 heads: a head count that is not a power of two takes ALiBi's second slope
     sequence for the heads past the largest power of two."""
     from transformers import BloomConfig, BloomForCausalLM
 
     torch.manual_seed(seed)
-    config = BloomConfig(vocab_size=VOCAB, hidden_size=192, n_layer=layers, n_head=3,
+    config = BloomConfig(vocab_size=vocab, hidden_size=192, n_layer=layers, n_head=3,
                          bos_token_id=1, eos_token_id=2)
     return _save(BloomForCausalLM(config), path, jitter_vectors=True)
 
