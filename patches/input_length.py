@@ -1,4 +1,5 @@
-"""Patch: prompts longer than max_model_len, and the default max_tokens, for streaming engines.
+"""Patch: prompts longer than max_model_len, the default max_tokens, and per-request options, for
+streaming engines.
 
 Why: vLLM's InputProcessor (API process) refuses a prompt of max_model_len tokens or more, and
 turns an unset max_tokens into max_model_len - prompt_len (zero or negative for a long prompt).
@@ -6,7 +7,12 @@ A streaming engine serves prompts of any length in bounded memory.
 How: InputProcessor._validate_prompt_len is wrapped to keep only the "empty prompt" check for the
 decoder prompt of a streaming engine; InputProcessor.process_inputs is wrapped to give an unset
 max_tokens the value max_model_len (up to one model context of new tokens, whatever the prompt
-length) before vLLM's own default applies. Stock engines take the original paths.
+length) before vLLM's own default applies, and, once the prompt is tokenized, to resolve a
+request's ``streamsink`` options (request_options.py) into the pinned count and window the
+engine reads: "pin": "system" counts the tokens the chat template renders for the leading system
+messages (their common prefix with the prompt). Options on a stock engine, or ones it cannot
+honour, raise a one-line ValueError (HTTP 400 over the OpenAI API). Stock engines take the
+original paths otherwise.
 Delete when: vLLM asks the KV cache spec (or a plugin hook) for the longest request it serves
 instead of using max_model_len.
 """
@@ -17,8 +23,9 @@ import inspect
 from vllm.sampling_params import SamplingParams
 from vllm.v1.engine.input_processor import InputProcessor
 
-from streamsink.config import streaming_config
+from streamsink.config import CONFIG_KEY, streaming_config
 from streamsink.errors import PatchTargetMoved
+from streamsink.request_options import SYSTEM_MESSAGES, resolve_options
 
 _originals: dict[str, object] = {}
 
@@ -37,7 +44,25 @@ def _process_inputs(self, request_id, prompt, params, *args, **kwargs):
     if isinstance(params, SamplingParams) and params.max_tokens is None and _is_streaming(self):
         params = params.clone()  # the caller's params may be shared
         params.max_tokens = self.model_config.max_model_len
-    return _originals["process_inputs"](self, request_id, prompt, params, *args, **kwargs)
+    request = _originals["process_inputs"](self, request_id, prompt, params, *args, **kwargs)
+    sampling = request.sampling_params
+    if sampling is not None and sampling.extra_args and CONFIG_KEY in sampling.extra_args:
+        # The request's own copy (process_inputs clones the params).
+        sampling.extra_args = {**sampling.extra_args, CONFIG_KEY: _resolved(
+            self, sampling.extra_args[CONFIG_KEY], request.prompt_token_ids or [])}
+    return request
+
+
+def _resolved(processor, options, prompt_token_ids) -> dict:
+    """The pinned count and window of a request's options (request_options.resolve_options)."""
+    system = None
+    messages = options.get(SYSTEM_MESSAGES) if isinstance(options, dict) else None
+    if messages and processor.tokenizer is not None:
+        rendered = processor.tokenizer.apply_chat_template(messages, tokenize=True,
+                                                           add_generation_prompt=False)
+        system = rendered["input_ids"] if hasattr(rendered, "keys") else rendered
+    return resolve_options(streaming_config(processor.vllm_config), options, prompt_token_ids,
+                           system)
 
 
 def check_target() -> None:

@@ -24,17 +24,18 @@ from streamsink.kv_spec import StreamingSinkSpec
 
 _original = None
 # Fields StreamingSinkSpec sets itself rather than copying from the stock spec.
-_OWN_FIELDS = {"sliding_window", "sink_tokens", "extra_retained_tokens"}
+_OWN_FIELDS = {"sliding_window", "sink_tokens", "max_pinned_tokens", "extra_retained_tokens"}
 
 
-def streaming_spec(spec, sink_tokens: int, window_tokens: int):
+def streaming_spec(spec, sink_tokens: int, window_tokens: int, max_pinned_tokens: int = 0):
     """The streaming spec for one layer's stock spec (other kinds of layers keep theirs)."""
     if type(spec) is not FullAttentionSpec or spec.non_causal:
         return spec
     names = {f.name for f in dataclasses.fields(StreamingSinkSpec)} - _OWN_FIELDS
     copied = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)
               if f.name in names}
-    return StreamingSinkSpec(**copied, sliding_window=window_tokens, sink_tokens=sink_tokens)
+    return StreamingSinkSpec(**copied, sliding_window=window_tokens, sink_tokens=sink_tokens,
+                             max_pinned_tokens=max_pinned_tokens)
 
 
 def _get_kv_cache_spec(self):
@@ -42,7 +43,7 @@ def _get_kv_cache_spec(self):
     cfg = streaming_config(self.vllm_config)
     if cfg is None:
         return specs
-    return {name: streaming_spec(spec, cfg.sink_tokens, cfg.window_tokens)
+    return {name: streaming_spec(spec, cfg.sink_tokens, cfg.window_tokens, cfg.max_pinned_tokens)
             for name, spec in specs.items()}
 
 

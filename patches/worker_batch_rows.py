@@ -15,7 +15,9 @@ each only for an engine with a streamsink config:
   scheduler's absolute numbers) is made relative and fresh blocks are tagged with their row's
   offset;
 - GPUModelRunner._prepare_inputs: after it, "discard the sampled token" (a partial prefill) is
-  recomputed from absolute lengths (vLLM compares the row's seq_len with the request's length).
+  recomputed from absolute lengths (vLLM compares the row's seq_len with the request's length),
+  and the rows' per-request shapes (pinned tokens, window; request_options.py) are noted in
+  batch order for the attention metadata built next.
 Delete when: vLLM's worker buffers are bounded by a window for windowed attention (a ring of
 max_num_batched_tokens + window tokens per request) instead of max_model_len.
 """
@@ -29,7 +31,7 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from streamsink.config import streaming_config
 from streamsink.errors import PatchTargetMoved
 from streamsink.rope import rope_spec_from_hf_config
-from streamsink.row_window import RowWindow
+from streamsink.row_window import RowWindow, attach_rows
 
 _originals: dict[str, object] = {}
 
@@ -47,6 +49,7 @@ def _rows_of(runner):
             rows = RowWindow(cfg, table.block_size, batch.token_ids_cpu.shape[1],
                              table.max_num_blocks_per_req, kv_caches=runner.kv_caches,
                              rope=rope_spec_from_hf_config(model_config.hf_text_config))
+            attach_rows(runner.vllm_config, rows)
         batch._streamsink_rows = rows
     return rows
 
@@ -90,6 +93,9 @@ def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwarg
     result = _originals["_prepare_inputs"](self, scheduler_output, num_scheduled_tokens,
                                            *args, **kwargs)
     rows = getattr(self.input_batch, "_streamsink_rows", None)
+    if rows:
+        batch = self.input_batch
+        rows.note_step_shapes([self.requests[r] for r in batch.req_ids[:batch.num_reqs]])
     if rows and rows.offsets:
         batch = self.input_batch
         mask = self.discard_request_mask

@@ -29,8 +29,11 @@ def register() -> None:
         hf_gpt_neox_rope,
         input_length,
         kv_cache_spec,
+        kv_request_shapes,
+        llm_chat_options,
         openai_max_tokens,
         openai_prompt_length,
+        openai_request_options,
         renderer_length,
         rotary_embedding,
         scheduler_length_cap,
@@ -44,8 +47,9 @@ def register() -> None:
     register_attention_backend()
     check_version()
     for patch in (rotary_embedding, hf_gpt_neox_rope, engine_config, default_chunk, input_length,
-                  renderer_length, openai_prompt_length, openai_max_tokens, scheduler_length_cap,
-                  kv_cache_spec, worker_batch_rows):
+                  renderer_length, openai_prompt_length, openai_max_tokens,
+                  openai_request_options, llm_chat_options, scheduler_length_cap, kv_cache_spec,
+                  kv_request_shapes, worker_batch_rows):
         patch.apply()
     # A child of vLLM's logger, so the line carries vLLM's process prefix (EngineCore, Worker).
     from vllm.logger import init_logger

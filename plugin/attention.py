@@ -40,6 +40,7 @@ from streamsink import shadow_op
 from streamsink.config import streaming_config
 from streamsink.kv_cache_layout import split_kv_cache
 from streamsink.rope import RopeSpec, rope_spec_from_hf_config, rotate
+from streamsink.row_window import rows_of_config
 from streamsink.step_plan import QueryTile, ShadowWrites, StepPlan, plan_step
 
 
@@ -64,10 +65,13 @@ class StreamsinkMetadataBuilder(CPUAttentionMetadataBuilder):
         cm = common_attn_metadata
         seq_lens = cm.seq_lens[:cm.num_reqs].tolist()
         query_start = cm.query_start_loc_cpu[:cm.num_reqs + 1].tolist()
+        rows = rows_of_config(self.vllm_config)
+        shapes = rows.step_shapes if rows is not None else None
         out.streamsink = plan = plan_step(
             self.streamsink, self.rope, self.block_size, seq_lens=seq_lens,
             query_start=query_start, block_table=cm.block_table_tensor[:cm.num_reqs],
-            dtype=self.dtype, kv_heads=self.num_kv_heads, head_dim=self.head_dim)
+            dtype=self.dtype, kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+            shapes=shapes if shapes is not None and len(shapes) == cm.num_reqs else None)
         if plan.shadows is not None:
             plan.shadows.layer_caches = self.layer_caches()
         if plan.kernel_reqs:

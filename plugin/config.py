@@ -33,11 +33,19 @@ class StreamsinkConfig:
     sink_tokens: int = DEFAULT_SINK_TOKENS    # S: the first S tokens stay visible forever
     window_tokens: int = DEFAULT_WINDOW_TOKENS  # W: the W most recent tokens, the query included
     prefix_cache_headroom: float = DEFAULT_PREFIX_CACHE_HEADROOM
+    # The most tokens one request may pin in place of the S sinks (request_options.py); the KV
+    # budget and the admission bound hold a stream of this many pinned tokens. 0: no pins.
+    max_pinned_tokens: int = 0
 
     @property
     def cache_tokens(self) -> int:
         """C = S + W: the most keys one query attends to."""
         return self.sink_tokens + self.window_tokens
+
+    @property
+    def widest_sink_tokens(self) -> int:
+        """The most tokens a request of this engine keeps in front of its window."""
+        return max(self.sink_tokens, self.max_pinned_tokens)
 
     def as_dict(self) -> dict:
         """The JSON form (what `additional_config["streamsink"]` takes)."""
@@ -46,7 +54,7 @@ class StreamsinkConfig:
 
 # name -> (type, smallest allowed value)
 _FIELDS = {"sink_tokens": (int, 0), "window_tokens": (int, 1),
-           "prefix_cache_headroom": (float, 0.0)}
+           "prefix_cache_headroom": (float, 0.0), "max_pinned_tokens": (int, 0)}
 
 
 def parse_config(raw: Any) -> StreamsinkConfig:

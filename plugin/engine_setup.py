@@ -127,7 +127,8 @@ def _check_row_width(vllm_config, cfg: StreamsinkConfig) -> None:
     if have < need:
         raise StreamsinkConfigError(
             f"streamsink needs max_model_len >= {need} for sink_tokens={cfg.sink_tokens}, "
-            f"window_tokens={cfg.window_tokens}, max_num_batched_tokens={step}, block size "
+            f"window_tokens={cfg.window_tokens}, max_pinned_tokens={cfg.max_pinned_tokens}, "
+            f"max_num_batched_tokens={step}, block size "
             f"{block_size} (got {have}); streams still run past max_model_len")
 
 

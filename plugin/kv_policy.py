@@ -9,7 +9,7 @@ from vllm.v1.core.single_type_kv_cache_manager import register_all_kvcache_specs
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from streamsink import prefix_cache
-from streamsink.kv_spec import StreamingSinkSpec
+from streamsink.kv_spec import StreamingSinkSpec, max_blocks_held, max_pinned_blocks_held
 from streamsink.metrics import Publisher
 from streamsink.prefix_cache import StreamingPrefixCache
 
@@ -23,7 +23,8 @@ class StreamingSinkManager(StreamingPrefixCache):
         self.sink_blocks = kv_cache_spec.sink_blocks
         self.retained_tokens = kv_cache_spec.retained_tokens
         self._freed: dict[str, int] = {}  # per request: blocks replaced by the null block
-        self.decode_blocks = kv_cache_spec.max_blocks_held(1)  # a stream past C, decoding
+        # A stream past C, decoding: the engine's shape (a pinning request has its own bound).
+        self.decode_blocks = max_blocks_held_by_shape(kv_cache_spec, self._engine_shape, 1)
         # Totals over this manager's life, for metrics.
         self.blocks_freed_total = 0
         self.tokens_evicted_total = 0
@@ -43,7 +44,13 @@ class StreamingSinkManager(StreamingPrefixCache):
 
     def reserved_for_running(self) -> int:
         """Blocks the streams already past C will take back before they free any again."""
-        return sum(max(0, self.decode_blocks - self.held_blocks(r)) for r in self._freed)
+        return sum(max(0, self._decode_blocks(r) - self.held_blocks(r)) for r in self._freed)
+
+    def _decode_blocks(self, request_id: str) -> int:
+        shape = self.shapes.get(request_id)
+        if shape is None:
+            return self.decode_blocks
+        return max_blocks_held_by_shape(self.kv_cache_spec, shape, 1)
 
     def get_num_skipped_tokens(self, num_computed_tokens: int) -> int:
         # Tokens before the retained run: no present or future query sees them, and they are not
@@ -53,14 +60,18 @@ class StreamingSinkManager(StreamingPrefixCache):
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:
         blocks = self.req_to_blocks.get(request_id)
-        invisible = self.get_num_skipped_tokens(processed_computed_tokens)
+        shape = self.shape(request_id)
+        # Tokens before the retained run of this request's shape (get_num_skipped_tokens for
+        # the engine's).
+        invisible = max(0, processed_computed_tokens - shape.retained_tokens
+                        - self.extra_retained_tokens)
         if not blocks or invisible < self.block_size:
             return
         # Newest first, stopping at the first block already freed: O(blocks freed now), not
         # O(stream length), on this per-step path.
         freed = []
         for i in range(min(invisible // self.block_size, len(blocks)) - 1,
-                       self.sink_blocks - 1, -1):
+                       self.front_blocks(shape) - 1, -1):
             if blocks[i] is self._null_block:
                 break
             freed.append(blocks[i])
@@ -110,7 +121,21 @@ class StreamingSinkManager(StreamingPrefixCache):
             "cache_hit_copies": self.adopt_copies_total,
             "cache_dropped_blocks": self.unhashed_total,
             "held_blocks": self.held_blocks_all(),
-            "streams": len(self.req_to_blocks)}, force=force)
+            "streams": len(self.req_to_blocks),
+            "pinned_blocks": len(self.pin_holders),
+            "pinned_block_refs": sum(len(h) for h in self.pin_holders.values()),
+            "pinned_streams": len(self.shapes),
+            "pool_used_blocks": self.block_pool.num_gpu_blocks - 1
+            - self.block_pool.get_num_free_blocks()}, force=force)
+
+
+def max_blocks_held_by_shape(spec: StreamingSinkSpec, shape, step_tokens: int) -> int:
+    """The per-stream block bound of a request of this shape (kv_spec.py)."""
+    if shape.shadows:
+        return max_blocks_held(shape.sink_tokens, shape.window_tokens, spec.block_size,
+                               step_tokens, spec.extra_retained_tokens)
+    return max_pinned_blocks_held(shape.sink_tokens, shape.window_tokens, spec.block_size,
+                                  step_tokens, spec.extra_retained_tokens)
 
 
 def register_kv_policy() -> None:

@@ -26,6 +26,9 @@ class StreamingSinkSpec(SlidingWindowSpec):
     """KV spec of a streaming layer: `sliding_window` is W, plus S pinned sink tokens."""
 
     sink_tokens: int = 0
+    # The most tokens one request may pin instead of the S sinks (config.max_pinned_tokens); such
+    # a request keeps its P pinned tokens and W-1 before its query (it writes no shadows).
+    max_pinned_tokens: int = 0
 
     @property
     def sink_blocks(self) -> int:
@@ -37,9 +40,13 @@ class StreamingSinkSpec(SlidingWindowSpec):
         return self.sink_tokens + self.sliding_window - 1
 
     def max_blocks_held(self, step_tokens: int) -> int:
-        """The most blocks one stream holds with `step_tokens` scheduled in a step."""
-        return max_blocks_held(self.sink_tokens, self.sliding_window, self.block_size,
-                               step_tokens, self.extra_retained_tokens)
+        """The most blocks one stream holds with `step_tokens` scheduled in a step (a stream with
+        the engine's sinks, or one pinning max_pinned_tokens)."""
+        return max(max_blocks_held(self.sink_tokens, self.sliding_window, self.block_size,
+                                   step_tokens, self.extra_retained_tokens),
+                   max_pinned_blocks_held(self.max_pinned_tokens, self.sliding_window,
+                                          self.block_size, step_tokens,
+                                          self.extra_retained_tokens))
 
     def max_admission_blocks_per_request(self, max_in_flight_tokens: int,
                                          max_model_len: int) -> int:
@@ -54,3 +61,11 @@ def max_blocks_held(sink_tokens: int, window_tokens: int, block_size: int, step_
     boundary."""
     held = sink_tokens + window_tokens - 1 + extra_retained_tokens + step_tokens
     return cdiv(sink_tokens, block_size) + cdiv(held, block_size) + 1
+
+
+def max_pinned_blocks_held(pinned_tokens: int, window_tokens: int, block_size: int,
+                           step_tokens: int, extra_retained_tokens: int = 0) -> int:
+    """The bound for a request pinning `pinned_tokens` (no shadow slots: W-1 tokens before the
+    next query)."""
+    held = window_tokens - 1 + extra_retained_tokens + step_tokens
+    return cdiv(pinned_tokens, block_size) + cdiv(held, block_size) + 1

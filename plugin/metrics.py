@@ -12,7 +12,11 @@ process) and inherited by the engine processes it starts.
 
 Metrics: vllm:streamsink_freed_blocks_total and vllm:streamsink_evicted_tokens_total (blocks and
 tokens the policy dropped from running streams), vllm:streamsink_held_blocks (KV blocks held by
-streaming requests now) and vllm:streamsink_streams (streaming requests holding blocks). Prefix
+streaming requests now, a shared block once per holder), vllm:streamsink_streams (streaming
+requests holding blocks) and vllm:streamsink_pool_used_blocks (blocks of the pool in use, a shared
+block once). Pinned prefixes (request_options.py): vllm:streamsink_pinned_blocks (distinct blocks
+holding them), vllm:streamsink_pinned_block_refs (the same summed over their holders) and
+vllm:streamsink_pinned_streams (requests that pinned a prefix). Prefix
 caching (prefix_cache.py): vllm:streamsink_cache_shadow_copies_total (cached blocks copied before
 a decode's sink shadows reached them), vllm:streamsink_cache_hit_copies_total (hit blocks copied
 because a running request held them) and vllm:streamsink_cache_dropped_blocks_total (cached
@@ -59,6 +63,15 @@ COUNTERS = (
 GAUGES = (
     ("held_blocks", "vllm:streamsink_held_blocks", "KV blocks held by streaming requests"),
     ("streams", "vllm:streamsink_streams", "Streaming requests holding KV blocks"),
+    ("pinned_blocks", "vllm:streamsink_pinned_blocks",
+     "Distinct KV blocks holding requests' pinned prefixes (each counted once however many "
+     "requests share it)"),
+    ("pinned_block_refs", "vllm:streamsink_pinned_block_refs",
+     "Pinned blocks summed over the requests holding them (refs / blocks = sharers per block)"),
+    ("pinned_streams", "vllm:streamsink_pinned_streams",
+     "Streaming requests with a pinned prefix of their own"),
+    ("pool_used_blocks", "vllm:streamsink_pool_used_blocks",
+     "KV blocks of the pool held by any request (shared blocks once)"),
 )
 KEYS = tuple(key for key, _, _ in COUNTERS + GAUGES)
 

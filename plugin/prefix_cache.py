@@ -28,8 +28,14 @@ tokens before h: the window's W-1 and the S slots its decodes overwrite with sin
    (the same copy-on-write path). A hit on a block nobody holds is adopted without a copy.
 
 Hits: vLLM's sliding-window search with a window of C finds the last run of cdiv(C-1, B)
-cached blocks ending at the hit length h (null blocks before it); the sink blocks are then
-looked up by their own hashes. No sink block in the cache means no hit.
+cached blocks ending at the hit length h (null blocks before it); the sink blocks (a pinning
+request's pinned blocks) are then looked up by their own hashes. No sink block in the cache means
+no hit.
+
+Pinned prefixes (request_options.py) are the exception to 3: a request with options of its own
+writes no shadows and its row never moves its pinned blocks, so once written they never change.
+A hit on a block that only such requests hold, and only inside their pinned prefixes, is shared
+(one physical copy for every request pinning the same system prompt) instead of copied.
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ import inspect
 
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.block_pool import BlockPool
+from vllm.v1.core.kv_cache_coordinator import UnitaryKVCacheCoordinator
 from vllm.v1.core.kv_cache_manager import KVCacheManager
 from vllm.v1.core.kv_cache_utils import resolve_block_hashes
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -48,6 +55,7 @@ from vllm.v1.core.single_type_kv_cache_manager import (
 )
 
 from streamsink.errors import PatchTargetMoved
+from streamsink.request_options import StreamShape, request_shape
 
 
 @functools.lru_cache(maxsize=8)
@@ -66,18 +74,42 @@ class StreamingPrefixCache(SlidingWindowManager):
         self.shadow_copies_total = 0   # cached blocks copied before a shadow reached them
         self.adopt_copies_total = 0    # hits copied because a running request held them
         self.unhashed_total = 0        # cached blocks dropped from the cache instead
-        self._sink_tokens = kv_cache_spec.sink_tokens
-        self._cache_tokens = kv_cache_spec.sink_tokens + kv_cache_spec.sliding_window
+        self._engine_shape = StreamShape(kv_cache_spec.sink_tokens, kv_cache_spec.sliding_window)
+        self.shapes: dict[str, StreamShape] = {}   # req_id -> its shape, when not the engine's
+        # The shape of the request whose cache hit is being looked up (note_lookup).
+        self._lookup_shape = self._engine_shape
+        # block id -> requests holding it inside their pinned prefix (shapes without shadows).
+        self.pin_holders: dict[int, set[str]] = {}
         self._requests: dict = {}                  # req_id -> Request (hashing at free)
         self._scheduled: dict[str, int] = {}       # this pass: req_id -> tokens after the step
         # req_id -> (lowest, highest) token position a shadow of this request was written to.
         self._shadowed: dict[str, tuple[int, int]] = {}
 
+    # -- per-request shapes -----------------------------------------------------------------
+    def note_lookup(self, request) -> None:
+        """A request about to be looked up in the cache and admitted (new or resumed): its shape
+        (patches/kv_request_shapes.py)."""
+        shape = request_shape(self._engine_shape, request.sampling_params.extra_args
+                              if request.sampling_params is not None else None)
+        if shape.shadows:
+            self.shapes.pop(request.request_id, None)
+        else:
+            self.shapes[request.request_id] = shape
+        self._lookup_shape = shape
+
+    def shape(self, request_id: str) -> StreamShape:
+        return self.shapes.get(request_id, self._engine_shape)
+
+    def front_blocks(self, shape: StreamShape) -> int:
+        """Blocks a request of this shape holds for its whole life (sinks or pinned prefix)."""
+        return cdiv(shape.sink_tokens, self.block_size)
+
     # -- hits -------------------------------------------------------------------------------
-    @classmethod
-    def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, block_pool,
+    def find_longest_cache_hit(self, block_hashes, max_length, kv_cache_group_ids, block_pool,
                                kv_cache_spec, drop_eagle_block, alignment_tokens,
                                dcp_world_size=1, pcp_world_size=1):
+        # vLLM declares this a classmethod but calls it on the manager: here it needs the shape
+        # of the request being looked up.
         blocks, length = super().find_longest_cache_hit(
             block_hashes, max_length, kv_cache_group_ids, block_pool, _hit_spec(kv_cache_spec),
             drop_eagle_block, alignment_tokens, dcp_world_size, pcp_world_size)
@@ -85,7 +117,7 @@ class StreamingPrefixCache(SlidingWindowManager):
             return blocks, 0
         hashes = resolve_block_hashes(block_hashes, block_pool.hash_block_size,
                                       kv_cache_spec.block_size)
-        for j in range(min(kv_cache_spec.sink_blocks, len(blocks[0]))):
+        for j in range(min(self.front_blocks(self._lookup_shape), len(blocks[0]))):
             if not blocks[0][j].is_null:
                 continue
             sink = block_pool.get_cached_block(hashes[j], kv_cache_group_ids)
@@ -112,14 +144,27 @@ class StreamingPrefixCache(SlidingWindowManager):
         skipped = self.get_num_skipped_tokens(total_computed_tokens) // self.block_size
         fresh = max(required - max(skipped, len(new_computed_blocks)), 0)
         # Each non-null hit takes one block from the free count: out of the free queue when
-        # nobody holds it, else a fresh block for its copy.
-        return fresh + sum(not b.is_null for b in new_computed_blocks)
+        # nobody holds it, else a fresh block for its copy; a shared pinned block takes none.
+        shared = self._shared_hits(request_id, new_computed_blocks)
+        return fresh + sum(not b.is_null for b in new_computed_blocks) - len(shared)
+
+    def _shared_hits(self, request_id: str, hits) -> set[int]:
+        """Indices of the hits this request shares rather than copies: held blocks inside its
+        pinned prefix that every holder holds inside its own (none for the engine's shape)."""
+        shape = self.shape(request_id)
+        if shape.shadows:
+            return set()
+        return {i for i, b in enumerate(hits[:self.front_blocks(shape)])
+                if not b.is_null and b.ref_cnt
+                and b.ref_cnt == len(self.pin_holders.get(b.block_id, ()))}
 
     def add_local_computed_blocks(self, request_id, new_computed_blocks,
                                   num_local_computed_tokens, num_external_computed_tokens):
         req_blocks = self.req_to_blocks[request_id]
         assert not req_blocks and not num_external_computed_tokens
-        held = [i for i, b in enumerate(new_computed_blocks) if not b.is_null and b.ref_cnt]
+        shared = self._shared_hits(request_id, new_computed_blocks)
+        held = [i for i, b in enumerate(new_computed_blocks)
+                if not b.is_null and b.ref_cnt and i not in shared]
         # Touch first: the copies' get_new_blocks below must not evict the adopted hits.
         self.block_pool.touch([b for b in new_computed_blocks if not b.is_null])
         req_blocks.extend(new_computed_blocks)
@@ -131,6 +176,27 @@ class StreamingPrefixCache(SlidingWindowManager):
                 self.new_block_ids.append(copy.block_id)
         self.adopt_copies_total += len(held)
         self.num_cached_block[request_id] = len(req_blocks)
+        self._note_pins(request_id)
+
+    def _note_pins(self, request_id: str) -> None:
+        """Record the request as a holder of the blocks of its pinned prefix it holds now."""
+        shape = self.shape(request_id)
+        if shape.shadows:
+            return
+        for block in self.req_to_blocks.get(request_id, ())[:self.front_blocks(shape)]:
+            if not block.is_null:
+                self.pin_holders.setdefault(block.block_id, set()).add(request_id)
+
+    def _drop_pins(self, request_id: str) -> None:
+        shape = self.shapes.pop(request_id, None)
+        if shape is None:
+            return
+        for block in self.req_to_blocks.get(request_id, ())[:self.front_blocks(shape)]:
+            holders = self.pin_holders.get(block.block_id)
+            if holders is not None:
+                holders.discard(request_id)
+                if not holders:
+                    del self.pin_holders[block.block_id]
 
     # -- hashing ----------------------------------------------------------------------------
     def cache_blocks(self, request, num_tokens, retention_interval=None, *,
@@ -141,6 +207,8 @@ class StreamingPrefixCache(SlidingWindowManager):
         self._requests[request_id] = request
         self._scheduled[request_id] = num_tokens
         self._hash_processed(request, num_tokens)
+        if request_id in self.shapes:
+            self._note_pins(request_id)
 
     def _hash_processed(self, request, num_tokens: int) -> None:
         request_id = request.request_id
@@ -166,14 +234,17 @@ class StreamingPrefixCache(SlidingWindowManager):
         self._protect_from_shadows()
         return super().take_pending_cow_copies()
 
-    def shadow_range(self, q: int, num_new: int) -> tuple[int, int] | None:
+    def shadow_range(self, q: int, num_new: int,
+                     shape: StreamShape | None = None) -> tuple[int, int] | None:
         """Token positions a step of num_new tokens starting at q may overwrite with shadows:
         step_plan._kernel_can_run's decode condition, on absolute positions (a superset of the
-        worker's, which sees row positions <= absolute ones)."""
-        C, S = self._cache_tokens, self._sink_tokens
-        if num_new != 1 or not S or q < C + S - 1:
+        worker's, which sees row positions <= absolute ones). None for a request with a shape
+        of its own (it writes no shadows)."""
+        shape = shape or self._engine_shape
+        C, S = shape.cache_tokens, shape.sink_tokens
+        if not shape.shadows or num_new != 1 or not S or q < C + S - 1:
             return None
-        return q - C + 1, q - self.sliding_window
+        return q - C + 1, q - shape.window_tokens
 
     def _protect_from_shadows(self) -> None:
         B = self.block_size
@@ -183,7 +254,7 @@ class StreamingPrefixCache(SlidingWindowManager):
             if request is None or not blocks:
                 continue
             span = self.shadow_range(request.num_computed_tokens,
-                                     end - request.num_computed_tokens)
+                                     end - request.num_computed_tokens, self.shape(request_id))
             if span is None:
                 continue
             lo, hi = span
@@ -215,6 +286,7 @@ class StreamingPrefixCache(SlidingWindowManager):
             self._hash_processed(request, request.num_computed_tokens)
         self._scheduled.pop(request_id, None)
         self._shadowed.pop(request_id, None)
+        self._drop_pins(request_id)
         return super().pop_blocks_for_free(request_id)
 
 
@@ -232,6 +304,11 @@ def check_target() -> None:
             if needle not in source:
                 raise PatchTargetMoved(f"{where} no longer contains {needle!r}")
 
+    # The hit search runs on the manager instance (it reads the looked-up request's shape).
+    contains(need(UnitaryKVCacheCoordinator, "find_longest_cache_hit",
+                  ["self", "block_hashes", "max_cache_hit_length"]),
+             ["self.single_type_managers[0].find_longest_cache_hit("],
+             "UnitaryKVCacheCoordinator.find_longest_cache_hit")
     need(BlockPool, "move_block_hashes", ["self", "src_block", "dst_block"])
     need(BlockPool, "_maybe_evict_cached_block", ["self", "block"])
     contains(need(SingleTypeKVCacheManager, "_apply_cow",

@@ -37,14 +37,18 @@ import torch
 
 from streamsink.config import StreamsinkConfig
 from streamsink.kv_cache_layout import rotate_cached_keys
+from streamsink.request_options import StreamShape, request_shape
 
 
 def min_row_tokens(cfg: StreamsinkConfig, block_size: int, max_step_tokens: int) -> int:
-    """The narrowest row that always fits one step: the sink blocks, the C-1 keys before the
-    step's first query, the step's queries, the token it samples and one block of alignment
-    slack."""
-    sink_blocks = -(-cfg.sink_tokens // block_size)
-    return (sink_blocks + 1) * block_size + cfg.cache_tokens + max_step_tokens
+    """The narrowest row that always fits one step: the sink (or pinned) blocks, the keys kept
+    before the step's first query (C-1, or W-1 for a request pinning tokens), the step's
+    queries, the token it samples and one block of alignment slack."""
+    def need(front_tokens: int, kept_tokens: int) -> int:
+        return (-(-front_tokens // block_size) + 1) * block_size + kept_tokens + 1 \
+            + max_step_tokens
+    return max(need(cfg.sink_tokens, cfg.cache_tokens - 1),
+               need(cfg.max_pinned_tokens, cfg.window_tokens - 1))
 
 
 class RowWindow:
@@ -56,15 +60,21 @@ class RowWindow:
         self.kv_caches = kv_caches if kv_caches is not None else []  # the runner's, per layer
         self.rope = rope          # RopeSpec, for re-rotations; None: ALiBi (nothing to rotate)
         self.block_size = block_size
-        self.sink_blocks = -(-cfg.sink_tokens // block_size)
-        self.head_tokens = self.sink_blocks * block_size   # row positions kept as they are
         self.width = min(token_width, block_width * block_size)
         self.offsets: dict[str, int] = {}                  # req_id -> offset (0 if absent)
         # block id -> the row offset its stored keys are rotated for (0 if absent). Outlives
         # requests: finished requests' blocks stay in the prefix cache.
         self.block_rot: dict[int, int] = {}
         self.step_tokens: dict[str, int] = {}              # req_id -> tokens scheduled this step
+        # The shape of each row of this step's batch, in batch order, when any request has
+        # options of its own (None: all have the engine's); read by the attention metadata.
+        self.step_shapes: list[StreamShape] | None = None
         self.rebases = 0
+
+    def note_step_shapes(self, requests: list) -> None:
+        """Before the step's attention metadata is built: the shape of each row, in order."""
+        shapes = [self.shape(r) for r in requests]
+        self.step_shapes = shapes if any(not s.shadows for s in shapes) else None
 
     # -- decisions ------------------------------------------------------------------------
     def fits(self, offset: int, end: int, num_blocks: int) -> bool:
@@ -73,10 +83,21 @@ class RowWindow:
         return (end + 1 - offset <= self.width
                 and num_blocks - offset // self.block_size <= self.width // self.block_size)
 
-    def furthest_offset(self, first_query: int) -> int:
+    def shape(self, request) -> StreamShape:
+        """The request's sinks (or pinned tokens) and window (request_options.py)."""
+        return request_shape(self.cfg, request.sampling_params.extra_args
+                             if request.sampling_params is not None else None)
+
+    def head_blocks(self, request) -> int:
+        """Blocks at the front of the row kept as they are: the sink (or pinned) blocks."""
+        return -(-self.shape(request).sink_tokens // self.block_size)
+
+    def furthest_offset(self, request, first_query: int) -> int:
         """The largest offset that keeps every key the step's first query (and later ones)
-        may see, i.e. positions >= first_query - C + 1, at row positions past the sink blocks."""
-        lowest_needed = first_query - self.cfg.cache_tokens + 1 - self.head_tokens
+        may see or shadow, i.e. the retained tokens before it, at row positions past the head
+        blocks."""
+        head_tokens = self.head_blocks(request) * self.block_size
+        lowest_needed = first_query - self.shape(request).retained_tokens - head_tokens
         return max(0, lowest_needed // self.block_size * self.block_size)
 
     def ensure_room(self, batch, row: int, request, first_query: int, end: int,
@@ -85,7 +106,7 @@ class RowWindow:
         offset = self.offsets.get(request.req_id, 0)
         if self.fits(offset, end, num_blocks):
             return
-        new_offset = self.furthest_offset(first_query)
+        new_offset = self.furthest_offset(request, first_query)
         if new_offset <= offset:
             self._refuse(request, first_query, end)
         self.rebase(batch, row, request, new_offset, first_query, end, num_blocks)
@@ -110,7 +131,8 @@ class RowWindow:
         p' (inside the sink blocks) or p' + offset (after them)."""
         if not self.fits(offset, end, num_blocks):
             self._refuse(request, first_query, end)
-        head, num_prompt = self.head_tokens, len(request.prompt_token_ids)
+        head_blocks = self.head_blocks(request)
+        head, num_prompt = head_blocks * self.block_size, len(request.prompt_token_ids)
         num_tokens = num_prompt + len(request.output_token_ids)
         head_len = min(head, num_tokens)
         batch.token_ids_cpu[row, :head_len] = self._tokens(request, 0, head_len)
@@ -121,7 +143,7 @@ class RowWindow:
         batch.is_token_ids[row, :max(stop - offset, head_len)] = True
         skipped = offset // self.block_size
         batch.block_table.add_row(
-            tuple(ids[:self.sink_blocks] + ids[self.sink_blocks + skipped:]
+            tuple(ids[:head_blocks] + ids[head_blocks + skipped:]
                   for ids in request.block_ids), row)
         batch.num_computed_tokens_cpu[row] = first_query - offset
         batch.num_tokens_no_spec[row] = num_tokens - offset
@@ -132,12 +154,12 @@ class RowWindow:
         self.rebases += 1
 
     # -- rotation tags --------------------------------------------------------------------
-    def _live_start(self, computed_tokens: int) -> int:
+    def _live_start(self, request, computed_tokens: int) -> int:
         """The first non-sink block the scheduler still holds for a request that has
-        computed `computed_tokens` (it frees every block before the last C-1 tokens). Lower ids
+        computed `computed_tokens` (it frees every block before its retained tokens). Lower ids
         in a request's block_ids may be stale: freed and given to another request since."""
-        keep_from = max(0, computed_tokens - self.cfg.cache_tokens + 1)
-        return max(self.sink_blocks, keep_from // self.block_size)
+        keep_from = max(0, computed_tokens - self.shape(request).retained_tokens)
+        return max(self.head_blocks(request), keep_from // self.block_size)
 
     def _settle(self, request, offset: int, computed_tokens: int) -> None:
         """Make the keys stored in the request's live blocks rotated for `offset` (blocks its
@@ -145,7 +167,7 @@ class RowWindow:
         ids = request.block_ids[0] if request.block_ids else []
         written = -(-computed_tokens // self.block_size)
         moves: dict[int, list[int]] = {}     # rotation angle -> blocks, one rotation each
-        for index in range(self._live_start(computed_tokens), len(ids)):
+        for index in range(self._live_start(request, computed_tokens), len(ids)):
             block = ids[index]
             if block == 0:
                 continue  # the null block: the middle a prefix-cache hit skips
@@ -161,7 +183,8 @@ class RowWindow:
         """The one offset all of the request's written live blocks are rotated for, if any."""
         ids = request.block_ids[0] if request.block_ids else []
         written = min(len(ids), -(-computed_tokens // self.block_size))
-        tags = {self.block_rot.get(b, 0) for b in ids[self._live_start(computed_tokens):written]
+        tags = {self.block_rot.get(b, 0)
+                for b in ids[self._live_start(request, computed_tokens):written]
                 if b != 0}
         return tags.pop() if len(tags) == 1 else None
 
@@ -191,8 +214,9 @@ class RowWindow:
         from now on at the row's offset."""
         offset = self.offsets.get(request.req_id, 0)
         first = len(request.block_ids[0]) - len(new_block_ids)
+        head_blocks = self.head_blocks(request)
         for index, block in enumerate(new_block_ids, first):
-            if index >= self.sink_blocks and block != 0:
+            if index >= head_blocks and block != 0:
                 self.block_rot[block] = offset
 
     def add_request(self, batch, request, original_add_request) -> int:
@@ -226,7 +250,7 @@ class RowWindow:
         """The offset of a row (re)built for a request past its first C tokens: the one its
         blocks are already rotated for when that fits (no rotation: a conversation's next turn
         continues where its previous turn's row was), else the furthest."""
-        furthest = self.furthest_offset(first)
+        furthest = self.furthest_offset(request, first)
         carried = self._carried_offset(request, first)
         if carried is not None and carried <= furthest and self.fits(carried, end, num_blocks):
             return carried
@@ -243,3 +267,16 @@ class RowWindow:
             offset = self.offsets.get(req_id, 0)
             if offset:
                 batch.num_computed_tokens_cpu[row] = requests[req_id].num_computed_tokens - offset
+
+
+_ATTRIBUTE = "_streamsink_rows"
+
+
+def attach_rows(vllm_config, rows: RowWindow) -> None:
+    """Make an engine's RowWindow reachable from its VllmConfig (the attention metadata builder
+    has the config, not the model runner)."""
+    object.__setattr__(vllm_config, _ATTRIBUTE, rows)
+
+
+def rows_of_config(vllm_config) -> RowWindow | None:
+    return vars(vllm_config).get(_ATTRIBUTE) if vllm_config is not None else None

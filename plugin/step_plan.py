@@ -42,6 +42,7 @@ import torch
 
 from streamsink.config import StreamsinkConfig
 from streamsink.kv_cache_layout import flat_kv_index
+from streamsink.request_options import StreamShape, engine_shape
 from streamsink.rope import RopeSpec
 
 # Queries of one prefill chunk are processed in tiles of this many, so the mask of one tile stays
@@ -126,9 +127,10 @@ class StepPlan:
 
 
 def _query_tile(start: int, first: int, last: int, request: int, block_table: torch.Tensor,
-                cfg: StreamsinkConfig, rope: RopeSpec | None, block_size: int,
+                cfg: StreamShape, rope: RopeSpec | None, block_size: int,
                 dtype: torch.dtype) -> QueryTile:
-    """Queries at row positions first..last of one request, its tokens from `start` on."""
+    """Queries at row positions first..last of one request, its tokens from `start` on; cfg:
+    that request's sinks (or pinned tokens) and window."""
     window_lo = max(first - cfg.window_tokens + 1, 0)
     logical = torch.arange(window_lo // block_size, last // block_size + 1)
     qpos = torch.arange(first, last + 1)[:, None]
@@ -157,7 +159,12 @@ def _query_tile(start: int, first: int, last: int, request: int, block_table: to
     return tile
 
 
-def _kernel_can_run(cfg: StreamsinkConfig, seq_len: int, query_len: int) -> bool:
+def _kernel_can_run(cfg: StreamsinkConfig, shape: StreamShape, seq_len: int,
+                    query_len: int) -> bool:
+    if not shape.shadows:
+        # A request with its own pins or window (request_options.py): the kernel's window is
+        # the engine's C, so only while the request is dense in both.
+        return seq_len <= min(shape.cache_tokens, cfg.cache_tokens)
     # Dense, or a decode whose shadow slots (i-C+1 .. i-C+S) lie past the real sinks.
     return (seq_len <= cfg.cache_tokens
             or (query_len == 1 and seq_len - 1 >= cfg.cache_tokens + cfg.sink_tokens - 1))
@@ -202,15 +209,21 @@ def _shadow_writes(cfg: StreamsinkConfig, rope: RopeSpec | None, block_size: int
 
 def plan_step(cfg: StreamsinkConfig, rope: RopeSpec | None, block_size: int, seq_lens: list[int],
               query_start: list[int], block_table: torch.Tensor, dtype: torch.dtype,
-              kv_heads: int = 1, head_dim: int | None = None) -> StepPlan:
+              kv_heads: int = 1, head_dim: int | None = None,
+              shapes: list[StreamShape] | None = None) -> StepPlan:
     """seq_lens and block_table in row positions, one entry per request of the step. rope None:
-    an ALiBi model (head_dim then required)."""
+    an ALiBi model (head_dim then required). shapes: each request's (request_options.py);
+    None: all the engine's."""
     head_dim = head_dim or rope.head_dim
+    own = engine_shape(cfg)
+    shapes = shapes or [own] * len(seq_lens)
     query_lens = [query_start[r + 1] - query_start[r] for r in range(len(seq_lens))]
-    on_kernel = [_kernel_can_run(cfg, n, q) for n, q in zip(seq_lens, query_lens)]
+    on_kernel = [_kernel_can_run(cfg, shape, n, q)
+                 for shape, n, q in zip(shapes, seq_lens, query_lens)]
     kernel_reqs = [r for r, ok in enumerate(on_kernel) if ok]
     plan = StepPlan(kernel=all(on_kernel))
-    plan.shadows = _shadow_writes(cfg, rope, block_size, seq_lens, kernel_reqs, block_table,
+    plan.shadows = _shadow_writes(cfg, rope, block_size, seq_lens,
+                                  [r for r in kernel_reqs if shapes[r].shadows], block_table,
                                   kv_heads, head_dim, dtype)
     if plan.kernel:
         return plan
@@ -223,5 +236,5 @@ def plan_step(cfg: StreamsinkConfig, rope: RopeSpec | None, block_size: int, seq
         for t0 in range(start, end, PREFILL_TILE):
             t1 = min(t0 + PREFILL_TILE, end)
             plan.tiles.append(_query_tile(t0, first + t0 - start, first + t1 - 1 - start, r,
-                                          block_table, cfg, rope, block_size, dtype))
+                                          block_table, shapes[r], rope, block_size, dtype))
     return plan

@@ -60,6 +60,10 @@ def _ppl(p) -> None:
 
 def _serve(p) -> None:
     _stream(p)
+    p.add_argument("--max-pinned-tokens", type=int, default=0,
+                   help="the most prompt tokens one request may pin in place of the sinks "
+                        "(\"streamsink\": {\"pin\": \"system\"} in a request; default 0: "
+                        "none); the KV pool is sized for streams that pin this many")
     p.add_argument("--host", default=None,
                    help="HTTP host (default 127.0.0.1; beyond loopback needs an API key)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")

@@ -41,10 +41,10 @@ class EngineArgsError(UsageError):
     """Bad vLLM engine arguments; the message is one line, meant for the user."""
 
 
-def streamsink_entry(sink_tokens: int, window_tokens: int) -> dict:
+def streamsink_entry(sink_tokens: int, window_tokens: int, max_pinned_tokens: int = 0) -> dict:
     """The validated `additional_config` of a streaming engine."""
-    return {CONFIG_KEY: parse_config({"sink_tokens": sink_tokens,
-                                      "window_tokens": window_tokens}).as_dict()}
+    return {CONFIG_KEY: parse_config({"sink_tokens": sink_tokens, "window_tokens": window_tokens,
+                                      "max_pinned_tokens": max_pinned_tokens}).as_dict()}
 
 
 class VllmArgParser:

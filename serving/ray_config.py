@@ -72,12 +72,12 @@ class RaySpec:
 
 
 def build_spec(model: str | None, sink: int, window: int, replicas: int,
-               vllm_args: list[str]) -> RaySpec:
+               vllm_args: list[str], max_pinned: int = 0) -> RaySpec:
     """The deployment, validated; raises StreamsinkConfigError / EngineArgsError /
     ModelNotFoundError with a one-line message."""
     if replicas < 1:
         raise EngineArgsError(f"--replicas must be >= 1, got {replicas}")
-    entry = streamsink_entry(sink, window)
+    entry = streamsink_entry(sink, window, max_pinned)
     model_path = resolve_model(model)
     kwargs = VllmArgParser("streamsink serve --ray").explicit(vllm_args)
     served = kwargs.pop("served_model_name", None)

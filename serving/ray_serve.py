@@ -68,7 +68,8 @@ def run(args) -> int:
     port = args.port or DEFAULT_PORT
     replicas = args.replicas or 1
     key = api_key(args.api_key)  # serve.run checked the exposure rule already
-    spec = build_spec(args.model, args.sink, args.window, replicas, args.vllm_args)
+    spec = build_spec(args.model, args.sink, args.window, replicas, args.vllm_args,
+                      args.max_pinned_tokens)
     processes.become_subreaper()
     stop = processes.StopRequest().install()
     started: list[ray_cluster.RayHandle] = []

@@ -49,12 +49,13 @@ def _given(flag: str, argv: list[str]) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 
-def server_argv(model: str | None, sink: int, window: int, vllm_args: list[str]) -> list[str]:
+def server_argv(model: str | None, sink: int, window: int, vllm_args: list[str],
+                max_pinned: int = 0) -> list[str]:
     """vLLM server arguments: ours first, the user's pass-through arguments win."""
     argv = ["--model", resolve_model(model)]
     defaults = {"--served-model-name": served_name(model), "--dtype": DEFAULT_DTYPE,
                 "--max-num-seqs": str(DEFAULT_MAX_NUM_SEQS),
-                "--additional-config": json.dumps(streamsink_entry(sink, window))}
+                "--additional-config": json.dumps(streamsink_entry(sink, window, max_pinned))}
     for flag, value in defaults.items():
         if not _given(flag, vllm_args):
             argv += [flag, value]
@@ -89,7 +90,8 @@ def plain_server_argv(args) -> list[str]:
         vllm_args += ["--port", str(args.port)]
     if key:
         vllm_args += ["--api-key", key]
-    return server_argv(args.model, args.sink, args.window, vllm_args)
+    return server_argv(args.model, args.sink, args.window, vllm_args,
+                       getattr(args, "max_pinned_tokens", 0))
 
 
 def run(args) -> int:

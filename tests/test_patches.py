@@ -153,7 +153,8 @@ def test_attention_backend_override():
 
 
 LENGTH_PATCHES = ["worker_batch_rows", "scheduler_length_cap", "input_length", "renderer_length",
-                  "openai_prompt_length", "openai_max_tokens"]
+                  "openai_prompt_length", "kv_request_shapes", "openai_request_options", "llm_chat_options",
+                  "openai_max_tokens"]
 
 
 @pytest.mark.parametrize("name", LENGTH_PATCHES)
@@ -246,3 +247,35 @@ def test_worker_rows_need_the_copies_before_added_requests(monkeypatch):
     monkeypatch.setattr(inspect, "getsource", swapped)
     with pytest.raises(patches.PatchTargetMoved, match="block copies"):
         worker_batch_rows.check_target()
+
+
+def test_request_option_patches_are_installed():
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+
+    from streamsink.patches import kv_request_shapes, openai_request_options
+
+    assert KVCacheManager.get_computed_blocks is kv_request_shapes._get_computed_blocks
+    for cls in (ChatCompletionRequest, CompletionRequest):
+        assert cls.to_sampling_params.__wrapped__ is openai_request_options._originals[cls]
+
+
+def test_request_options_reach_the_sampling_params():
+    """A body's streamsink field goes to extra_args; pin "system" carries the system messages."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    from streamsink.errors import StreamsinkConfigError
+
+    body = {"model": "m", "messages": [{"role": "system", "content": "Be brief."},
+                                       {"role": "user", "content": "hi"}],
+            "streamsink": {"pin": "system", "window_tokens": 64}}
+    params = ChatCompletionRequest(**body).to_sampling_params(16, {})
+    assert params.extra_args["streamsink"] == {
+        "pin": "system", "window_tokens": 64,
+        "_system_messages": [{"role": "system", "content": "Be brief."}]}
+    plain = ChatCompletionRequest(**{**body, "streamsink": None})
+    assert not (plain.to_sampling_params(16, {}).extra_args or {}).get("streamsink")
+    with pytest.raises(StreamsinkConfigError, match="pin must be"):
+        ChatCompletionRequest(**{**body, "streamsink": {"pin": "user"}}).to_sampling_params(
+            16, {})

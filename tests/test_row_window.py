@@ -49,7 +49,7 @@ def stored(cache, block_id):
 
 def request(req_id, block_ids, computed):
     return SimpleNamespace(req_id=req_id, block_ids=(list(block_ids),),
-                           num_computed_tokens=computed)
+                           num_computed_tokens=computed, sampling_params=None)
 
 
 def test_adopted_blocks_are_rerotated_from_their_tags():
@@ -102,10 +102,10 @@ def test_mixed_tags_rotate_per_group_and_pick_the_furthest_offset():
             rows.block_rot[block] = offset
     req = request("R", ids, computed=150)
     assert rows._carried_offset(req, 150) is None
-    furthest = rows.furthest_offset(150)
+    furthest = rows.furthest_offset(req, 150)
     assert rows._first_offset(150, 160, len(ids), req) == furthest
     rows._settle(req, furthest, 150)
-    for index in range(rows._live_start(150), 19):
+    for index in range(rows._live_start(req, 150), 19):
         want = torch.zeros_like(cache)
         store(want, ids[index], index, raw, furthest)
         assert torch.allclose(stored(cache, ids[index]), stored(want, ids[index]), atol=1e-12)
@@ -118,7 +118,7 @@ def test_carried_offset_is_kept_when_it_fits():
     for block in ids[1:]:
         rows.block_rot[block] = 40
     req = request("R", ids, computed=150)
-    assert 40 <= rows.furthest_offset(150)
+    assert 40 <= rows.furthest_offset(req, 150)
     assert rows._first_offset(150, 160, len(ids), req) == 40
     before = cache.clone()
     rows._settle(req, 40, 150)

@@ -1,0 +1,47 @@
+"""Patch: the streaming KV manager learns each request's shape before its cache lookup.
+
+Why: a request may pin a prefix of its own instead of the S sinks, and keep a narrower window
+(request_options.py); which blocks a cache hit must include, and which held blocks may be shared
+instead of copied, depend on that shape. vLLM hands its single-type managers a request id, or
+(for the hit search) only the request's block hashes.
+How: KVCacheManager.get_computed_blocks(request), where the scheduler looks up every new or
+resumed request before admitting it, is wrapped to pass the request to each streaming manager
+(prefix_cache.StreamingPrefixCache.note_lookup) first. Stock managers are left alone.
+Delete when: vLLM passes the Request (or per-request KV hints) to the single-type managers'
+find_longest_cache_hit and allocation calls.
+"""
+from __future__ import annotations
+
+import inspect
+
+from vllm.v1.core.kv_cache_manager import KVCacheManager
+
+from streamsink.errors import PatchTargetMoved
+
+_originals: dict[str, object] = {}
+
+
+def _get_computed_blocks(self, request):
+    for manager in self.coordinator.single_type_managers:
+        note = getattr(manager, "note_lookup", None)
+        if note is not None:
+            note(request)
+    return _originals["get_computed_blocks"](self, request)
+
+
+def check_target() -> None:
+    target = _originals.get("get_computed_blocks") or KVCacheManager.__dict__.get(
+        "get_computed_blocks")
+    if target is None or list(inspect.signature(target).parameters) != ["self", "request"]:
+        raise PatchTargetMoved("KVCacheManager.get_computed_blocks(self, request) changed")
+    if "self.coordinator.find_longest_cache_hit(" not in inspect.getsource(target):
+        raise PatchTargetMoved("KVCacheManager.get_computed_blocks no longer searches hits "
+                               "through its coordinator")
+
+
+def apply() -> None:
+    if _originals:
+        return
+    check_target()
+    _originals["get_computed_blocks"] = KVCacheManager.get_computed_blocks
+    KVCacheManager.get_computed_blocks = _get_computed_blocks

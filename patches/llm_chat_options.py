@@ -1,0 +1,61 @@
+"""Patch: "pin": "system" for vllm.LLM.chat.
+
+Why: a request pinning its system prompt (request_options.py) needs the tokens the chat template
+produced for its leading system messages; vLLM renders a conversation into token ids before the
+InputProcessor sees the request, and the messages do not travel with it.
+How: OfflineInferenceMixin._run_chat (behind LLM.chat and LLM.enqueue_chat) is wrapped: for each
+conversation whose SamplingParams ask ``{"streamsink": {"pin": "system"}}``, a copy of its params
+carries the leading system messages along (as the OpenAI server's patch does,
+patches/openai_request_options.py); the InputProcessor (patches/input_length.py) then counts
+their tokens in the rendered prompt. Other calls pass through unchanged.
+Delete when: vLLM tells a plugin which prompt tokens each chat message produced.
+"""
+from __future__ import annotations
+
+import inspect
+
+from vllm.entrypoints.common.offline import OfflineInferenceMixin
+from vllm.sampling_params import SamplingParams
+
+from streamsink.config import CONFIG_KEY
+from streamsink.errors import PatchTargetMoved
+from streamsink.request_options import PIN, SYSTEM_MESSAGES, leading_system_messages
+
+_originals: dict[str, object] = {}
+
+
+def _asks_system_pin(params) -> bool:
+    options = (getattr(params, "extra_args", None) or {}).get(CONFIG_KEY)
+    return isinstance(options, dict) and options.get(PIN) == "system"
+
+
+def _run_chat(self, messages, params, *args, **kwargs):
+    single = isinstance(params, SamplingParams)
+    if not (_asks_system_pin(params) if single else any(map(_asks_system_pin, params or ()))):
+        return _originals["_run_chat"](self, messages, params, *args, **kwargs)
+    conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+    per_conversation = [params] * len(conversations) if single else list(params)
+    carried = []
+    for conversation, p in zip(conversations, per_conversation):
+        if _asks_system_pin(p):
+            p = p.clone()
+            options = {**p.extra_args[CONFIG_KEY],
+                       SYSTEM_MESSAGES: leading_system_messages(conversation)}
+            p.extra_args = {**p.extra_args, CONFIG_KEY: options}
+        carried.append(p)
+    return _originals["_run_chat"](self, messages, carried, *args, **kwargs)
+
+
+def check_target() -> None:
+    target = _originals.get("_run_chat") or OfflineInferenceMixin.__dict__.get("_run_chat")
+    if target is None or list(inspect.signature(target).parameters)[:3] != [
+            "self", "messages", "params"]:
+        raise PatchTargetMoved("OfflineInferenceMixin._run_chat(self, messages, params) changed")
+
+
+def apply() -> None:
+    if _originals:
+        return
+    check_target()
+    _originals["_run_chat"] = OfflineInferenceMixin._run_chat
+    OfflineInferenceMixin._run_chat = _run_chat
