@@ -9,7 +9,9 @@
   merged by log-sum-exp: no copies.
 Both compute the same attention (tests/test_pinned_prefix.py checks the pinned path against the
 reference). For each P the two engines decode `--batch` streams past C, one timed step of each
-in turn, in one process (compiled, vLLM's default).
+in turn, in one process. Both run eager: the attention, where the two differ, runs outside
+torch.compile's graph either way, and five compiled engines would spend most of the run
+compiling.
 
     .venv/bin/python benchmarks/pinned_cost.py [--batch 1] [--steps 40] [--pins 0,64,512,2048]
 """
@@ -59,7 +61,7 @@ def main() -> None:
     steps = 6 if args.quick else args.steps
     from streamsink.serving.engine import make_llm
 
-    common_kwargs = dict(in_process=True, max_num_seqs=max(args.batch, 2),
+    common_kwargs = dict(in_process=True, max_num_seqs=max(args.batch, 2), enforce_eager=True,
                          enable_prefix_caching=False, kv_cache_memory_bytes=3 << 30)
     pinned_engine = make_llm(args.model, streamsink={
         "sink_tokens": 4, "window_tokens": WINDOW, "max_pinned_tokens": max(pins + [4])},
@@ -98,7 +100,7 @@ def main() -> None:
         "pinned_cheaper_from": min(cheaper) if cheaper else None,
         "method": "per P: an engine with S = P (kernel + P shadows a step) and one engine with "
                   "4 + 1020 serving requests that pin P tokens (window by PyTorch's fused "
-                  "attention, pinned range merged by log-sum-exp), both compiled, in one "
+                  "attention, pinned range merged by log-sum-exp), both eager, in one "
                   "process, timed steps alternating; median ms per decode step past C"}, args)
     print("wrote", path)
 

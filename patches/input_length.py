@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import inspect
 
+from vllm.exceptions import VLLMClientError
 from vllm.sampling_params import SamplingParams
 from vllm.v1.engine.input_processor import InputProcessor
 
 from streamsink.config import CONFIG_KEY, streaming_config
 from streamsink.errors import PatchTargetMoved
-from streamsink.request_options import SYSTEM_MESSAGES, resolve_options
+from streamsink.request_options import SYSTEM_MESSAGES, RequestOptionError, resolve_options
 
 _originals: dict[str, object] = {}
 
@@ -53,6 +54,11 @@ def _process_inputs(self, request_id, prompt, params, *args, **kwargs):
     return request
 
 
+class RefusedRequestOptions(VLLMClientError, ValueError):
+    """Request options the engine cannot honour: vLLM's OpenAI server answers its client errors
+    with HTTP 400 (any other exception from here becomes a 500); vllm.LLM raises a ValueError."""
+
+
 def _resolved(processor, options, prompt_token_ids) -> dict:
     """The pinned count and window of a request's options (request_options.resolve_options)."""
     system = None
@@ -61,8 +67,11 @@ def _resolved(processor, options, prompt_token_ids) -> dict:
         rendered = processor.tokenizer.apply_chat_template(messages, tokenize=True,
                                                            add_generation_prompt=False)
         system = rendered["input_ids"] if hasattr(rendered, "keys") else rendered
-    return resolve_options(streaming_config(processor.vllm_config), options, prompt_token_ids,
-                           system)
+    try:
+        return resolve_options(streaming_config(processor.vllm_config), options,
+                               prompt_token_ids, system)
+    except RequestOptionError as exc:
+        raise RefusedRequestOptions(str(exc)) from None
 
 
 def check_target() -> None:

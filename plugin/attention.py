@@ -168,6 +168,49 @@ def attend_tile(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, t
     return out.transpose(0, 1)
 
 
+# Tiles of at most this many queries (decodes) take attend_small_tile: at that size the fused
+# kernel's fixed costs and its per-query-head copies of the keys dominate.
+SMALL_TILE = 8
+
+
+def attend_small_tile(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      tile: QueryTile, scale: float, rope: RopeSpec) -> torch.Tensor:
+    """attend_tile for a few queries of a RoPE model: query [T, Hq, D] -> [T, Hq, D].
+
+    The same attention in plain matmuls, per KV head with its G query heads side by side (no
+    copy of the keys per query head): window and sink (pinned) logits side by side in one
+    softmax, in fp32 at least. Keys are stored [D, B] per block and KV head, which is the
+    transposed layout a matmul wants."""
+    T, Hq, D = query.shape
+    Hkv = keys.shape[1]
+    G = Hq // Hkv
+    acc = torch.promote_types(query.dtype, torch.float32)
+
+    def grouped(q):  # [T, Hq, D] -> [Hkv, T*G, D]
+        return q.view(T, Hkv, G, D).permute(1, 0, 2, 3).reshape(Hkv, T * G, D).to(acc)
+
+    def gathered(blocks):  # keys [Hkv, D, N], values [Hkv, N, D]
+        k = keys[blocks].permute(1, 2, 0, 3).reshape(Hkv, D, -1).to(acc)
+        v = values[blocks].transpose(0, 1).reshape(Hkv, -1, D).to(acc)
+        return k, v
+
+    k, v = gathered(tile.window_blocks)
+    logits = torch.matmul(grouped(query), k).mul_(scale)              # [Hkv, T*G, N]
+    logits = logits.view(Hkv, T, G, -1).add_(tile.window_mask[0, 0, :, None, :].to(acc))
+    parts = [logits.view(Hkv, T * G, -1)]
+    if tile.sink_mask is not None:
+        S = tile.sink_mask.shape[-1]
+        sink_k, sink_v = gathered(tile.sink_blocks)
+        sink_q = rotate(query, tile.sink_rotation[:, None], rope.rotary_dim, rope.neox_style)
+        sink_logits = torch.matmul(grouped(sink_q), sink_k[:, :, :S]).mul_(scale)
+        sink_logits = sink_logits.view(Hkv, T, G, S).add_(tile.sink_mask[0, :, None, :].to(acc))
+        parts.append(sink_logits.view(Hkv, T * G, S))
+        v = torch.cat([v, sink_v[:, :S]], dim=1)
+    weights = torch.softmax(torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0], dim=-1)
+    out = torch.matmul(weights, v)                                    # [Hkv, T*G, D]
+    return out.view(Hkv, T, G, D).permute(1, 0, 2, 3).reshape(T, Hq, D)
+
+
 def _alibi_biases(tile: QueryTile, slopes: torch.Tensor, dtype: torch.dtype):
     """(window mask with each head's ALiBi bias [1, Hq, T, NB*B], sink bias [Hq, T, S] or None),
     in fp32 at least whatever the model's dtype (the fused kernel takes an fp32 mask with a bf16
@@ -259,8 +302,13 @@ class StreamsinkAttentionImpl(CPUAttentionBackendImpl):
         out = output.view(output.shape[0], self.num_heads, self.head_size)
         q_all = query.view(query.shape[0], self.num_heads, self.head_size)
         for tile in plan.tiles:
-            out[tile.tokens] = attend_tile(q_all[tile.tokens], keys, values, tile, self.scale,
-                                           self.rope, self.alibi_slopes).to(out.dtype)
+            q = q_all[tile.tokens]
+            if q.shape[0] <= SMALL_TILE and self.rope is not None:
+                result = attend_small_tile(q, keys, values, tile, self.scale, self.rope)
+            else:
+                result = attend_tile(q, keys, values, tile, self.scale, self.rope,
+                                     self.alibi_slopes)
+            out[tile.tokens] = result.to(out.dtype)
         return output
 
     def _kernel_requests(self, layer, query, kv_cache, plan: StepPlan, output) -> None:

@@ -134,17 +134,22 @@ def test_alibi_tiles_carry_in_cache_distances():
     assert tile.window_distance[1, 7].item() == 39 - (columns[0] * 8 + 7)
 
 
-@pytest.mark.parametrize("positions", ["neox", "adjacent", "alibi"])
+@pytest.mark.parametrize("positions", ["neox", "adjacent", "alibi", "neox-small",
+                                       "adjacent-small"])
 @pytest.mark.parametrize("sink,window,first,count", [(4, 12, 30, 9), (4, 12, 5, 20),
-                                                     (1, 30, 40, 3), (0, 9, 20, 5)])
+                                                     (1, 30, 40, 3), (0, 9, 20, 5),
+                                                     (40, 12, 55, 1), (20, 7, 35, 1)])
 def test_tile_attention_equals_the_definition(sink, window, first, count, positions):
-    """attend_tile (fused window attention + sinks merged by log-sum-exp) equals softmax over
-    V(i) written out: window keys as stored, sink logits with the query at its cache slot (RoPE,
+    """attend_tile (fused window attention + sinks merged by log-sum-exp), and
+    attend_small_tile (decodes: one softmax over both ranges), equal softmax over V(i) written
+    out: window keys as stored, sink (pinned) logits with the query at its cache slot (RoPE,
     either pairing), or ALiBi's -slope * (in-cache distance) on every logit."""
-    from streamsink.attention import attend_tile
+    from streamsink.attention import attend_small_tile, attend_tile
     from streamsink.kv_cache_layout import split_kv_cache
     from streamsink.rope import rotate
 
+    small = positions.endswith("-small")
+    positions = positions.removesuffix("-small")
     rope = {"neox": ROPE, "adjacent": ADJACENT, "alibi": None}[positions]
     slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625]) if rope is None else None
     torch.manual_seed(sink + first)
@@ -157,8 +162,12 @@ def test_tile_attention_equals_the_definition(sink, window, first, count, positi
     plan = plan_step(cfg, rope, block_size, [seq], [0, count], table, torch.float64,
                      head_dim=d)
     query = torch.randn(count, heads, d, dtype=torch.float64)
-    got = torch.cat([attend_tile(query[t.tokens], keys, values, t, 0.125, rope, slopes)
-                     for t in plan.tiles])
+    if small:
+        got = torch.cat([attend_small_tile(query[t.tokens], keys, values, t, 0.125, rope)
+                         for t in plan.tiles])
+    else:
+        got = torch.cat([attend_tile(query[t.tokens], keys, values, t, 0.125, rope, slopes)
+                         for t in plan.tiles])
 
     def kv(j):  # [Hkv, D] key and value of token j
         block, off = int(table[0, j // block_size]), j % block_size

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from . import (batch_resume_check, batch_throughput, chat_session, decode_latency, dtype_cost,
                families, headline, latency_vs_cache, load, many_streams, memory, memory_1000k,
-               passkey, peer_llamacpp, perplexity, ppl_speed, ray_serve, shadow_cost)
+               passkey, peer_llamacpp, perplexity, pinned, ppl_speed, ray_serve, shadow_cost)
 
 # generated block id -> renderer, in the order docs/benchmarks.md shows them
 BLOCKS = {
@@ -33,6 +33,9 @@ BLOCKS = {
     "peer_load": peer_llamacpp.peer_load,
     "peer_ppl": peer_llamacpp.peer_ppl,
     "peer_headline": peer_llamacpp.peer_headline,
+    "pinned_cost": pinned.pinned_cost,
+    "pinned_chat": pinned.pinned_chat,
+    "pinned_sharing": pinned.pinned_sharing,
 }
 # Names `<benchmark>:<part>` choose, per block, the newest run that holds that part.
 PARTS = {peer_llamacpp.LOAD: peer_llamacpp.has_load, peer_llamacpp.PPL: peer_llamacpp.has_ppl}
@@ -40,6 +43,7 @@ PARTS = {peer_llamacpp.LOAD: peer_llamacpp.has_load, peer_llamacpp.PPL: peer_lla
 _ELSEWHERE = {
     "README.md": ("headline", "peer_headline", "models"),
     "docs/peer_llamacpp.md": ("peer_load", "peer_ppl"),
+    "docs/pinned_prompt.md": ("pinned_chat", "pinned_cost", "pinned_sharing"),
 }
 DOCUMENTS = {
     **_ELSEWHERE,
