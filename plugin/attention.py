@@ -177,10 +177,11 @@ def attend_small_tile(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
                       tile: QueryTile, scale: float, rope: RopeSpec) -> torch.Tensor:
     """attend_tile for a few queries of a RoPE model: query [T, Hq, D] -> [T, Hq, D].
 
-    The same attention in plain matmuls, per KV head with its G query heads side by side (no
-    copy of the keys per query head): window and sink (pinned) logits side by side in one
-    softmax, in fp32 at least. Keys are stored [D, B] per block and KV head, which is the
-    transposed layout a matmul wants."""
+    The same attention in plain matmuls: window and sink (pinned) logits side by side in one
+    softmax, in fp32 at least, each KV head with its G query heads side by side. Keys and values
+    are read block by block where the cache keeps them (one index_select each, no copy per
+    query head, no transposing copy: keys are stored [D, B] per block and KV head, the layout a
+    matmul wants); at decode size that copying, not the arithmetic, is the cost."""
     T, Hq, D = query.shape
     Hkv = keys.shape[1]
     G = Hq // Hkv
@@ -189,25 +190,31 @@ def attend_small_tile(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
     def grouped(q):  # [T, Hq, D] -> [Hkv, T*G, D]
         return q.view(T, Hkv, G, D).permute(1, 0, 2, 3).reshape(Hkv, T * G, D).to(acc)
 
-    def gathered(blocks):  # keys [Hkv, D, N], values [Hkv, N, D]
-        k = keys[blocks].permute(1, 2, 0, 3).reshape(Hkv, D, -1).to(acc)
-        v = values[blocks].transpose(0, 1).reshape(Hkv, -1, D).to(acc)
-        return k, v
+    def scores(q, blocks, mask):  # -> [Hkv, T*G, NB*B], masked
+        k = keys.index_select(0, blocks).to(acc)                   # [NB, Hkv, D, B]
+        s = torch.matmul(q[None], k).mul_(scale)                   # [NB, Hkv, T*G, B]
+        s = s.permute(1, 2, 0, 3).reshape(Hkv, T, G, -1)
+        return s.add_(mask[:, None, :].to(acc)).view(Hkv, T * G, -1)
 
-    k, v = gathered(tile.window_blocks)
-    logits = torch.matmul(grouped(query), k).mul_(scale)              # [Hkv, T*G, N]
-    logits = logits.view(Hkv, T, G, -1).add_(tile.window_mask[0, 0, :, None, :].to(acc))
-    parts = [logits.view(Hkv, T * G, -1)]
+    def mix(weights, blocks):  # weights [Hkv, T*G, NB*B] -> [Hkv, T*G, D]
+        v = values.index_select(0, blocks).to(acc)                 # [NB, Hkv, B, D]
+        w = weights.view(Hkv, T * G, len(blocks), -1).permute(2, 0, 1, 3)
+        return torch.matmul(w, v).sum(0)
+
+    parts = [scores(grouped(query), tile.window_blocks, tile.window_mask[0, 0])]
     if tile.sink_mask is not None:
-        S = tile.sink_mask.shape[-1]
-        sink_k, sink_v = gathered(tile.sink_blocks)
         sink_q = rotate(query, tile.sink_rotation[:, None], rope.rotary_dim, rope.neox_style)
-        sink_logits = torch.matmul(grouped(sink_q), sink_k[:, :, :S]).mul_(scale)
-        sink_logits = sink_logits.view(Hkv, T, G, S).add_(tile.sink_mask[0, :, None, :].to(acc))
-        parts.append(sink_logits.view(Hkv, T * G, S))
-        v = torch.cat([v, sink_v[:, :S]], dim=1)
+        S = tile.sink_mask.shape[-1]
+        # The sink blocks' columns past the S pinned tokens are masked out.
+        mask = torch.nn.functional.pad(tile.sink_mask[0], (0, len(tile.sink_blocks) *
+                                                           keys.shape[-1] - S),
+                                       value=float("-inf"))
+        parts.append(scores(grouped(sink_q), tile.sink_blocks, mask))
     weights = torch.softmax(torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0], dim=-1)
-    out = torch.matmul(weights, v)                                    # [Hkv, T*G, D]
+    window_columns = parts[0].shape[-1]
+    out = mix(weights[..., :window_columns], tile.window_blocks)
+    if len(parts) > 1:
+        out += mix(weights[..., window_columns:], tile.sink_blocks)
     return out.view(Hkv, T, G, D).permute(1, 0, 2, 3).reshape(T, Hq, D)
 
 
