@@ -103,7 +103,7 @@ def main() -> None:
         llm = make_llm(args.model, streamsink={"sink_tokens": 4, "window_tokens": 1020,
                                                "max_pinned_tokens": 1024},
                        in_process=True, max_num_seqs=chats, enable_prefix_caching=caching,
-                       kv_cache_memory_bytes=4 << 30, enforce_eager=True)
+                       kv_cache_memory_bytes=6 << 30, enforce_eager=True)
         runs[label] = run(llm, conversations)
         runs[label]["block_bytes"] = block_bytes(llm.llm_engine.vllm_config)
         runs[label]["prefix_caching"] = caching

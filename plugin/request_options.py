@@ -23,6 +23,7 @@ request's shape from here.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -62,7 +63,9 @@ class StreamShape:
         return self.window_tokens - 1 + (self.sink_tokens if self.shadows else 0)
 
 
+@functools.lru_cache(maxsize=64)
 def engine_shape(cfg: StreamsinkConfig) -> StreamShape:
+    """The shape of a request without options (read for every row of every step: cached)."""
     return StreamShape(cfg.sink_tokens, cfg.window_tokens, shadows=True)
 
 

@@ -69,3 +69,18 @@ def test_outputs_do_not_change_when_other_engines_are_built(engines):
     assert max(abs(x - y) for x, y in zip(dense[:100], before[:100])) < 1e-3
     assert max(abs(x - y) for x, y in zip(dense[200:], before[200:])) > 1e-2
     assert max(abs(x - y) for x, y in zip(narrow[100:], before[100:])) > 1e-2
+
+
+def test_request_options_are_refused_by_a_stock_engine(engines):
+    """Per-request streaming options on the stock engine: one-line refusal; the streaming
+    engines beside it take them."""
+    from vllm import SamplingParams
+
+    first, stock, _, prompt, _ = engines
+    params = SamplingParams(max_tokens=2, detokenize=False,
+                            extra_args={"streamsink": {"window_tokens": 8}})
+    with pytest.raises(ValueError, match="need a streaming engine") as caught:
+        stock.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+    assert "\n" not in str(caught.value)
+    (out,) = first.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 2

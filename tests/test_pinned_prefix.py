@@ -194,3 +194,40 @@ def test_system_pin_counts_the_rendered_system_messages():
     cfg = parse_config({"max_pinned_tokens": 16})
     assert resolve_options(cfg, {"pin": "system"}, [5, 6, 7, 8, 9, 10], [5, 6, 7, 11]) == \
         {"pin_tokens": 3, "window_tokens": cfg.window_tokens}
+
+
+def test_chat_pins_exactly_the_system_prompt(tmp_path):
+    """vllm.LLM.chat with "pin": "system": the request's pinned count is the tokens the chat
+    template renders for the system message (here a prefix of every conversation's rendering),
+    and a request without options on the same engine keeps the engine's sinks."""
+    from tiny_models import make_tiny_llama_with_tokenizer
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+
+    from streamsink.request_options import StreamShape
+
+    model = make_tiny_llama_with_tokenizer(tmp_path / "llama")
+    system = [{"role": "system", "content": "You are Zorblax, keeper of the lighthouse. " * 4}]
+    messages = system + [{"role": "user", "content": "What is your name?"}]
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    rendered = tokenizer.apply_chat_template(system, tokenize=True)
+    system_ids = rendered["input_ids"] if hasattr(rendered, "keys") else rendered
+    full = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    full_ids = full["input_ids"] if hasattr(full, "keys") else full
+    assert full_ids[:len(system_ids)] == system_ids and len(full_ids) > len(system_ids)
+    llm = tiny_engine(model, {"sink_tokens": SINK, "window_tokens": WINDOW,
+                              "max_pinned_tokens": MAX_PINNED}, skip_tokenizer_init=False)
+    try:
+        manager, _ = kv_internals(llm)
+        for options, want in (({"pin": "system", "window_tokens": 30},
+                               StreamShape(len(system_ids), 30, shadows=False)),
+                              (None, None)):
+            llm.enqueue_chat(messages, params_for(options, max_tokens=4), use_tqdm=False)
+            llm.llm_engine.step()
+            (request_id,) = manager.req_to_blocks
+            assert manager.shapes.get(request_id) == want
+            while llm.llm_engine.has_unfinished_requests():
+                llm.llm_engine.step()
+    finally:
+        del llm
+        gc.collect()

@@ -3,6 +3,7 @@ with per-replica metrics on Ray's Prometheus export. One real Ray and one app fo
 started and stopped here (a tiny random Llama with the default model's tokenizer keeps it cheap).
 The last test stops the app with SIGTERM in the middle of a streamed request and checks that
 nothing of it is left; another stops a second app while its replicas start."""
+import json
 import re
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from openai_server import free_port
 
 MAX_MODEL_LEN = 1024
 SINK, WINDOW = 4, 252
+MAX_PINNED = 128
 READY = re.compile(r"^streamsink serve --ray: ready api=(\S+) metrics=(\S+) replicas=(\d+)$")
 START_TIMEOUT = 900
 API_KEY = "test-key-4b1d"
@@ -77,8 +79,8 @@ def app(tmp_path_factory):
     tag = tagged.new_tag()
     proc = subprocess.Popen(
         cli("serve", "--ray", "--replicas", "2", "--model", model, "--sink", str(SINK),
-            "--window", str(WINDOW), "--port", str(port), "--metrics-port", str(metrics_port),
-            *APP_ARGS, "--api-key", API_KEY),
+            "--window", str(WINDOW), "--max-pinned-tokens", str(MAX_PINNED), "--port", str(port),
+            "--metrics-port", str(metrics_port), *APP_ARGS, "--api-key", API_KEY),
         stdout=subprocess.PIPE, stderr=log, text=True, env=clean_env(tag))
     ready: list = []
 
@@ -194,6 +196,20 @@ def test_bad_request_is_4xx_and_key_is_required(app):
     assert post(app, good, None) == 401
     assert post(app, good, "wrong") == 401
     assert post(app, good, API_KEY) == 200
+
+
+def test_pinned_system_prompt_through_ray(app):
+    """A request's streamsink options reach the replicas' engines: a chat pinning its system
+    prompt past the window is answered, a pin over max_pinned_tokens is a 400."""
+    messages = [{"role": "system", "content": "You keep the lighthouse. " * 8},
+                {"role": "user", "content": long_prompt(400)}]
+    reply = client(app).chat.completions.create(
+        model=model_id(app), messages=messages, max_tokens=8,
+        extra_body={"ignore_eos": True, "streamsink": {"pin": "system"}})
+    assert reply.usage.prompt_tokens > SINK + WINDOW and reply.usage.completion_tokens == 8
+    body = json.dumps({"model": model_id(app), "prompt": long_prompt(400), "max_tokens": 2,
+                       "streamsink": {"pin_tokens": MAX_PINNED + 1}}).encode()
+    assert post(app, body, API_KEY) == 400
 
 
 def test_open_host_needs_an_api_key():
