@@ -3,7 +3,7 @@
 Why: a request pinning its system prompt (request_options.py) needs the tokens the chat template
 produced for its leading system messages; vLLM renders a conversation into token ids before the
 InputProcessor sees the request, and the messages do not travel with it.
-How: OfflineInferenceMixin._run_chat (behind LLM.chat and LLM.enqueue_chat) is wrapped: for each
+How: OfflineInferenceMixin._add_chat_requests (behind LLM.chat and LLM.enqueue_chat) is wrapped: for each
 conversation whose SamplingParams ask ``{"streamsink": {"pin": "system"}}``, a copy of its params
 carries the leading system messages along (as the OpenAI server's patch does,
 patches/openai_request_options.py); the InputProcessor (patches/input_length.py) then counts
@@ -29,10 +29,10 @@ def _asks_system_pin(params) -> bool:
     return isinstance(options, dict) and options.get(PIN) == "system"
 
 
-def _run_chat(self, messages, params, *args, **kwargs):
+def _add_chat_requests(self, messages, params, *args, **kwargs):
     single = isinstance(params, SamplingParams)
     if not (_asks_system_pin(params) if single else any(map(_asks_system_pin, params or ()))):
-        return _originals["_run_chat"](self, messages, params, *args, **kwargs)
+        return _originals["_add_chat_requests"](self, messages, params, *args, **kwargs)
     conversations = [messages] if messages and isinstance(messages[0], dict) else messages
     per_conversation = [params] * len(conversations) if single else list(params)
     carried = []
@@ -43,19 +43,24 @@ def _run_chat(self, messages, params, *args, **kwargs):
                        SYSTEM_MESSAGES: leading_system_messages(conversation)}
             p.extra_args = {**p.extra_args, CONFIG_KEY: options}
         carried.append(p)
-    return _originals["_run_chat"](self, messages, carried, *args, **kwargs)
+    return _originals["_add_chat_requests"](self, messages, carried, *args, **kwargs)
 
 
 def check_target() -> None:
-    target = _originals.get("_run_chat") or OfflineInferenceMixin.__dict__.get("_run_chat")
+    target = _originals.get("_add_chat_requests") or OfflineInferenceMixin.__dict__.get(
+        "_add_chat_requests")
     if target is None or list(inspect.signature(target).parameters)[:3] != [
             "self", "messages", "params"]:
-        raise PatchTargetMoved("OfflineInferenceMixin._run_chat(self, messages, params) changed")
+        raise PatchTargetMoved("OfflineInferenceMixin._add_chat_requests(self, messages, params) "
+                               "changed")
+    if "conversation_to_seq(messages)" not in inspect.getsource(target):
+        raise PatchTargetMoved("OfflineInferenceMixin._add_chat_requests no longer takes one "
+                               "conversation or a list of them")
 
 
 def apply() -> None:
     if _originals:
         return
     check_target()
-    _originals["_run_chat"] = OfflineInferenceMixin._run_chat
-    OfflineInferenceMixin._run_chat = _run_chat
+    _originals["_add_chat_requests"] = OfflineInferenceMixin._add_chat_requests
+    OfflineInferenceMixin._add_chat_requests = _add_chat_requests

@@ -41,7 +41,7 @@ from streamsink.config import streaming_config
 from streamsink.kv_cache_layout import split_kv_cache
 from streamsink.rope import RopeSpec, rope_spec_from_hf_config, rotate
 from streamsink.row_window import rows_of_config
-from streamsink.step_plan import QueryTile, ShadowWrites, StepPlan, plan_step
+from streamsink.step_plan import DecodeBatch, QueryTile, ShadowWrites, StepPlan, plan_step
 
 
 @dataclass
@@ -218,6 +218,39 @@ def attend_small_tile(query: torch.Tensor, keys: torch.Tensor, values: torch.Ten
     return out.view(Hkv, T, G, D).permute(1, 0, 2, 3).reshape(T, Hq, D)
 
 
+def attend_decode_batch(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                        batch: DecodeBatch, scale: float, rope: RopeSpec) -> torch.Tensor:
+    """attend_small_tile for R one-query tiles at once: query [R, Hq, D] -> [R, Hq, D]."""
+    R, Hq, D = query.shape
+    Hkv, B = keys.shape[1], keys.shape[-1]
+    G = Hq // Hkv
+    acc = torch.promote_types(query.dtype, torch.float32)
+
+    def scores(q, blocks, mask):  # -> [R, Hkv, G, NB*B], masked
+        NB = blocks.shape[1]
+        k = keys.index_select(0, blocks.flatten()).view(R, NB, Hkv, D, B).to(acc)
+        s = torch.matmul(q.view(R, 1, Hkv, G, D).to(acc), k).mul_(scale)  # [R, NB, Hkv, G, B]
+        s = s.permute(0, 2, 3, 1, 4).reshape(R, Hkv, G, NB * B)
+        return s.add_(mask[:, None, None, :].to(acc))
+
+    def mix(weights, blocks):  # weights [R, Hkv, G, NB*B] -> [R, Hkv, G, D]
+        NB = blocks.shape[1]
+        v = values.index_select(0, blocks.flatten()).view(R, NB, Hkv, B, D).to(acc)
+        w = weights.reshape(R, Hkv, G, NB, B).permute(0, 3, 1, 2, 4)   # [R, NB, Hkv, G, B]
+        return torch.matmul(w, v).sum(1)
+
+    parts = [scores(query, batch.window_blocks, batch.window_mask)]
+    if batch.sink_blocks is not None:
+        sink_q = rotate(query, batch.sink_rotation[:, None], rope.rotary_dim, rope.neox_style)
+        parts.append(scores(sink_q, batch.sink_blocks, batch.sink_mask))
+    weights = torch.softmax(torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0], dim=-1)
+    window_columns = parts[0].shape[-1]
+    out = mix(weights[..., :window_columns], batch.window_blocks)
+    if len(parts) > 1:
+        out += mix(weights[..., window_columns:], batch.sink_blocks)
+    return out.reshape(R, Hq, D)
+
+
 def _alibi_biases(tile: QueryTile, slopes: torch.Tensor, dtype: torch.dtype):
     """(window mask with each head's ALiBi bias [1, Hq, T, NB*B], sink bias [Hq, T, S] or None),
     in fp32 at least whatever the model's dtype (the fused kernel takes an fp32 mask with a bf16
@@ -308,6 +341,10 @@ class StreamsinkAttentionImpl(CPUAttentionBackendImpl):
         keys, values = split_kv_cache(kv_cache)
         out = output.view(output.shape[0], self.num_heads, self.head_size)
         q_all = query.view(query.shape[0], self.num_heads, self.head_size)
+        if plan.decodes is not None:
+            out[plan.decodes.tokens] = attend_decode_batch(
+                q_all[plan.decodes.tokens], keys, values, plan.decodes, self.scale,
+                self.rope).to(out.dtype)
         for tile in plan.tiles:
             q = q_all[tile.tokens]
             if q.shape[0] <= SMALL_TILE and self.rope is not None:

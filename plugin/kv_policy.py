@@ -87,6 +87,8 @@ class StreamingSinkManager(StreamingPrefixCache):
     def allocate_new_blocks(self, request_id: str, num_tokens: int, *args, **kwargs):
         blocks = super().allocate_new_blocks(request_id, num_tokens, *args, **kwargs)
         if blocks:
+            if request_id in self.shapes:   # with prefix caching off, the only place it shows
+                self._note_pins(request_id)
             self.publish()
         return blocks
 

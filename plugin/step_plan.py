@@ -114,6 +114,49 @@ class ShadowWrites:
 
 
 @dataclass
+class DecodeBatch:
+    """The one-query tiles of a step (decodes the kernel cannot take: pinned requests past
+    their cache, engine-shaped ones right after C), padded into one batch that every layer
+    computes at once (attention.attend_decode_batch) instead of one tile at a time. Padding
+    columns point at block 0 and are masked out."""
+
+    tokens: torch.Tensor            # [R] the queries' positions in the step's token order
+    window_blocks: torch.Tensor     # [R, NBw] physical blocks of each query's window
+    window_mask: torch.Tensor       # [R, NBw*B] 0 where visible, -inf elsewhere
+    sink_blocks: torch.Tensor | None    # [R, NBs] sink (pinned) blocks; None: no query has any
+    sink_mask: torch.Tensor | None      # [R, NBs*B]
+    sink_rotation: torch.Tensor | None  # [R, rotary_dim] cos|sin: query position -> its slot
+
+
+def batch_decode_tiles(tiles: list[QueryTile], block_size: int, rope: RopeSpec,
+                       dtype: torch.dtype) -> DecodeBatch:
+    """Pad one-query tiles (RoPE models) into a DecodeBatch."""
+    R = len(tiles)
+    widest = max(len(t.window_blocks) for t in tiles)
+    window_blocks = torch.zeros(R, widest, dtype=torch.long)
+    window_mask = torch.full((R, widest * block_size), float("-inf"), dtype=dtype)
+    for r, t in enumerate(tiles):
+        window_blocks[r, :len(t.window_blocks)] = t.window_blocks
+        window_mask[r, :t.window_mask.shape[-1]] = t.window_mask[0, 0, 0]
+    batch = DecodeBatch(tokens=torch.tensor([t.tokens.start for t in tiles]),
+                        window_blocks=window_blocks, window_mask=window_mask, sink_blocks=None,
+                        sink_mask=None, sink_rotation=None)
+    with_sinks = [t for t in tiles if t.sink_mask is not None]
+    if with_sinks:
+        widest = max(len(t.sink_blocks) for t in with_sinks)
+        batch.sink_blocks = torch.zeros(R, widest, dtype=torch.long)
+        batch.sink_mask = torch.full((R, widest * block_size), float("-inf"), dtype=dtype)
+        # No sink: any rotation (its columns are all masked); the identity.
+        batch.sink_rotation = rope.cos_sin(torch.zeros(R, dtype=torch.long), dtype)
+        for r, t in enumerate(tiles):
+            if t.sink_mask is not None:
+                batch.sink_blocks[r, :len(t.sink_blocks)] = t.sink_blocks
+                batch.sink_mask[r, :t.sink_mask.shape[-1]] = t.sink_mask[0, 0]
+                batch.sink_rotation[r] = t.sink_rotation[0]
+    return batch
+
+
+@dataclass
 class StepPlan:
     kernel: bool                   # vLLM's kernel with a window of C computes the whole step
     # A mixed step: the requests (batch rows) that vLLM's kernel computes; the others are tiles.
@@ -124,6 +167,8 @@ class StepPlan:
     # where their tokens sit in the step (a slice when contiguous, else an index tensor).
     kernel_metadata: object = None
     kernel_tokens: slice | torch.Tensor | None = None
+    # The step's one-query tiles, batched (RoPE models, two or more of them); not in `tiles`.
+    decodes: DecodeBatch | None = None
 
 
 def _query_tile(start: int, first: int, last: int, request: int, block_table: torch.Tensor,
@@ -237,4 +282,8 @@ def plan_step(cfg: StreamsinkConfig, rope: RopeSpec | None, block_size: int, seq
             t1 = min(t0 + PREFILL_TILE, end)
             plan.tiles.append(_query_tile(t0, first + t0 - start, first + t1 - 1 - start, r,
                                           block_table, shapes[r], rope, block_size, dtype))
+    one_query = [t for t in plan.tiles if t.tokens.stop - t.tokens.start == 1]
+    if rope is not None and len(one_query) >= 2:
+        plan.decodes = batch_decode_tiles(one_query, block_size, rope, dtype)
+        plan.tiles = [t for t in plan.tiles if t.tokens.stop - t.tokens.start > 1]
     return plan

@@ -226,3 +226,33 @@ def test_rebase_rerotation_equals_keys_cached_at_the_new_row_positions(neox_styl
     want = cache_at(positions - delta)
     assert torch.allclose(moved[kept], want[kept], atol=1e-12)
     assert torch.equal(moved[[0, 2]], cache_at(positions)[[0, 2]])  # other blocks untouched
+
+
+def test_decodes_batched_equal_one_tile_at_a_time():
+    """A step's one-query tiles — requests with different pins, windows and lengths, some past
+    their cache and some with no sink outside the window — computed as one padded batch equal
+    each tile computed alone (attend_small_tile, itself checked against the definition)."""
+    from streamsink.attention import attend_decode_batch, attend_small_tile
+    from streamsink.kv_cache_layout import split_kv_cache
+    from streamsink.request_options import StreamShape
+
+    torch.manual_seed(7)
+    cfg = StreamsinkConfig(sink_tokens=4, window_tokens=12, max_pinned_tokens=40)
+    block_size, kv_heads, heads, d = 8, 2, 4, 64
+    shapes = [StreamShape(40, 12, shadows=False), StreamShape(0, 9, shadows=False),
+              StreamShape(3, 5, shadows=False), StreamShape(4, 12), StreamShape(20, 7, False)]
+    seq_lens = [70, 30, 19, 18, 45]        # the engine-shaped one right after C (no kernel)
+    table = torch.randperm(60)[:50].view(5, 10)
+    cache = torch.randn(60, kv_heads, block_size, 2 * d, dtype=torch.float64)
+    keys, values = split_kv_cache(cache)
+    plan = plan_step(cfg, ROPE, block_size, seq_lens, list(range(6)), table, torch.float64,
+                     head_dim=d, shapes=shapes)
+    assert plan.decodes is not None and not plan.tiles
+    assert plan.decodes.tokens.tolist() == list(range(5))
+    query = torch.randn(5, heads, d, dtype=torch.float64)
+    got = attend_decode_batch(query, keys, values, plan.decodes, 0.125, ROPE)
+    for r in range(5):
+        (tile,) = plan_step(cfg, ROPE, block_size, [seq_lens[r]], [0, 1], table[r:r + 1],
+                            torch.float64, head_dim=d, shapes=[shapes[r]]).tiles
+        want = attend_small_tile(query[r:r + 1], keys, values, tile, 0.125, ROPE)
+        assert torch.allclose(got[r], want[0], atol=1e-12), r
