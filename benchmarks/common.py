@@ -17,6 +17,18 @@ latest = result_files.latest
 load = result_files.load
 
 
+def book_ids(tokenizer, name: str, skip_chars: int, fallback: str, tokens: int) -> list[int]:
+    """Token ids of a book of ../shared/data past its front matter (skip_chars characters), or,
+    where that folder is missing, of `fallback` ("{i}" numbered) repeated to about `tokens`."""
+    book = os.path.join(SHARED_DATA, name)
+    if os.path.exists(book):
+        with open(book, encoding="utf-8", errors="replace") as f:
+            text = f.read()[skip_chars:]
+    else:
+        text = " ".join(fallback.format(i=i) for i in range(tokens // 8 + 1))
+    return tokenizer(text)["input_ids"]
+
+
 def save(name: str, payload: dict, options=None) -> str:
     """Record one run of benchmark `name` (its measurements and raw samples; `options`: the
     parsed arguments) as a new file under results/<name>/; returns the path."""

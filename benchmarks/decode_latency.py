@@ -18,12 +18,15 @@ import time
 import common
 
 
-def start_decoding(llm, prompts: list[list[int]], steps: int, tag: str) -> None:
-    """Queue the prompts and run prefill until every request has its first token."""
+def start_decoding(llm, prompts: list[list[int]], steps: int, tag: str,
+                   options: dict | None = None) -> None:
+    """Queue the prompts and run prefill until every request has its first token. options: a
+    request's streamsink options (request_options.py)."""
     from vllm import SamplingParams
 
     engine = llm.llm_engine
-    params = SamplingParams(max_tokens=steps + 8, ignore_eos=True, detokenize=False)
+    params = SamplingParams(max_tokens=steps + 8, ignore_eos=True, detokenize=False,
+                            extra_args={"streamsink": options} if options else None)
     for i, p in enumerate(prompts):
         engine.add_request(f"{tag}{i}", {"prompt_token_ids": p}, params)
     started = set()

@@ -16,7 +16,6 @@ Without a pin the system prompt leaves the cache after ~10 turns and only the 4 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import common
@@ -31,14 +30,9 @@ PASSAGE_TOKENS = 90
 
 def passages(tokenizer, count: int) -> list[str]:
     """Consecutive passages of a book (a synthetic story without ../shared/data)."""
-    book = os.path.join(common.SHARED_DATA, "katrine-14263.txt")
-    if os.path.exists(book):
-        with open(book, encoding="utf-8", errors="replace") as f:
-            text = f.read()[20_000:]
-    else:
-        text = " ".join(f"Sentence {i} of a story about a lighthouse keeper and the sea."
-                        for i in range(40 * count))
-    ids = tokenizer(text)["input_ids"]
+    ids = common.book_ids(tokenizer, "katrine-14263.txt", 20_000,
+                          "Sentence {i} of a story about a lighthouse keeper and the sea.",
+                          count * PASSAGE_TOKENS)
     return [tokenizer.decode(ids[t * PASSAGE_TOKENS:(t + 1) * PASSAGE_TOKENS]).strip()
             for t in range(count)]
 

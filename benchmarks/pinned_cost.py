@@ -22,31 +22,10 @@ import gc
 import statistics
 
 import common
-from decode_latency import timed_step
+from decode_latency import finish, start_decoding, timed_step
 
 WINDOW = 1020
 BLOCK = 128
-
-
-def start(llm, tag: str, prompts: list[list[int]], options: dict | None, steps: int) -> None:
-    """Queue the streams and prefill them until each has its first token."""
-    from vllm import SamplingParams
-
-    params = SamplingParams(max_tokens=steps + 8, ignore_eos=True, detokenize=False,
-                            extra_args={"streamsink": options} if options else None)
-    engine = llm.llm_engine
-    for i, p in enumerate(prompts):
-        engine.add_request(f"{tag}{i}", {"prompt_token_ids": p}, params)
-    started = set()
-    while len(started) < len(prompts):
-        for out in engine.step():
-            if out.outputs[0].token_ids:
-                started.add(out.request_id)
-
-
-def finish(llm) -> None:
-    while llm.llm_engine.has_unfinished_requests():
-        llm.llm_engine.step()
 
 
 def main() -> None:
@@ -75,8 +54,8 @@ def main() -> None:
         length = pin + WINDOW + 2 * BLOCK
         prompts = [[(7 * i + 13 * j) % 5000 + 100 for j in range(length)]
                    for i in range(args.batch)]
-        start(shadow_engine, f"s{pin}-", prompts, None, 2 * steps)
-        start(pinned_engine, f"p{pin}-", prompts, {"pin_tokens": pin}, 2 * steps)
+        start_decoding(shadow_engine, prompts, 2 * steps, f"s{pin}-")
+        start_decoding(pinned_engine, prompts, 2 * steps, f"p{pin}-", {"pin_tokens": pin})
         shadow_times, pinned_times = [], []
         for _ in range(steps):
             shadow_times.append(timed_step(shadow_engine))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import time
 
 import common
@@ -23,14 +22,10 @@ USER_TOKENS, NEW_TOKENS = 300, 64
 
 
 def book_text(tokenizer, start: int, tokens: int) -> str:
-    book = os.path.join(common.SHARED_DATA, "log-school-house-14881.txt")
-    if os.path.exists(book):
-        with open(book, encoding="utf-8", errors="replace") as f:
-            text = f.read()[10_000:]
-    else:
-        text = " ".join(f"Rule {i}: keep the school house tidy and the stove lit."
-                        for i in range(4000))
-    ids = tokenizer(text)["input_ids"]
+    """Tokens start..start+tokens of a book (a synthetic text without ../shared/data)."""
+    ids = common.book_ids(tokenizer, "log-school-house-14881.txt", 10_000,
+                          "Rule {i}: keep the school house tidy and the stove lit.",
+                          start + tokens)
     return tokenizer.decode(ids[start:start + tokens]).strip()
 
 

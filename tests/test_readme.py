@@ -49,3 +49,18 @@ def test_python_example_runs_as_written(tmp_path):
     loaded = [line for line in log.splitlines() if "streamsink" in line and "plugin loaded" in line]
     assert any("EngineCore" in line for line in loaded), loaded
     assert any("Worker" in line for line in loaded), loaded
+
+
+def test_pinned_prompt_example_runs_as_written(tmp_path):
+    """docs/pinned_prompt.md's `vllm.LLM` example (pin the system prompt through LLM.chat)."""
+    with open(os.path.join(ROOT, "docs", "pinned_prompt.md"), encoding="utf-8") as f:
+        match = re.search(r"<!-- example:pinned_python -->\s*```python\n(.*?)```", f.read(),
+                          re.S)
+    assert match, "docs/pinned_prompt.md has no marked Python example"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_KVCACHE_SPACE")}
+    done = subprocess.run([sys.executable, "-c", match.group(1)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = [ln for ln in done.stdout.splitlines() if ln.startswith("answer:")]
+    assert line.removeprefix("answer:").strip()

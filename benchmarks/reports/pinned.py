@@ -23,10 +23,7 @@ def _cost_markdown(results: dict, doc: Doc) -> str:
     rows = [[integer(r["pinned_tokens"]), integer(r["cache_tokens"]),
              ms(r["shadows_ms_per_step"]), ms(r["pinned_ms_per_step"]),
              ratio(r["pinned_over_shadows"], 3)] for r in data["rows"]]
-    cheaper = data.get("pinned_cheaper_from")
-    verdict = (f"The separate pinned range is the cheaper way from P = {cheaper:,} on (of the P "
-               "measured); below that the kernel with shadows is." if cheaper is not None else
-               "The kernel with shadows was the cheaper way at every P measured.")
+    verdict = _cost_verdict(data["rows"])
     return "\n\n".join([
         f"Decode step past C, batch {data['batch']}, window {data['window_tokens']:,}, median "
         f"of {data['steps']} steps each, the two engines' steps alternating in one process.",
@@ -35,6 +32,34 @@ def _cost_markdown(results: dict, doc: Doc) -> str:
         verdict,
         image(doc, COST_IMAGE, "decode step time against pinned tokens"),
         source(result, doc)])
+
+
+# Ratios within this of 1 count as a tie: step medians of one run vary by about that much.
+TIE = 0.03
+
+
+def _cost_verdict(rows: list[dict]) -> str:
+    """Where each way is faster, from the measured ratios (pinned / shadows)."""
+    def pins(group):
+        return ", ".join(f"{r['pinned_tokens']:,}" for r in group)
+
+    def span(group, digits=2):
+        ratios = sorted(r["pinned_over_shadows"] for r in group)
+        return ratio(ratios[0], digits) if len(ratios) == 1 else \
+            f"{ratio(ratios[0], digits)}–{ratio(ratios[-1], digits)}"
+
+    slower = [r for r in rows if r["pinned_over_shadows"] > 1 + TIE]
+    tied = [r for r in rows if abs(r["pinned_over_shadows"] - 1) <= TIE]
+    faster = [r for r in rows if r["pinned_over_shadows"] < 1 - TIE]
+    said = []
+    if slower:
+        said.append(f"at P = {pins(slower)} the kernel with shadows is faster (the pinned range "
+                    f"costs {span(slower)} its step)")
+    if tied:
+        said.append(f"at P = {pins(tied)} the two are within {TIE:.0%} ({span(tied, 3)})")
+    if faster:
+        said.append(f"at P = {pins(faster)} the pinned range is faster ({span(faster)})")
+    return "Measured: " + "; ".join(said) + "."
 
 
 def _cost_images(results: dict, img_dir: str) -> list[str]:
