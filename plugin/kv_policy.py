@@ -126,7 +126,7 @@ class StreamingSinkManager(StreamingPrefixCache):
             "streams": len(self.req_to_blocks),
             "pinned_blocks": len(self.pin_holders),
             "pinned_block_refs": sum(len(h) for h in self.pin_holders.values()),
-            "pinned_streams": len(self.shapes),
+            "pinned_streams": sum(1 for r in self.shapes if self.req_to_blocks.get(r)),
             "pool_used_blocks": self.block_pool.num_gpu_blocks - 1
             - self.block_pool.get_num_free_blocks()}, force=force)
 
