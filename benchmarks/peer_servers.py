@@ -50,25 +50,33 @@ def llama_server_argv(binary: str, gguf: str, *, slots: int, slot_ctx: int, keep
     return argv
 
 
-def kv_bytes_per_token(model_dir: str) -> int:
-    """fp32 K and V of every layer for one token."""
+def kv_bytes_per_token(model_dir: str, dtype: str = "float32") -> int:
+    """K and V of every layer for one token, in the engine's dtype (the KV cache's)."""
     with open(os.path.join(model_dir, "config.json")) as f:
         cfg = json.load(f)
     heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    return 2 * cfg["num_hidden_layers"] * heads * head_dim * 4
+    return 2 * cfg["num_hidden_layers"] * heads * head_dim * (4 if dtype == "float32" else 2)
 
 
-def streamsink_engine(model: str, *, streams: int, sink: int, window: int, chunk: int) -> dict:
-    """KV budget and row width for `streams` concurrent streams of S+W (benchmarks/load.py's
-    sizing: every stream's window held at once, in whole blocks, plus one block in flight)."""
-    blocks_per_stream = math.ceil(sink / BLOCK) + math.ceil((sink + window) / BLOCK) + 1
+def blocks_per_stream(sink: int, window: int) -> int:
+    """KV blocks one decoding stream of S+W holds at most: its sink blocks, the window in whole
+    blocks, and one block in flight (benchmarks/load.py's sizing)."""
+    return math.ceil(sink / BLOCK) + math.ceil((sink + window) / BLOCK) + 1
+
+
+def streamsink_engine(model: str, *, streams: int, sink: int, window: int, chunk: int,
+                      dtype: str = "float32") -> dict:
+    """KV budget and row width for `streams` concurrent streams of S+W: every stream's
+    blocks_per_stream at once."""
+    per_stream = blocks_per_stream(sink, window)
     row = (math.ceil(sink / BLOCK) + 1) * BLOCK + sink + window + chunk
     # + 1: vLLM keeps one block of the pool to itself (the null block), and it refuses to start
     # unless one request of max_model_len fits in the rest.
-    blocks = max(streams * blocks_per_stream, math.ceil(row / BLOCK)) + 1
-    return {"kv_cache_bytes": blocks * BLOCK * kv_bytes_per_token(model), "kv_blocks": blocks,
-            "max_model_len": row, "max_num_batched_tokens": chunk, "max_num_seqs": streams}
+    blocks = max(streams * per_stream, math.ceil(row / BLOCK)) + 1
+    return {"kv_cache_bytes": blocks * BLOCK * kv_bytes_per_token(model, dtype),
+            "kv_blocks": blocks, "max_model_len": row, "max_num_batched_tokens": chunk,
+            "max_num_seqs": streams, "dtype": dtype}
 
 
 def streamsink_argv(model: str, *, sink: int, window: int, port: int, engine: dict,
@@ -80,6 +88,7 @@ def streamsink_argv(model: str, *, sink: int, window: int, port: int, engine: di
             "--max-model-len", str(engine["max_model_len"]),
             "--max-num-batched-tokens", str(engine["max_num_batched_tokens"]),
             "--max-num-seqs", str(engine["max_num_seqs"]),
+            "--dtype", engine.get("dtype", "float32"),
             "--override-generation-config", json.dumps({"temperature": 0.0}),
             "--disable-uvicorn-access-log"]
     return argv + (["--enforce-eager"] if eager else [])

@@ -29,7 +29,9 @@ IMG_DIR = os.path.join(REPO, "docs", "img")
 LINKS = {"README.md": Doc(base="", img="docs/img/"),
          "docs/benchmarks.md": Doc(base="../", img="img/"),
          "docs/peer_llamacpp.md": Doc(base="../", img="img/"),
-         "docs/pinned_prompt.md": Doc(base="../", img="img/")}
+         "docs/pinned_prompt.md": Doc(base="../", img="img/"),
+         "docs/weights.md": Doc(base="../", img="img/"),
+         "docs/token_time.md": Doc(base="../", img="img/")}
 BLOCK = re.compile(r"<!-- generated:(?P<name>[\w-]+) -->(?P<body>.*?)"
                    r"<!-- /generated:(?P=name) -->", re.S)
 

@@ -21,6 +21,7 @@ from streamsink.rope import (
     uses_alibi,
 )
 from streamsink.row_window import min_row_tokens
+from streamsink.weights import quantization_refusal
 
 logger = init_logger("vllm.plugins.streamsink")
 
@@ -40,8 +41,21 @@ def configure_streaming_engine(vllm_config) -> None:
         return
     arch = (model_config.architectures or ["?"])[0]
     reason = model_refusal(arch, model_config.hf_text_config, cfg.cache_tokens)
+    if reason is None:
+        reason = quantization_refusal(_quantization_config(model_config),
+                                      str(model_config.dtype).removeprefix("torch."))
     if reason is not None:
         raise StreamsinkConfigError(reason)
+
+
+def _quantization_config(model_config) -> dict | None:
+    """The checkpoint's quantization_config as a dict (transformers may hand an object)."""
+    qconfig = getattr(model_config.hf_config, "quantization_config", None)
+    if qconfig is None:
+        qconfig = getattr(model_config.hf_text_config, "quantization_config", None)
+    if qconfig is not None and not isinstance(qconfig, dict):
+        qconfig = qconfig.to_dict() if hasattr(qconfig, "to_dict") else vars(qconfig)
+    return qconfig
 
 
 def model_refusal(arch: str, hf_config, cache_tokens: int) -> str | None:

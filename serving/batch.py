@@ -99,7 +99,7 @@ def prepare(args, pending) -> "Setup":
         raise BatchInputError("use --model before any vLLM engine argument")
     overrides.setdefault("max_num_seqs", DEFAULT_MAX_NUM_SEQS)
     entry = streamsink_entry(args.sink, args.window)["streamsink"]
-    kwargs = engine_kwargs(args.model, entry, **overrides)
+    kwargs = engine_kwargs(args.model, entry, args.weights, **overrides)
     config = check_engine_config(kwargs)
     if args.stock:
         # The stock engines get the budget the streaming ones would size for themselves:

@@ -18,6 +18,7 @@ import sys
 
 from streamsink.config import DEFAULT_SINK_TOKENS, DEFAULT_WINDOW_TOKENS
 from streamsink.errors import StreamsinkConfigError, UsageError, find_config_error, one_line
+from streamsink.weights import AUTO, WEIGHT_CHOICES
 
 # Set to show the traceback of an unexpected failure instead of its one-line summary.
 DEBUG_ENV = "STREAMSINK_DEBUG"
@@ -31,6 +32,11 @@ LOADTEST_WINDOW = 124
 def _model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="local checkpoint directory or hub id (default: the "
                                    "embedded SmolLM2-135M-Instruct, prepared on first use)")
+    p.add_argument("--weights", choices=WEIGHT_CHOICES, default=AUTO,
+                   help="the default model's weight format: fp32, bf16, q8 (int8 weights and "
+                        "activations), q4 (4-bit weights, bf16 activations); auto (default): "
+                        "the fastest within 1%% of fp32's perplexity on this CPU "
+                        "(docs/weights.md). Quantized formats are prepared once on first use")
 
 
 def _stream(p: argparse.ArgumentParser, window: int = DEFAULT_WINDOW_TOKENS,

@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
           f"{cfg.window_tokens}-token window (cache {cfg.cache_tokens}); starting the engine...",
           flush=True)
     llm = make_llm(args.model, streamsink=cfg.as_dict(), in_process=True, enforce_eager=True,
-                   max_num_seqs=1)
+                   weights=args.weights, max_num_seqs=1)
     print(f"streamsink demo: KV pool {kv_pool_bytes(llm) / 2**20:.0f} MiB (sized for one "
           "stream at full window)", flush=True)
     from vllm import SamplingParams

@@ -5,17 +5,23 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from streamsink.serving.engine_args import engine_environment, engine_kwargs, scoped_environ
+from streamsink.serving.engine_args import (
+    engine_environment,
+    engine_kwargs,
+    scoped_environ,
+    worker_threads_environment,
+)
 
 
 def make_llm(model: str | None = None, streamsink: dict | None = None, in_process: bool = False,
-             **overrides: Any):
+             weights: str | None = None, **overrides: Any):
     """A vllm.LLM. in_process=True keeps the engine core in this process, so callers can step
-    it and read its scheduler (live stats, progress)."""
+    it and read its scheduler (live stats, progress). weights: the default model's format
+    (weights.py; None: dense fp32)."""
     # Read once, when vLLM is first imported: the tools show vLLM's warnings only.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    kwargs = engine_kwargs(model, streamsink, **overrides)
-    env = engine_environment(kwargs)
+    kwargs = engine_kwargs(model, streamsink, weights, **overrides)
+    env = {**engine_environment(kwargs), **worker_threads_environment()}
     if in_process:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM

@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from streamsink.config import CONFIG_KEY, parse_config
 from streamsink.errors import StreamsinkConfigError, UsageError, find_config_error, one_line
 from streamsink.model_store import resolve_model
 from streamsink.row_window import min_row_tokens
+from streamsink.weights import AUTO, BFLOAT16, needs_16bit_activations, resolve_weights
 
-# fp32 by default: exact against the float64 reference, and bf16 is ~5x slower than fp32 on
-# CPUs without AVX-512 BF16 (pass --dtype bfloat16 where /proc/cpuinfo lists avx512_bf16).
+# fp32 for a checkpoint of the user's that is dense: exact against the float64 reference, and
+# bf16 is ~5x slower than fp32 on CPUs without AVX-512 BF16 (--dtype bfloat16 where
+# /proc/cpuinfo lists avx512_bf16). The default model's dtype follows --weights (weights.py).
 DEFAULT_DTYPE = "float32"
+# What the tools that build engines in Python (make_llm, benchmarks, tests) run when they name
+# no format: the dense fp32 checkpoint, exact against the reference on any CPU. The command
+# line's default is "auto" (weights.py).
+LIBRARY_WEIGHTS = "fp32"
 # Streams one engine runs at once unless told (vLLM's CPU default is 128 for its server, 256
 # for vllm.LLM); the KV pool is sized for this many streams at full window.
 DEFAULT_MAX_NUM_SEQS = 64
@@ -31,6 +38,9 @@ VLLM_DEFAULT_CHUNK = 4096
 # A stock engine built by streamsink's tools (comparisons) gets this KV budget unless told:
 # vLLM's own CPU default wants 92% of the node's memory free, which ordinary page cache breaks.
 STOCK_KV_CACHE_BYTES = 1 << 30
+# Up to this many cores, streamsink's launchers give the worker all of them
+# (worker_threads_environment).
+SMALL_MACHINE_CORES = 4
 # Process-wide: vLLM reads it whenever an engine config is built, here and in engine processes.
 # Set only for a streaming engine whose rows are wider than the model's positions (streamsink
 # computes RoPE past the model's table, patches/rotary_embedding.py).
@@ -80,11 +90,35 @@ class VllmArgParser:
         return {k: v for k, v in vars(args).items() if v != defaults.get(k)}
 
 
+@dataclass(frozen=True)
+class ModelChoice:
+    """The checkpoint an engine loads and its activation dtype (the KV cache's too)."""
+    path: str
+    dtype: str
+    weights: str | None   # the default model's format (weights.py); None: the user's checkpoint
+
+
+def choose_model(model: str | None, weights: str | None = None) -> ModelChoice:
+    """--model and --weights into a checkpoint and dtype. --weights chooses the default model's
+    format (None: LIBRARY_WEIGHTS); a checkpoint of the user's decides its own (4-bit weights
+    need 16-bit activations: bfloat16; else DEFAULT_DTYPE)."""
+    if model:
+        if weights not in (None, AUTO):
+            raise UsageError(f"--weights {weights} chooses the default model's format; with "
+                             f"--model the checkpoint decides (--dtype sets its activations)")
+        path = resolve_model(model)
+        needs_16bit = os.path.isdir(path) and needs_16bit_activations(path)
+        return ModelChoice(path, BFLOAT16 if needs_16bit else DEFAULT_DTYPE, None)
+    fmt = resolve_weights(weights or LIBRARY_WEIGHTS)
+    return ModelChoice(resolve_model(None, fmt.checkpoint), fmt.activation_dtype(), fmt.name)
+
+
 def engine_kwargs(model: str | None = None, streamsink: dict | None = None,
-                  **overrides: Any) -> dict:
+                  weights: str | None = None, **overrides: Any) -> dict:
     """Keyword arguments for ``vllm.LLM``; ``streamsink=None`` means a stock engine (with
     STOCK_KV_CACHE_BYTES unless overridden; a streaming one sizes its own pool)."""
-    kwargs: dict[str, Any] = dict(model=resolve_model(model), dtype=DEFAULT_DTYPE)
+    choice = choose_model(model, weights)
+    kwargs: dict[str, Any] = dict(model=choice.path, dtype=choice.dtype)
     if streamsink is not None:
         kwargs["additional_config"] = {CONFIG_KEY: dict(streamsink)}
     else:
@@ -118,6 +152,24 @@ def engine_environment(kwargs: dict) -> dict[str, str]:
     if max_len and max_len > model_positions(kwargs["model"]):
         return {LONG_CONTEXT_ENV: "1"}
     return {}
+
+
+def worker_threads_environment() -> dict[str, str]:
+    """Bind the engine's worker threads to every core of a small machine.
+
+    vLLM's CPU worker leaves one core of the machine to the engine-core process (whose loop
+    polls the worker's queue), which on 2 cores halves the model's arithmetic; measured here
+    (benchmarks/token_time.py, docs/token_time.md), all cores to the worker makes a served token
+    faster at 1 stream and about 1.7x the tokens/s at 8, the engine core's polling
+    notwithstanding. Applies where the process may use at most SMALL_MACHINE_CORES cores and
+    the user has not chosen a binding (VLLM_CPU_OMP_THREADS_BIND); one engine per machine (Ray
+    replicas, which may share a machine, keep vLLM's own binding)."""
+    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return {}
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) > SMALL_MACHINE_CORES:
+        return {}
+    return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores))}
 
 
 @contextlib.contextmanager

@@ -1,9 +1,10 @@
-"""`streamsink model-path`: print the local checkpoint directory of a model."""
+"""`streamsink model-path`: print the local checkpoint directory of a model (the default
+model's: of the --weights format, prepared if needed)."""
 from __future__ import annotations
 
-from streamsink.model_store import resolve_model
+from streamsink.serving.engine_args import choose_model
 
 
 def run(args) -> int:
-    print(resolve_model(args.model))
+    print(choose_model(args.model, args.weights).path)
     return 0

@@ -12,8 +12,8 @@ import sys
 
 from streamsink.config import parse_config
 from streamsink.errors import UsageError
-from streamsink.model_store import resolve_model
 from streamsink.serving.engine import make_llm, scheduler_of
+from streamsink.serving.engine_args import choose_model
 
 
 def load_token_ids(text_path: str, tokenizer, offset: int, max_tokens: int | None) -> list[int]:
@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = parse_config({"sink_tokens": args.sink, "window_tokens": args.window})
     from transformers import AutoTokenizer
 
-    model = resolve_model(args.model)
+    choice = choose_model(args.model, args.weights)
+    model = choice.path
     ids = load_token_ids(args.text, AutoTokenizer.from_pretrained(model), args.offset,
                          args.max_tokens)
     if cfg.window_tokens > len(ids):
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         # the same computation and keeps the engine's rows and KV admission small.
         cfg = parse_config({"sink_tokens": cfg.sink_tokens, "window_tokens": len(ids)})
     llm = make_llm(model, streamsink=cfg.as_dict(), in_process=True, enforce_eager=True,
-                   max_num_batched_tokens=args.chunk, max_num_seqs=1)
+                   dtype=choice.dtype, max_num_batched_tokens=args.chunk, max_num_seqs=1)
     nlls = streaming_nlls(llm, ids)
     if args.out:
         with open(args.out, "w") as f:

@@ -13,13 +13,13 @@ import os
 from dataclasses import dataclass, field
 
 from streamsink.config import CONFIG_KEY
-from streamsink.model_store import resolve_model, served_name
+from streamsink.model_store import served_name
 from streamsink.serving.engine_args import (
-    DEFAULT_DTYPE,
     DEFAULT_MAX_NUM_SEQS,
     EngineArgsError,
     VllmArgParser,
     check_engine_config,
+    choose_model,
     engine_environment,
     streamsink_entry,
 )
@@ -72,20 +72,22 @@ class RaySpec:
 
 
 def build_spec(model: str | None, sink: int, window: int, replicas: int,
-               vllm_args: list[str], max_pinned: int = 0) -> RaySpec:
+               vllm_args: list[str], max_pinned: int = 0,
+               weights: str | None = None) -> RaySpec:
     """The deployment, validated; raises StreamsinkConfigError / EngineArgsError /
     ModelNotFoundError with a one-line message."""
     if replicas < 1:
         raise EngineArgsError(f"--replicas must be >= 1, got {replicas}")
     entry = streamsink_entry(sink, window, max_pinned)
-    model_path = resolve_model(model)
+    choice = choose_model(model, weights)
+    model_path = choice.path
     kwargs = VllmArgParser("streamsink serve --ray").explicit(vllm_args)
     served = kwargs.pop("served_model_name", None)
     model_id = (served[0] if served else None) or served_name(model)
     for name in _NOT_ENGINE_ARGS & set(kwargs):
         raise EngineArgsError(f"--{name.replace('_', '-')} is set by streamsink serve --ray "
                               f"(use --model / --served-model-name)")
-    kwargs.setdefault("dtype", DEFAULT_DTYPE)
+    kwargs.setdefault("dtype", choice.dtype)
     kwargs.setdefault("max_num_seqs", DEFAULT_MAX_NUM_SEQS)
     additional = dict(kwargs.get("additional_config") or {})
     additional.setdefault(CONFIG_KEY, entry[CONFIG_KEY])

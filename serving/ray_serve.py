@@ -69,7 +69,7 @@ def run(args) -> int:
     replicas = args.replicas or 1
     key = api_key(args.api_key)  # serve.run checked the exposure rule already
     spec = build_spec(args.model, args.sink, args.window, replicas, args.vllm_args,
-                      args.max_pinned_tokens)
+                      args.max_pinned_tokens, args.weights)
     processes.become_subreaper()
     stop = processes.StopRequest().install()
     started: list[ray_cluster.RayHandle] = []

@@ -28,15 +28,16 @@ import tempfile
 
 from streamsink.errors import UsageError
 from streamsink.metrics import ENV_DIR
-from streamsink.model_store import resolve_model, served_name
+from streamsink.model_store import served_name
 from streamsink.serving import processes
 from streamsink.serving.engine_args import (
-    DEFAULT_DTYPE,
     DEFAULT_MAX_NUM_SEQS,
     VllmArgParser,
     check_engine_config,
+    choose_model,
     engine_environment,
     streamsink_entry,
+    worker_threads_environment,
 )
 from streamsink.serving.network import LOOPBACK, api_key, check_exposure
 
@@ -50,10 +51,11 @@ def _given(flag: str, argv: list[str]) -> bool:
 
 
 def server_argv(model: str | None, sink: int, window: int, vllm_args: list[str],
-                max_pinned: int = 0) -> list[str]:
+                max_pinned: int = 0, weights: str | None = None) -> list[str]:
     """vLLM server arguments: ours first, the user's pass-through arguments win."""
-    argv = ["--model", resolve_model(model)]
-    defaults = {"--served-model-name": served_name(model), "--dtype": DEFAULT_DTYPE,
+    choice = choose_model(model, weights)
+    argv = ["--model", choice.path]
+    defaults = {"--served-model-name": served_name(model), "--dtype": choice.dtype,
                 "--max-num-seqs": str(DEFAULT_MAX_NUM_SEQS),
                 "--additional-config": json.dumps(streamsink_entry(sink, window, max_pinned))}
     for flag, value in defaults.items():
@@ -91,7 +93,7 @@ def plain_server_argv(args) -> list[str]:
     if key:
         vllm_args += ["--api-key", key]
     return server_argv(args.model, args.sink, args.window, vllm_args,
-                       getattr(args, "max_pinned_tokens", 0))
+                       getattr(args, "max_pinned_tokens", 0), args.weights)
 
 
 def run(args) -> int:
@@ -110,7 +112,7 @@ def run(args) -> int:
     # This server's engine processes report to a snapshot folder of their own (metrics.py),
     # removed when the server is gone.
     metrics = tempfile.mkdtemp(prefix="streamsink-metrics-")
-    env = dict(os.environ, **engine_env, **{ENV_DIR: metrics})
+    env = dict(os.environ, **engine_env, **worker_threads_environment(), **{ENV_DIR: metrics})
     server = subprocess.Popen([sys.executable, "-m", SERVER_MODULE, *argv], env=env,
                               start_new_session=True)
     try:

@@ -131,11 +131,12 @@ def _collect(out, prompt: list[int], prompt_logprobs: bool) -> Sequence:
     return seq
 
 
-def run_streaming(model_path: str, shape: StreamShape, seed: int = 0) -> FamilyRun:
+def run_streaming(model_path: str, shape: StreamShape, seed: int = 0,
+                  **engine_overrides) -> FamilyRun:
     llm = tiny_engine(model_path, {"sink_tokens": shape.sink, "window_tokens": shape.window},
                       block_size=shape.block, max_model_len=shape.max_model_len,
                       max_num_batched_tokens=shape.step, max_num_seqs=len(shape.prompts),
-                      enable_prefix_caching=True)
+                      enable_prefix_caching=True, **engine_overrides)
     try:
         with _PlanSpy() as spy:
             prompts = [random_tokens(n, seed=seed + n) for n in shape.prompts]
@@ -172,10 +173,10 @@ def dense_prefix(model_path: str, shape: StreamShape) -> int:
     return shape.cache_tokens + 1 if limit is None else min(shape.cache_tokens + 1, limit[0] - 1)
 
 
-def run_stock_dense(model_path: str, tokens: list[int]) -> list[float]:
+def run_stock_dense(model_path: str, tokens: list[int], **engine_overrides) -> list[float]:
     """Stock vLLM (no streamsink config) on one prompt: NLL of tokens[t+1] by t."""
     llm = tiny_engine(model_path, None, max_model_len=len(tokens) + 1, max_num_seqs=1,
-                      max_num_batched_tokens=max(len(tokens), 64))
+                      max_num_batched_tokens=max(len(tokens), 64), **engine_overrides)
     try:
         (out,) = llm.generate([{"prompt_token_ids": tokens}], _params(1, True), use_tqdm=False)
         return [-out.prompt_logprobs[t][tokens[t]].logprob for t in range(1, len(tokens))]

@@ -1,7 +1,10 @@
-"""The llama.cpp comparison's docs (benchmarks/reports/peer_llamacpp.py) from a small synthetic
-result: the ratios shown are the ones the data gives, a run with only one part renders that part,
-each block shows the newest run holding its part, and a smoke run (--quick) is never the one the
-docs show. No engine, no server."""
+"""The llama.cpp comparison's docs (benchmarks/reports/peer_llamacpp.py) from small synthetic
+results, in the shape of runs from before streamsink's weights were chosen (one streamsink row)
+and of runs since (a streamsink row per weight format, each with its llama.cpp peer, the
+equal-work row, a 64-stream level, the KV a stream holds): the ratios and goal verdicts shown are
+the ones the data gives, a run with only one part renders that part, each block shows the newest
+run holding its part, and a smoke run (--quick) is never the one the docs show. No engine, no
+server."""
 import json
 import os
 import re
@@ -24,11 +27,11 @@ TPS = {("streamsink", 1): 10.0, ("llamacpp-f32", 1): 25.0, ("llamacpp-q4_1", 1):
 SLOT, PROMPT, OUTPUT = 256, 320, 64
 
 
-def _summary(tps: float, streams: int) -> dict:
+def _summary(tps: float, streams: int, itl_ms: float = 40.0) -> dict:
     pct = lambda v: {"p50": v, "p99": 2 * v, "max": 3 * v, "mean": v}  # noqa: E731
     return {"requests": streams, "ok": streams, "errors": 0, "error_samples": [],
             "tokens_received": streams * OUTPUT, "tokens_per_s": tps, "duration_s": 10.0,
-            "ttft_ms": pct(500.0), "itl_ms": pct(40.0), "e2el_ms": pct(3000.0)}
+            "ttft_ms": pct(500.0), "itl_ms": pct(itl_ms), "e2el_ms": pct(3000.0)}
 
 
 def _trace(itl_ms: float, shifts=None) -> dict:
@@ -98,6 +101,64 @@ def synthetic(time_utc: str, *, quick: bool = False, load: bool = True,
                 "nlls": nlls} if ppl else {"results": {}},
         "systems": systems, "wall_s": 5400.0,
     }
+
+
+# A run since the weights were chosen: tokens/s by (system, streams), ITL p50 by system (the
+# same at every level), the KV a stream holds by system (tokens, bytes: 128-token blocks of
+# 23,040 bytes a token in bf16, 46,080 in fp32; llama.cpp's 256-token slot).
+WEIGHTS_TPS = {
+    "streamsink-f32": {1: 10.0, 8: 30.0, 32: 40.0, 64: 45.0},
+    "streamsink-q4": {1: 18.0, 8: 50.0, 32: 66.0, 64: 72.0},
+    "streamsink-q4-cut": {1: 19.0, 8: 55.0, 32: 60.0, 64: 80.0},
+    "llamacpp-f32": {1: 12.5, 8: 25.0, 32: 25.0, 64: 30.0},
+    "llamacpp-q4_1": {1: 30.0, 8: 50.0, 32: 60.0, 64: 64.0},
+}
+WEIGHTS_ITL = {"streamsink-f32": 90.0, "streamsink-q4": 22.0, "streamsink-q4-cut": 21.0,
+               "llamacpp-f32": 60.0, "llamacpp-q4_1": 20.0}
+WEIGHTS_KV = {"streamsink-f32": (512, 512 * 46080), "streamsink-q4": (512, 512 * 23040),
+              "streamsink-q4-cut": (512, 512 * 23040), "llamacpp-f32": (256, 256 * 46080),
+              "llamacpp-q4_1": (256, 256 * 23040)}
+
+
+def synthetic_weights(time_utc: str, tps: dict | None = None) -> dict:
+    """synthetic()'s run with the shape of one since streamsink's weights were chosen."""
+    tps = tps or WEIGHTS_TPS
+    d = synthetic(time_utc)
+    ours = {"kind": "streamsink", "checkpoint": "SmolLM2-135M-Instruct-q4", "weights": "q4",
+            "dtype": "bfloat16", "peer": "llamacpp-q4_1"}
+    d["systems"] = [
+        {"name": "streamsink-f32", "kind": "streamsink", "weights": "fp32", "dtype": "float32",
+         "checkpoint": "SmolLM2-135M-Instruct", "peer": "llamacpp-f32", "prompts": "full"},
+        {"name": "streamsink-q4", **ours, "prompts": "full"},
+        {"name": "streamsink-q4-cut", **ours, "prompts": "cut"},
+        *(s for s in d["systems"] if s["kind"] == "llamacpp")]
+    for system in d["systems"]:
+        system["kv_tokens_per_stream"], system["kv_bytes_per_stream"] = WEIGHTS_KV[system["name"]]
+    d["args"].update(streams=[1, 8, 32, 64], streamsink_weights=["fp32", "q4"])
+    d["load"]["runs"] = [
+        {"system": name, "streams": streams,
+         "prompt_tokens": PROMPT if name in ("streamsink-f32", "streamsink-q4") else SLOT - 16,
+         "output_tokens": OUTPUT, "loadtest_exit_code": 0,
+         "kv_tokens_per_stream": WEIGHTS_KV[name][0], "kv_bytes_per_stream": WEIGHTS_KV[name][1],
+         "memory": {"peak_rss_mib": 1000.0 + streams, "peak_pss_mib": 900.0},
+         "summary": _summary(value, streams, WEIGHTS_ITL[name]), "report": None}
+        for name, by_streams in tps.items() for streams, value in by_streams.items()]
+    d["load"]["traces"] = {"streamsink-f32": _trace(80.0), "streamsink-q4": _trace(22.0),
+                           "llamacpp-f32": _trace(40.0, [17, 40]),
+                           "llamacpp-q4_1": _trace(20.0, [17, 40])}
+    d["long_prompt_probe"]["llamacpp-q4_1"] = d["long_prompt_probe"]["llamacpp-f32"]
+    nlls = d["ppl"]["nlls"]
+    nlls.update({"streamsink q4 4+252": [2.05] * 300, "streamsink q4 dense": [2.0] * 300,
+                 "llama.cpp q4_1 context shift keep 4, slot 256": [2.15] * 300,
+                 "llama.cpp q4_1 dense": [2.02] * 300})
+    d["ppl"]["results"].update({
+        "streamsink q4 4+252": {"ppl": 7.77, "tokens": 300, "what": "x"},
+        "streamsink q4 dense": {"ppl": 7.4, "tokens": 300, "what": "x"},
+        "llama.cpp q4_1 context shift keep 4, slot 256": {"ppl": 8.58, "tokens": 300,
+                                                          "shifts_at": [255], "seconds": 9.0,
+                                                          "what": "y"},
+        "llama.cpp q4_1 dense": {"ppl": 7.5, "tokens": 300, "seconds": 12.0, "what": "y"}})
+    return d
 
 
 def write(root, name: str, data: dict) -> str:
@@ -221,3 +282,90 @@ def test_each_block_shows_the_newest_run_of_its_part(tmp_path):
     # The README's line: ratios from the load run, perplexities from the newer run.
     assert "0.40× at 1 stream" in out["peer_headline"]
     assert "300 tokens of book: 6.50 against 8.17" in out["peer_headline"]
+
+
+def test_same_weights_ratios_and_goals_are_the_datas(tmp_path):
+    path = write(tmp_path, "2026-12-08-abcdef2.json",
+                 synthetic_weights("2026-12-08T10:00:00+00:00"))
+    d = result_files.load(path)
+    out = blocks(parts(path))
+    load, goals = out["peer_load"], out["peer_goals"]
+    f32, q4, cut = (peer_llamacpp.label(d, n)
+                    for n in ("streamsink-f32", "streamsink-q4", "streamsink-q4-cut"))
+    assert (f32, q4, cut) == ("streamsink 4+252, fp32", "streamsink 4+252, q4 (bf16)",
+                              "streamsink 4+252, q4 (bf16), cut prompts")
+    # One ratio column per streamsink row, each over its own peer, at every stream count.
+    pairs = [("streamsink-f32", "llamacpp-f32"), ("streamsink-q4", "llamacpp-q4_1"),
+             ("streamsink-q4-cut", "llamacpp-q4_1")]
+    assert (f"| streams | tokens/s: {f32} ÷ llama.cpp F32, f32 KV | tokens/s: {q4} ÷ llama.cpp "
+            f"Q4_1, default KV (f16) | tokens/s: {cut} ÷ llama.cpp Q4_1, default KV (f16) |"
+            in load), load
+    for streams in (1, 8, 32, 64):
+        want = [f"{WEIGHTS_TPS[a][streams] / WEIGHTS_TPS[b][streams]:.2f}×" for a, b in pairs]
+        assert f"| {streams} | {' | '.join(want)} |" in load, (streams, load)
+    # ITL p50 at one stream over the peer's (90/60, 22/20; not the cut row's).
+    assert (f"{f32} ÷ llama.cpp F32, f32 KV 1.50×; {q4} ÷ llama.cpp Q4_1, default KV (f16) "
+            "1.10×." in load), load
+    # The KV a stream holds, in the load table (MiB / tokens).
+    assert re.search(rf"\| {re.escape(q4)} \| 64 \| 64 / 64 \| 72\.0 \| .* \| 11\.2 / 512 \|",
+                     load), load
+    assert "TTFT is comparable only between " + cut in load
+    assert "llama-server's cut prompts (the same prefill work" in load
+    # The goals: q4 against Q4_1 (and the cut row for tokens/s), each verdict from the data.
+    rows = {(g["goal"], g["system"]): g for g in peer_llamacpp.goals(d)}
+    assert rows[("tokens/s at 1 stream", "streamsink-q4")]["value"] == 18.0 / 30.0
+    for row in ([f"tokens/s at 1 stream | {q4} | ≥ 0.90× | 0.60× | missed by 33.3%",  # 18/30
+                 f"tokens/s at 1 stream | {cut} | ≥ 0.90× | 0.63× | missed by 29.6%",  # 19/30
+                 f"tokens/s at 8 streams | {q4} | ≥ 1.00× | 1.00× | met (0.0% to spare)",
+                 f"tokens/s at 32 streams | {q4} | ≥ 1.00× | 1.10× | met (10.0% to spare)",
+                 f"tokens/s at 64 streams | {cut} | ≥ 1.00× | 1.25× | met (25.0% to spare)",
+                 f"ITL p50 at 1 stream | {q4} | ≤ 1.20× | 1.10× | met (8.3% to spare)",  # 22/20
+                 f"KV bytes a stream holds (llama-server: a slot) | {q4} | ≤ 1.00× | "
+                 "2.00× (11.2 ÷ 5.6 MiB) | missed by 100.0%"]):
+        assert f"| {row} |" in goals, (row, goals)
+    assert "the q4 rows against llama.cpp Q4_1, default KV (f16)" in goals
+    assert "2026-12-08-abcdef2.json" in goals
+    # No ITL or KV goal for the cut row, no goal for fp32.
+    assert not any(g["system"] == "streamsink-q4-cut" and not g["goal"].startswith("tokens/s")
+                   for g in peer_llamacpp.goals(d))
+    assert f32 not in goals
+
+    # The README's line: every pair's ratios at every stream count.
+    head = out["peer_headline"]
+    assert ("tokens/s, streamsink ÷ llama.cpp on the same weights at 1, 8, 32 and 64 streams "
+            "(64 generated tokens a stream): fp32 ÷ F32 0.80×, 1.20×, 1.60×, 1.50×; "
+            "q4 (bf16) ÷ Q4_1 0.60×, 1.00×, 1.10×, 1.12×; q4 (bf16) with llama-server's cut "
+            "prompts (equal prefill work) ÷ Q4_1 0.63×, 1.10×, 1.00×, 1.25×") in head, head
+    assert "peak server memory at 64 streams 1,064 MiB (fp32) against 1,064 MiB (F32" in head
+    assert "(q4: 7.77 against 8.58 with Q4_1)" in head
+
+    # The perplexity rows of the q4 weights and of the dense Q4_1 feed, each explained.
+    ppl = out["peer_ppl"]
+    assert ("| `streamsink q4 4+252` | the same as the `streamsink 4+252` row, with the q4 "
+            "checkpoint (4-bit weights re-quantized from the Q4_1 GGUF's, bf16 activations and "
+            "KV cache) | 300 | 7.77 |") in ppl, ppl
+    assert "| `streamsink q4 dense` | the same as the `streamsink dense` row, with the q4" in ppl
+    assert ("| `llama.cpp q4_1 dense` | the same feed in a slot larger than the text, with the "
+            "Q4_1 GGUF (its default KV type): what its context shift row loses against |") in ppl
+    assert "| `llama.cpp f32 context shift keep 4, slot 256` | the text fed" in ppl
+
+    # Another tokens/s, another verdict: the goals follow the data.
+    faster = {**WEIGHTS_TPS, "streamsink-q4": {**WEIGHTS_TPS["streamsink-q4"], 1: 28.0}}
+    flipped = write(tmp_path, "2026-12-09-abcdef3.json",
+                    synthetic_weights("2026-12-09T10:00:00+00:00", faster))
+    goals = blocks(parts(flipped))["peer_goals"]
+    assert f"| tokens/s at 1 stream | {q4} | ≥ 0.90× | 0.93× | met (3.7% to spare) |" in goals
+    assert f"| tokens/s at 1 stream | {cut} | ≥ 0.90× | 0.63× | missed by 29.6% |" in goals
+
+
+def test_a_run_before_the_weights_were_chosen_judges_no_goal(tmp_path):
+    path = write(tmp_path, "2026-12-05-abcdef0.json", synthetic("2026-12-05T10:00:00+00:00"))
+    d = result_files.load(path)
+    assert not peer_llamacpp.has_peers(d) and peer_llamacpp.goals(d) == []
+    out = blocks(parts(path))
+    assert "no goal is judged" in out["peer_goals"]
+    assert "2026-12-05-abcdef0.json" in out["peer_goals"]
+    # Its one streamsink row keeps its label, no KV column, no ITL ratios.
+    assert peer_llamacpp.label(d, "streamsink") == "streamsink 4+252"
+    assert "KV a stream holds" not in out["peer_load"] and "ITL p50 at 1 stream" not in \
+        out["peer_load"]

@@ -2,8 +2,11 @@
 machine, model and load (benchmarks/peer_llamacpp.py).
 
 - peer_load: every system's load at every stream count, streamsink's tokens/s over llama.cpp's
-  in the same run, what a prompt longer than a slot gets from llama-server, what each system was
-  prompted with, and one stream's every token time (the stall at a shift);
+  in the same run (each streamsink row over llama.cpp on the same weights, its "peer"; in runs
+  from before streamsink's weights were chosen, its one row over every llama.cpp row), what a
+  prompt longer than a slot gets from llama-server, what each system was prompted with, and one
+  stream's every token time (the stall at a shift);
+- peer_goals: the same-weights goals (GOALS_*) judged on the run's q4 rows against Q4_1;
 - peer_ppl: the perplexity of one text every way each system can score it, and the agreement
   checks between modes that are the same computation;
 - peer_headline: the README's one line.
@@ -24,7 +27,7 @@ import types
 import result_files
 
 from . import plotting
-from .base import (Doc, Result, div, image, integer, missing, ms, num, ratio,
+from .base import (Doc, Result, div, image, integer, missing, ms, num, percent, ratio,
                    sci, source, table)
 
 BENCHMARK = "peer_llamacpp"
@@ -38,6 +41,15 @@ PAGE = "docs/peer_llamacpp.md"
 PPL_WIDTH = 100  # tokens per point of the running perplexity
 F32 = "llamacpp-f32"  # the llama.cpp system with the same numerics as streamsink's
 Q4 = "llamacpp-q4_1"  # the shipped 4-bit GGUF: what a llama.cpp user would run
+DTYPE_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+# The goals for streamsink against llama.cpp on the same weights, judged on the streamsink rows
+# with these weights (against their peer, Q4_1: what a llama.cpp user runs): tokens/s ÷ the
+# peer's at least this, by stream count (the equal-work row too); ITL p50 at one stream ÷ the
+# peer's at most this; the KV bytes a stream holds ÷ llama-server's a slot at most this.
+GOAL_WEIGHTS = "q4"
+GOALS_TOKENS_PER_S = {1: 0.9, 8: 1.0, 32: 1.0, 64: 1.0}
+GOAL_ITL_P50 = 1.2
+GOAL_KV = 1.0
 
 
 # ------------------------------------------------------------------------------ the run's data
@@ -63,22 +75,65 @@ def _system_names(d: dict) -> list[str]:
     return names
 
 
+def _system(d: dict, name: str) -> dict:
+    return next((s for s in d.get("systems") or [] if s["name"] == name), {})
+
+
 def _is_streamsink(d: dict, name: str) -> bool:
-    kinds = {s["name"]: s.get("kind") for s in d.get("systems") or []}
-    return kinds.get(name, name) == "streamsink"
+    kind = _system(d, name).get("kind")
+    return (kind or name) == "streamsink"
+
+
+def _ours(d: dict) -> list[str]:
+    return [n for n in _system_names(d) if _is_streamsink(d, n)]
+
+
+def _is_cut(d: dict, name: str) -> bool:
+    """A streamsink row given llama-server's cut prompts (equal prefill work)."""
+    return _system(d, name).get("prompts") == "cut"
+
+
+def _weights(system: dict) -> str:
+    """q4 (bf16): the weight format, and the activations' dtype where the format's name does
+    not say it."""
+    dtype = DTYPE_SHORT.get(system.get("dtype"), system.get("dtype"))
+    return system["weights"] if dtype in (None, system["weights"]) else \
+        f"{system['weights']} ({dtype})"
+
+
+def _gguf(name: str) -> str:
+    return name[len("llamacpp-"):].upper()
 
 
 def label(d: dict, name: str) -> str:
-    """streamsink 4+1020; llama.cpp F32, f32 KV; llama.cpp Q4_1, default KV (f16)."""
+    """streamsink 4+1020 (its weight format, where the run chose one: "streamsink 4+1020, q4
+    (bf16)", "..., cut prompts"); llama.cpp F32, f32 KV; llama.cpp Q4_1, default KV (f16)."""
     if _is_streamsink(d, name):
         a = _args(d)
-        return f"streamsink {a['sink']}+{a['window']}" if "sink" in a else "streamsink"
+        system = _system(d, name)
+        out = f"streamsink {a['sink']}+{a['window']}" if "sink" in a else "streamsink"
+        if "weights" in system:
+            out += f", {_weights(system)}" + (", cut prompts" if _is_cut(d, name) else "")
+        return out
     if name.startswith("llamacpp-"):
-        system = {s["name"]: s for s in d.get("systems") or []}.get(name, {})
-        kv = system.get("kv_type")
-        return (f"llama.cpp {name[len('llamacpp-'):].upper()}, "
-                + (f"{kv} KV" if kv else "default KV (f16)"))
+        kv = _system(d, name).get("kv_type")
+        return f"llama.cpp {_gguf(name)}, " + (f"{kv} KV" if kv else "default KV (f16)")
     return name
+
+
+def has_peers(d: dict) -> bool:
+    """Whether the run's streamsink rows name the llama.cpp row on their weights, their peer
+    (runs since streamsink's weights were chosen)."""
+    return any(_system(d, n).get("peer") for n in _ours(d))
+
+
+def pairs(d: dict) -> list[tuple[str, str]]:
+    """(streamsink row, the llama.cpp row it is compared with): each with its peer; in a run
+    from before the weights were chosen, its one streamsink row with every llama.cpp row."""
+    if has_peers(d):
+        return [(n, _system(d, n)["peer"]) for n in _ours(d) if _system(d, n).get("peer")]
+    ours = (_ours(d) or ["streamsink"])[0]
+    return [(ours, other) for other in _llama_names(d)]
 
 
 def _runs(d: dict) -> list[dict]:
@@ -97,14 +152,32 @@ def stream_counts(d: dict) -> list[int]:
     return sorted({r["streams"] for r in _runs(d)})
 
 
-def tokens_per_s_ratio(d: dict, other: str, streams: int):
-    """streamsink's tokens/s over `other`'s at this stream count, in this run; None when either
-    has no load-test report."""
-    ss_name = next((n for n in _system_names(d) if _is_streamsink(d, n)), "streamsink")
-    ss, them = _run(d, ss_name, streams), _run(d, other, streams)
-    if not (_ok(ss) and _ok(them)):
+def _summary_ratio(d: dict, ours: str, other: str, streams: int, value) -> float | None:
+    a, b = _run(d, ours, streams), _run(d, other, streams)
+    if not (_ok(a) and _ok(b)):
         return None
-    return div(ss["summary"]["tokens_per_s"], them["summary"]["tokens_per_s"])
+    return div(value(a["summary"]), value(b["summary"]))
+
+
+def tokens_per_s_ratio(d: dict, other: str, streams: int, ours: str | None = None):
+    """streamsink's tokens/s (`ours`, else the run's first streamsink row) over `other`'s at
+    this stream count, in this run; None when either has no load-test report."""
+    ours = ours or (_ours(d) or ["streamsink"])[0]
+    return _summary_ratio(d, ours, other, streams, lambda s: s["tokens_per_s"])
+
+
+def itl_p50_ratio(d: dict, ours: str, other: str, streams: int = 1):
+    """`ours`'s median inter-token latency over `other`'s (below 1: ours comes sooner)."""
+    return _summary_ratio(d, ours, other, streams, lambda s: s["itl_ms"].get("p50"))
+
+
+def kv_per_stream(d: dict, name: str) -> tuple[int | None, int | None]:
+    """(tokens, bytes) of the KV cache one stream of this system holds at most, as the run
+    recorded it (None: a run from before it did)."""
+    for where in [_system(d, name)] + [r for r in _runs(d) if r["system"] == name]:
+        if "kv_bytes_per_stream" in where:
+            return where.get("kv_tokens_per_stream"), where["kv_bytes_per_stream"]
+    return None, None
 
 
 def _llama_names(d: dict) -> list[str]:
@@ -179,7 +252,12 @@ def _setup(d: dict) -> str:
     return "This run: " + "; ".join(parts) + "." if parts else ""
 
 
+def _mib(n_bytes) -> str:
+    return num(div(n_bytes, 2 ** 20))
+
+
 def _load_table(d: dict) -> str:
+    with_kv = any("kv_bytes_per_stream" in r for r in _runs(d))
     rows = []
     for name in _system_names(d):
         for streams in stream_counts(d):
@@ -188,30 +266,40 @@ def _load_table(d: dict) -> str:
                 continue
             mem = r.get("memory") or {}
             peak = f"{integer(mem.get('peak_rss_mib'))} / {integer(mem.get('peak_pss_mib'))}"
+            kv = ([f"{_mib(r.get('kv_bytes_per_stream'))} / "
+                   f"{integer(r.get('kv_tokens_per_stream'))}"] if with_kv else [])
             s = r.get("summary")
             if not s:
                 rows.append([label(d, name), str(streams),
                              f"no report (load test exit {r.get('loadtest_exit_code')})",
-                             "–", "–", "–", peak])
+                             "–", "–", "–", peak] + kv)
                 continue
             ttft, itl = s["ttft_ms"], s["itl_ms"]
             rows.append([label(d, name), str(streams), f"{s['ok']} / {s['requests']}",
                          num(s["tokens_per_s"]),
                          f"{ms(ttft.get('p50'))} / {ms(ttft.get('p99'))}",
                          f"{ms(itl.get('p50'))} / {ms(itl.get('p99'))} / {ms(itl.get('max'))}",
-                         peak])
+                         peak] + kv)
     return table(["system", "streams", "streams completed", "tokens/s",
                   "TTFT p50 / p99 (ms)", "ITL p50 / p99 / max (ms)",
-                  "peak RSS / PSS (MiB)"], rows)
+                  "peak RSS / PSS (MiB)"]
+                 + (["KV a stream holds (MiB / tokens)"] if with_kv else []), rows)
 
 
 def _ratio_table(d: dict) -> str:
-    others = _llama_names(d)
-    rows = [[str(n)] + [ratio(tokens_per_s_ratio(d, o, n)) for o in others]
+    compared = pairs(d)
+    rows = [[str(n)] + [ratio(tokens_per_s_ratio(d, o, n, ours)) for ours, o in compared]
             for n in stream_counts(d)]
-    ss_name = next((n for n in _system_names(d) if _is_streamsink(d, n)), "streamsink")
-    return table(["streams"] + [f"tokens/s: {label(d, ss_name)} ÷ {label(d, o)}"
-                                for o in others], rows)
+    return table(["streams"] + [f"tokens/s: {label(d, ours)} ÷ {label(d, o)}"
+                                for ours, o in compared], rows)
+
+
+def _itl_ratios(d: dict) -> str:
+    """One stream's median inter-token latency, each streamsink row over its peer's."""
+    cells = [f"{label(d, ours)} ÷ {label(d, o)} {ratio(itl_p50_ratio(d, ours, o))}"
+             for ours, o in pairs(d) if not _is_cut(d, ours)]
+    return ("ITL p50 at 1 stream, the same pairs (below 1: streamsink's tokens come sooner): "
+            + "; ".join(cells) + ".") if cells else ""
 
 
 def _prompts(d: dict) -> str:
@@ -223,7 +311,9 @@ def _prompts(d: dict) -> str:
             continue
         shown = " / ".join(f"{p:,}" for p in prompts)
         what = f"{label(d, name)}: {shown} prompt + {a.get('output_tokens', 0):,} generated tokens"
-        if _is_streamsink(d, name):
+        if _is_cut(d, name):
+            what += ", llama-server's cut prompts (the same prefill work as llama-server)"
+        elif _is_streamsink(d, name):
             what += (", the whole prompt" + (f" (longer than its {slot:,}-token cache: "
                                              "streamed through it)"
                                              if slot and max(prompts) > slot else ""))
@@ -241,9 +331,11 @@ def _prompts(d: dict) -> str:
         out.append(what)
     if not out:
         return ""
+    cut = [label(d, n) for n in _ours(d) if _is_cut(d, n)]
     return ("Prompts per stream: " + "; ".join(out) + ". Prefill differs accordingly, so TTFT "
-            "is not comparable between the systems; the tokens/s are all generated tokens over "
-            "the whole load.")
+            + (f"is comparable only between {_join(cut)} and llama.cpp's rows"
+               if cut else "is not comparable between the systems")
+            + "; the tokens/s are all generated tokens over the whole load.")
 
 
 def _probe(d: dict) -> str:
@@ -272,10 +364,11 @@ def _probe(d: dict) -> str:
                      + "; ".join(answers) + ".")
     if not lines:
         return ""
-    ss = [r for r in _runs(d) if _is_streamsink(d, r["system"]) and _ok(r)]
+    ss = [r for r in _runs(d) if _is_streamsink(d, r["system"]) and _ok(r)
+          and slot and r["prompt_tokens"] > slot]
     served = sum(r["summary"]["ok"] for r in ss)
     longest = max((r["prompt_tokens"] for r in ss), default=0)
-    if served and slot and longest > slot:
+    if served:
         lines.append(f"streamsink, in the load above: {served} of "
                      f"{sum(r['summary']['requests'] for r in ss)} streams with "
                      f"{longest:,}-token prompts completed.")
@@ -343,7 +436,11 @@ def load_markdown(results: dict, doc: Doc) -> str:
         if failed:
             parts.append("“No report”: the load test of that row ended without one (its exit "
                          "code is shown); the row has no figures.")
-        if _llama_names(d):
+        if has_peers(d):
+            parts += ["The same comparison as ratios, each streamsink row against llama.cpp on "
+                      "the same weights in this run (above 1: streamsink generates faster):",
+                      _ratio_table(d), _itl_ratios(d)]
+        elif _llama_names(d):
             parts += ["The same comparison as ratios, both systems in this run (above 1: "
                       "streamsink generates faster):", _ratio_table(d)]
         parts.append(_dashboards(result, doc))
@@ -354,16 +451,103 @@ def load_markdown(results: dict, doc: Doc) -> str:
     return "\n\n".join(p for p in parts if p)
 
 
+# ------------------------------------------------------------------------------ peer_goals
+
+def verdict(value, bound: float, at_least: bool) -> str:
+    """met / missed, and by how much (relative to the goal)."""
+    if missing(value):
+        return "not measured"
+    gap = percent(abs(value / bound - 1), 1)
+    if value >= bound if at_least else value <= bound:
+        return f"met ({gap} to spare)"
+    return f"missed by {gap}"
+
+
+def goals(d: dict) -> list[dict]:
+    """Each goal (GOALS_*) on the run's GOAL_WEIGHTS rows: what, which row, the measured
+    ratio (None: not measured), the bound and whether it is a floor. Empty without such a row."""
+    rows = {("cut" if _is_cut(d, n) else "full"): n for n in _ours(d)
+            if _system(d, n).get("weights") == GOAL_WEIGHTS and _system(d, n).get("peer")}
+    full = rows.get("full")
+    out = []
+    for streams, bound in GOALS_TOKENS_PER_S.items():
+        out += [{"goal": f"tokens/s at {_streams(streams)}", "system": n,
+                 "value": tokens_per_s_ratio(d, _system(d, n)["peer"], streams, n),
+                 "bound": bound, "at_least": True}
+                for n in (full, rows.get("cut")) if n]
+    if full:
+        peer = _system(d, full)["peer"]
+        ours_kv, theirs_kv = kv_per_stream(d, full)[1], kv_per_stream(d, peer)[1]
+        out += [{"goal": "ITL p50 at 1 stream", "system": full,
+                 "value": itl_p50_ratio(d, full, peer), "bound": GOAL_ITL_P50,
+                 "at_least": False},
+                {"goal": "KV bytes a stream holds (llama-server: a slot)", "system": full,
+                 "value": div(ours_kv, theirs_kv), "bound": GOAL_KV, "at_least": False,
+                 "detail": f"{_mib(ours_kv)} ÷ {_mib(theirs_kv)} MiB"}]
+    return out
+
+
+def _goal_bounds() -> str:
+    """The goals in words, from GOALS_* (shown whether or not the run is judged)."""
+    by_bound: dict[float, list[int]] = {}
+    for streams, bound in GOALS_TOKENS_PER_S.items():
+        by_bound.setdefault(bound, []).append(streams)
+    where = lambda counts: (_streams(counts[0]) if len(counts) == 1  # noqa: E731
+                            else f"{_join([str(n) for n in counts])} streams")
+    return ("The goals, streamsink ÷ llama.cpp on the same weights: tokens/s "
+            + "; ".join(f"≥ {ratio(bound)} at {where(counts)}"
+                        for bound, counts in by_bound.items())
+            + f"; ITL p50 at 1 stream ≤ {ratio(GOAL_ITL_P50)}; KV bytes a stream holds ≤ "
+            f"{ratio(GOAL_KV)} llama-server's a slot.")
+
+
+def goals_markdown(results: dict, doc: Doc) -> str:
+    result = results.get(LOAD)
+    if not result:
+        return "\n\n".join([_goal_bounds(), _no_run()])
+    d = result.data
+    judged = goals(d)
+    if not judged:
+        return "\n\n".join(_quick_note(result) + [
+            _goal_bounds(),
+            f"*This run has no streamsink {GOAL_WEIGHTS} row compared with llama.cpp on the "
+            "same weights (runs before the weights were chosen have none): no goal is judged "
+            "on it.*", source(result, doc)])
+    full = judged[0]["system"]
+    rows = [[g["goal"], label(d, g["system"]),
+             ("≥ " if g["at_least"] else "≤ ") + ratio(g["bound"]),
+             ratio(g["value"]) + (f" ({g['detail']})" if "detail" in g else ""),
+             verdict(g["value"], g["bound"], g["at_least"])] for g in judged]
+    return "\n\n".join(_quick_note(result) + [
+        f"streamsink ÷ llama.cpp on the same weights: the {GOAL_WEIGHTS} rows against "
+        f"{label(d, _system(d, full)['peer'])}, in this run (“to spare” and “missed by”: "
+        "relative to the goal):",
+        table(["goal", "streamsink row", "goal (÷ llama.cpp)", "measured", "verdict"], rows),
+        source(result, doc)])
+
+
 # ------------------------------------------------------------------------------ peer_ppl
+
+# streamsink's weight formats other than fp32, as its perplexity rows name them.
+WEIGHT_MEANING = {"q4": "the q4 checkpoint (4-bit weights re-quantized from the Q4_1 GGUF's, "
+                        "bf16 activations and KV cache)"}
+
 
 def meaning(mode: str, r: dict) -> str:
     """What a perplexity mode's number means, keyed by the mode's label in the result."""
-    m = re.fullmatch(r"streamsink (\d+)\+(\d+)", mode)
+    m = re.fullmatch(r"streamsink (?:(\S+) )?(\d+)\+(\d+)", mode)
+    if m and m[1]:
+        return (f"the same as the `streamsink {m[2]}+{m[3]}` row, with "
+                + WEIGHT_MEANING.get(m[1], f"{m[1]} weights"))
     if m:
-        return (f"every token scored with the {int(m[1]):,} first and the {int(m[2]):,} most "
+        return (f"every token scored with the {int(m[2]):,} first and the {int(m[3]):,} most "
                 "recent tokens visible")
     if mode == "streamsink dense":
         return "every earlier token visible (the reference)"
+    m = re.fullmatch(r"streamsink (\S+) dense", mode)
+    if m:
+        return ("the same as the `streamsink dense` row, with "
+                + WEIGHT_MEANING.get(m[1], f"{m[1]} weights"))
     m = re.fullmatch(r"llama\.cpp (\S+) context shift keep (\d+), slot (\d+)", mode)
     if m and m[1] != "f32":
         return f"the same feed as the f32 row, with the {m[1].upper()} GGUF (its default KV type)"
@@ -382,6 +566,9 @@ def meaning(mode: str, r: dict) -> str:
                 f"tokens after the {keep} kept"
                 + (f" ({len(shifts)} shifts)" if shifts is not None else ""))
     m = re.fullmatch(r"llama\.cpp (\S+) dense", mode)
+    if m and m[1] != "f32":
+        return (f"the same feed in a slot larger than the text, with the {m[1].upper()} GGUF (its "
+                "default KV type): what its context shift row loses against")
     if m:
         return ("the same feed in a slot larger than the text: a check that both systems score "
                 "the same tokens alike when nothing is evicted")
@@ -493,15 +680,39 @@ def _streams(n: int) -> str:
     return f"{n} stream" + ("" if n == 1 else "s")
 
 
-def headline_markdown(results: dict, doc: Doc) -> str:
-    result = results.get(LOAD)
-    if not result:
-        return (f"*The comparison with llama.cpp's context shift ([{PAGE}]({doc.base}{PAGE})) "
-                "has no full run recorded yet.*")
-    d = result.data
+def _same_weights_clauses(d: dict) -> list[str]:
+    """Each streamsink row's tokens/s over its peer's at every stream count, and the first
+    pair's peak memory at the most streams."""
     a = _args(d)
-    model = (d.get("model") or {}).get("checkpoint", "the same model")
-    ss = label(d, next((n for n in _system_names(d) if _is_streamsink(d, n)), "streamsink"))
+    counts = [n for n in stream_counts(d)
+              if any(tokens_per_s_ratio(d, o, n, ours) is not None for ours, o in pairs(d))]
+    if not counts:
+        return []
+    cells = []
+    for ours, other in pairs(d):
+        what = _weights(_system(d, ours)) + (" with llama-server's cut prompts (equal prefill "
+                                             "work)" if _is_cut(d, ours) else "")
+        cells.append(f"{what} ÷ {_gguf(other)} " + ", ".join(
+            ratio(tokens_per_s_ratio(d, other, n, ours)) for n in counts))
+    clauses = [f"tokens/s, streamsink ÷ llama.cpp on the same weights at "
+               f"{_join([str(n) for n in counts])} streams "
+               f"({a.get('output_tokens', 0):,} generated tokens a stream): " + "; ".join(cells)]
+    top = max(counts)
+    ours, other = pairs(d)[0]
+    mem = [((_run(d, n, top) or {}).get("memory") or {}).get("peak_rss_mib")
+           for n in (ours, other)]
+    if not any(missing(m) for m in mem):
+        clauses.append(f"peak server memory at {_streams(top)} {integer(mem[0])} MiB "
+                       f"({_weights(_system(d, ours))}) against {integer(mem[1])} MiB "
+                       f"({_gguf(other)}; RSS of the process tree)")
+    return clauses
+
+
+def _f32_clauses(d: dict) -> list[str]:
+    """A run from before the weights were chosen: its one streamsink row over llama.cpp F32 (and
+    over Q4_1), and their peak memory at the most streams."""
+    a = _args(d)
+    ss = label(d, (_ours(d) or ["streamsink"])[0])
     clauses = []
     counts = [n for n in stream_counts(d) if tokens_per_s_ratio(d, F32, n) is not None]
     if counts:
@@ -528,10 +739,21 @@ def headline_markdown(results: dict, doc: Doc) -> str:
                            + ": " + _join([f"{ratio(q4[n])} at {_streams(n)}" for n in counts]))
         top = max(counts)
         mem = [(_run(d, n, top).get("memory") or {}).get("peak_rss_mib")
-               for n in (next(x for x in _system_names(d) if _is_streamsink(d, x)), F32)]
+               for n in (_ours(d)[0], F32)]
         if not any(missing(m) for m in mem):
             clauses.append(f"peak server memory at {_streams(top)} {integer(mem[0])} MiB "
                            f"against {integer(mem[1])} MiB (RSS of the process tree)")
+    return clauses
+
+
+def headline_markdown(results: dict, doc: Doc) -> str:
+    result = results.get(LOAD)
+    if not result:
+        return (f"*The comparison with llama.cpp's context shift ([{PAGE}]({doc.base}{PAGE})) "
+                "has no full run recorded yet.*")
+    d = result.data
+    model = (d.get("model") or {}).get("checkpoint", "the same model")
+    clauses = _same_weights_clauses(d) if has_peers(d) else _f32_clauses(d)
     probe = (d.get("long_prompt_probe") or {}).get(F32) or {}
     refused = (probe.get("plain") or {}).get("http_status")
     if refused and refused >= 400 and _slot(d):
@@ -545,17 +767,23 @@ def headline_markdown(results: dict, doc: Doc) -> str:
     pd = results[PPL].data if PPL in results else d
     pa = _args(pd)
     res = _ppl_results(pd)
-    mine = res.get(f"streamsink {pa.get('sink')}+{pa.get('window')}") or {}
-    shift = res.get(f"llama.cpp f32 context shift keep {pa.get('sink')}, "
-                    f"slot {_slot(pd)}") or {}
-    if "ppl" in mine and "ppl" in shift:
+    streaming = f"{pa.get('sink')}+{pa.get('window')}"
+    shift = f"context shift keep {pa.get('sink')}, slot {_slot(pd)}"
+    mine, theirs = (res.get(f"streamsink {streaming}") or {},
+                    res.get(f"llama.cpp f32 {shift}") or {})
+    mine_q4, theirs_q4 = (res.get(f"streamsink q4 {streaming}") or {},
+                          res.get(f"llama.cpp q4_1 {shift}") or {})
+    if "ppl" in mine and "ppl" in theirs:
         text = os.path.splitext(str((pd.get("ppl") or {}).get("text", "the text")))[0]
         clauses.append(f"perplexity on {mine['tokens']:,} tokens of {text}: {mine['ppl']:.2f} "
-                       f"against {shift['ppl']:.2f} with llama.cpp's context shift")
+                       f"against {theirs['ppl']:.2f} with llama.cpp's context shift"
+                       + (f" (q4: {mine_q4['ppl']:.2f} against {theirs_q4['ppl']:.2f} with Q4_1)"
+                          if "ppl" in mine_q4 and "ppl" in theirs_q4 else ""))
     if not clauses:
         return f"*No comparison in [`{result.path}`]({doc.base}{result.path}) yet.*"
     return (f"Against llama.cpp's `llama-server` with context shift, on the same CPU "
-            f"({model}; {label(d, F32)}): " + "; ".join(clauses)
+            + (f"({model}): " if has_peers(d) else f"({model}; {label(d, F32)}): ")
+            + "; ".join(clauses)
             + f". [More]({doc.base}{PAGE})" + (" (a smoke run)" if _quick_note(result) else "")
             + ".")
 
@@ -625,5 +853,6 @@ def ppl_images(results: dict, img_dir: str) -> list[str]:
 
 # One renderer per block (report.py's interface: NAMES, markdown, optional images).
 peer_load = types.SimpleNamespace(NAMES=(LOAD,), markdown=load_markdown, images=trace_images)
+peer_goals = types.SimpleNamespace(NAMES=(LOAD,), markdown=goals_markdown)
 peer_ppl = types.SimpleNamespace(NAMES=(PPL,), markdown=ppl_markdown, images=ppl_images)
 peer_headline = types.SimpleNamespace(NAMES=(LOAD, PPL), markdown=headline_markdown)

@@ -22,8 +22,8 @@ import sys
 import time
 
 from streamsink.errors import UsageError
-from streamsink.model_store import resolve_model
 from streamsink.serving import processes
+from streamsink.serving.engine_args import choose_model
 from streamsink.serving.loadtest import client as load_client
 from streamsink.serving.loadtest import dashboard
 from streamsink.serving.loadtest.prometheus import (
@@ -158,8 +158,10 @@ def _run(args) -> int:
     concurrency = args.concurrency if (args.concurrency or args.rate) else 8
     slos = {k: v for k, v in (("ttft", args.slo_ttft_ms), ("tpot", args.slo_tpot_ms),
                               ("e2el", args.slo_e2el_ms)) if v is not None}
-    model = resolve_model(args.model) if (args.model or not args.target) else None
-    engine = EngineArgs(model=model or "", kv_cache_bytes=args.kv_cache_bytes,
+    choice = choose_model(args.model, args.weights) if (args.model or not args.target) else None
+    model = choice.path if choice else None
+    engine = EngineArgs(model=model or "", dtype=choice.dtype if choice else "float32",
+                        kv_cache_bytes=args.kv_cache_bytes,
                         max_num_batched_tokens=args.max_num_batched_tokens,
                         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                         extra=list(args.server_arg))
