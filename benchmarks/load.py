@@ -3,9 +3,10 @@ long streams (64 of 2,048 prompt + 1,024 generated tokens by default), streamsin
 stock vLLM on the same KV budget, with a real Prometheus watching both servers.
 
 The KV budget is, by default, what streamsink needs to hold every stream's window at once
-(streams x (ceil(S/B) + ceil((S+W)/B) + 1) blocks): stock vLLM keeps each stream's whole history
-and fits fewer of them in it (the rest wait or are preempted). Goodput counts requests that
-finished with a time per output token <= --slo-tpot-ms (vLLM's definition).
+(streams x (ceil(S/B) + ceil((S+W)/B) + 1) blocks, stream_rule.max_blocks_held at Q = 1): stock
+vLLM keeps each stream's whole history and fits fewer of them in it (the rest wait or are
+preempted). Goodput counts requests that finished with a time per output token <=
+--slo-tpot-ms (vLLM's definition).
 
     .venv/bin/python benchmarks/load.py                 # the full comparison (slow on 2 cores)
     .venv/bin/python benchmarks/load.py --quick         # 16 streams, 512+256 tokens, 4+252
@@ -26,6 +27,7 @@ import sys
 import tempfile
 
 import common
+from streamsink.stream_rule import StreamShape, max_blocks_held, row_tokens
 
 BLOCK = 128
 
@@ -68,13 +70,12 @@ def main() -> int:
     model = subprocess.run([sys.executable, "-m", "streamsink.serving.cli", "model-path"]
                            + (["--model", args.model] if args.model else []),
                            capture_output=True, text=True, check=True).stdout.strip()
-    cache = args.sink + args.window
-    blocks_per_stream = math.ceil(args.sink / BLOCK) + math.ceil(cache / BLOCK) + 1
+    shape = StreamShape(args.sink, args.window)
+    blocks_per_stream = max_blocks_held(shape, BLOCK, 1)
     per_token = kv_bytes_per_token(model)
     kv = args.kv_cache_bytes or args.streams * blocks_per_stream * BLOCK * per_token
     # One row width for both servers: stock needs prompt + output, a streaming engine one step.
-    row = max(args.prompt_tokens + args.output_tokens,
-              (math.ceil(args.sink / BLOCK) + 1) * BLOCK + cache + args.chunk)
+    row = max(args.prompt_tokens + args.output_tokens, row_tokens(shape, BLOCK, args.chunk))
     print(f"{label}: {args.streams} streams of {args.prompt_tokens}+{args.output_tokens} tokens, "
           f"streamsink {args.sink}+{args.window} vs stock, KV {kv / 2**30:.2f} GiB "
           f"({kv // (BLOCK * per_token)} blocks; stock needs "

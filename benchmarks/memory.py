@@ -74,6 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     from streamsink.config import parse_config
     from streamsink.serving.engine import make_llm
+    from streamsink.stream_rule import StreamShape, max_blocks_held
 
     if args.text and not os.path.exists(args.text):
         args.text = os.path.join(common.SHARED_DATA, args.text)
@@ -99,8 +100,7 @@ def main() -> None:
         gc.collect()
     name = "memory" + ("_quick" if args.quick else "" if tokens == 200_000
                        else f"_{tokens // 1000}k")
-    block = 128
-    bound = (-(-cfg.sink_tokens // block) + -(-(cfg.window_tokens + CHUNK) // block) + 1)
+    bound = max_blocks_held(StreamShape(cfg.sink_tokens, cfg.window_tokens), 128, CHUNK)
     summary = {}
     for label, rows in results.items():
         settled = rows[len(rows) // 10:] or rows  # after the first tenth (start-up effects)

@@ -19,6 +19,7 @@ import time
 import urllib.request
 
 from streamsink.serving.network import free_port
+from streamsink.stream_rule import StreamShape, max_blocks_held, row_tokens
 
 BLOCK = 128  # vLLM's CPU KV block size
 
@@ -60,9 +61,8 @@ def kv_bytes_per_token(model_dir: str, dtype: str = "float32") -> int:
 
 
 def blocks_per_stream(sink: int, window: int) -> int:
-    """KV blocks one decoding stream of S+W holds at most: its sink blocks, the window in whole
-    blocks, and one block in flight (benchmarks/load.py's sizing)."""
-    return math.ceil(sink / BLOCK) + math.ceil((sink + window) / BLOCK) + 1
+    """KV blocks one decoding stream of S+W holds at most (benchmarks/load.py's sizing)."""
+    return max_blocks_held(StreamShape(sink, window), BLOCK, 1)
 
 
 def streamsink_engine(model: str, *, streams: int, sink: int, window: int, chunk: int,
@@ -70,7 +70,7 @@ def streamsink_engine(model: str, *, streams: int, sink: int, window: int, chunk
     """KV budget and row width for `streams` concurrent streams of S+W: every stream's
     blocks_per_stream at once."""
     per_stream = blocks_per_stream(sink, window)
-    row = (math.ceil(sink / BLOCK) + 1) * BLOCK + sink + window + chunk
+    row = row_tokens(StreamShape(sink, window), BLOCK, chunk)
     # + 1: vLLM keeps one block of the pool to itself (the null block), and it refuses to start
     # unless one request of max_model_len fits in the rest.
     blocks = max(streams * per_stream, math.ceil(row / BLOCK)) + 1

@@ -50,10 +50,10 @@ def main() -> None:
         args.prefill_tokens, args.ppl_tokens, args.rounds = 600, 600, 1
     from transformers import AutoTokenizer
 
-    from streamsink.kv_spec import max_blocks_held
     from streamsink.serving.engine import make_llm
     from streamsink.serving.engine_args import BLOCK_SIZE, choose_model
     from streamsink.serving.ppl import load_token_ids, streaming_nlls
+    from streamsink.stream_rule import StreamShape, max_blocks_held
     from streamsink.weights import cpu_has_native_bf16
 
     cache = args.sink + args.window
@@ -121,7 +121,7 @@ def main() -> None:
         per_token = (2 * model_config.get_num_layers(config.parallel_config)
                      * model_config.get_num_kv_heads(config.parallel_config)
                      * model_config.get_head_size() * dtype_bytes)
-        blocks = max_blocks_held(args.sink, args.window, BLOCK_SIZE, 1)
+        blocks = max_blocks_held(StreamShape(args.sink, args.window), BLOCK_SIZE, 1)
         memory[name] = {"kv_dtype": str(model_config.dtype).removeprefix("torch."),
                         "kv_bytes_per_token": per_token,
                         "blocks_per_decoding_stream": blocks,

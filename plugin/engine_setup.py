@@ -20,7 +20,7 @@ from streamsink.rope import (
     rope_type_of,
     uses_alibi,
 )
-from streamsink.row_window import min_row_tokens
+from streamsink.stream_rule import min_row_tokens
 from streamsink.weights import quantization_refusal
 
 logger = init_logger("vllm.plugins.streamsink")
@@ -136,7 +136,8 @@ def _check_row_width(vllm_config, cfg: StreamsinkConfig) -> None:
     worker's batch row of max_model_len tokens (row_window.py)."""
     block_size = vllm_config.cache_config.block_size or CPU_DEFAULT_BLOCK_SIZE
     step = vllm_config.scheduler_config.max_num_batched_tokens
-    need = min_row_tokens(cfg, block_size, step)
+    need = min_row_tokens(cfg.sink_tokens, cfg.window_tokens, cfg.max_pinned_tokens, block_size,
+                          step)
     have = vllm_config.model_config.max_model_len
     if have < need:
         raise StreamsinkConfigError(
@@ -154,7 +155,8 @@ def fit_default_chunk(engine_args, max_model_len: int, default_chunk: int) -> in
     if cfg is None:
         return None
     block_size = engine_args.block_size or CPU_DEFAULT_BLOCK_SIZE
-    room = max_model_len - min_row_tokens(cfg, block_size, 0)
+    room = max_model_len - min_row_tokens(cfg.sink_tokens, cfg.window_tokens,
+                                          cfg.max_pinned_tokens, block_size, 0)
     if default_chunk <= room or room < block_size:
         return None
     logger.info("streamsink: max_num_batched_tokens=%d (vLLM's default %d) so that one step "

@@ -12,10 +12,10 @@ ever use follows from its configuration:
            + 1                                           (vLLM's null block)
     bytes  = blocks x layers x 2 (K, V) x B x KV heads x head size x dtype size
 
-with the per-stream bound of kv_spec.max_blocks_held (sinks, the S+W-1 retained tokens, one
-decode token, one block of alignment), or of a stream pinning max_pinned_tokens where that is
-larger (kv_spec.max_pinned_blocks_held: pinned blocks, W-1 retained tokens). vLLM's default max_num_seqs (256 for vllm.LLM on CPU)
-can make that larger than the machine: the pool is then capped at MAX_SHARE_OF_AVAILABLE of the
+with the per-stream bound of stream_rule.max_blocks_per_stream (sinks, the S+W-1 retained
+tokens, one decode token, one block of alignment; or a stream pinning max_pinned_tokens where
+that is larger: pinned blocks, W-1 retained tokens). vLLM's default max_num_seqs (256 for
+vllm.LLM on CPU) can make that larger than the machine: the pool is then capped at MAX_SHARE_OF_AVAILABLE of the
 memory vLLM counts as available (the figure its CPU worker checks), and the start-up line says
 how many streams it holds at full window; the scheduler queues the rest. Stock vLLM's CPU
 default takes 92% of the node's memory; this takes at most half of what is available.
@@ -29,7 +29,7 @@ from vllm.utils.math_utils import cdiv
 
 from streamsink.config import StreamsinkConfig
 from streamsink.errors import StreamsinkConfigError
-from streamsink.kv_spec import max_blocks_held, max_pinned_blocks_held
+from streamsink.stream_rule import max_blocks_per_stream
 
 MAX_SHARE_OF_AVAILABLE = 0.5
 GIB = 1 << 30
@@ -88,8 +88,8 @@ def size_kv_pool(vllm_config, cfg: StreamsinkConfig, available: int | None = Non
     """The pool of a streaming engine given no budget (see the module's formula)."""
     scheduler = vllm_config.scheduler_config
     B = vllm_config.cache_config.block_size
-    stream = max(max_blocks_held(cfg.sink_tokens, cfg.window_tokens, B, 1),
-                 max_pinned_blocks_held(cfg.max_pinned_tokens, cfg.window_tokens, B, 1))
+    stream = max_blocks_per_stream(cfg.sink_tokens, cfg.window_tokens, cfg.max_pinned_tokens, B,
+                                   1)
     chunk = cdiv(scheduler.max_num_batched_tokens, B) + 1
     headroom = cfg.prefix_cache_headroom if vllm_config.cache_config.enable_prefix_caching else 0.0
     per_block = block_bytes(vllm_config)

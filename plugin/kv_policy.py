@@ -1,7 +1,8 @@
 """The paged KV policy: pin the sink blocks, free window blocks once no query can see them.
 
 A registered KV cache spec and manager (vLLM's own extension point, kv_cache_spec_registry); the
-spec and the per-stream block bound are in kv_spec.py, exact prefix caching in prefix_cache.py.
+spec is in kv_spec.py, exact prefix caching in prefix_cache.py, and what a stream keeps (the
+retained run, the front blocks, the per-stream bound) in stream_rule.py.
 """
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from vllm.v1.core.single_type_kv_cache_manager import register_all_kvcache_specs
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from streamsink import prefix_cache
-from streamsink.kv_spec import StreamingSinkSpec, max_blocks_held, max_pinned_blocks_held
+from streamsink.kv_spec import StreamingSinkSpec
 from streamsink.metrics import Publisher
 from streamsink.prefix_cache import StreamingPrefixCache
+from streamsink.stream_rule import first_live_block, front_blocks, max_blocks_held, skipped_tokens
 
 
 class StreamingSinkManager(StreamingPrefixCache):
@@ -20,11 +22,10 @@ class StreamingSinkManager(StreamingPrefixCache):
 
     def __init__(self, kv_cache_spec: StreamingSinkSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
-        self.sink_blocks = kv_cache_spec.sink_blocks
-        self.retained_tokens = kv_cache_spec.retained_tokens
         self._freed: dict[str, int] = {}  # per request: blocks replaced by the null block
         # A stream past C, decoding: the engine's shape (a pinning request has its own bound).
-        self.decode_blocks = max_blocks_held_by_shape(kv_cache_spec, self._engine_shape, 1)
+        self.decode_blocks = max_blocks_held(self._engine_shape, self.block_size, 1,
+                                             self.extra_retained_tokens)
         # Totals over this manager's life, for metrics.
         self.blocks_freed_total = 0
         self.tokens_evicted_total = 0
@@ -50,28 +51,28 @@ class StreamingSinkManager(StreamingPrefixCache):
         shape = self.shapes.get(request_id)
         if shape is None:
             return self.decode_blocks
-        return max_blocks_held_by_shape(self.kv_cache_spec, shape, 1)
+        return max_blocks_held(shape, self.block_size, 1, self.extra_retained_tokens)
 
     def get_num_skipped_tokens(self, num_computed_tokens: int) -> int:
-        # Tokens before the retained run: no present or future query sees them, and they are not
-        # a decode step's shadow slots.
-        return max(0, num_computed_tokens - self.retained_tokens - self.extra_retained_tokens)
+        # vLLM asks with a token count alone (no request): the engine's shape. No present or
+        # future query sees these tokens, and they are not a decode step's shadow slots.
+        return skipped_tokens(self._engine_shape, num_computed_tokens,
+                              self.extra_retained_tokens)
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:
         blocks = self.req_to_blocks.get(request_id)
         shape = self.shape(request_id)
-        # Tokens before the retained run of this request's shape (get_num_skipped_tokens for
-        # the engine's).
-        invisible = max(0, processed_computed_tokens - shape.retained_tokens
-                        - self.extra_retained_tokens)
-        if not blocks or invisible < self.block_size:
+        front = front_blocks(shape, self.block_size)
+        live = first_live_block(shape, self.block_size, processed_computed_tokens,
+                                self.extra_retained_tokens)
+        if not blocks or live <= front:
             return
-        # Newest first, stopping at the first block already freed: O(blocks freed now), not
-        # O(stream length), on this per-step path.
+        # The blocks between the front blocks and the first live one, newest first, stopping at
+        # the first block already freed: O(blocks freed now), not O(stream length), on this
+        # per-step path.
         freed = []
-        for i in range(min(invisible // self.block_size, len(blocks)) - 1,
-                       self.front_blocks(shape) - 1, -1):
+        for i in range(min(live, len(blocks)) - 1, front - 1, -1):
             if blocks[i] is self._null_block:
                 break
             freed.append(blocks[i])
@@ -129,15 +130,6 @@ class StreamingSinkManager(StreamingPrefixCache):
             "pinned_streams": sum(1 for r in self.shapes if self.req_to_blocks.get(r)),
             "pool_used_blocks": self.block_pool.num_gpu_blocks - 1
             - self.block_pool.get_num_free_blocks()}, force=force)
-
-
-def max_blocks_held_by_shape(spec: StreamingSinkSpec, shape, step_tokens: int) -> int:
-    """The per-stream block bound of a request of this shape (kv_spec.py)."""
-    if shape.shadows:
-        return max_blocks_held(shape.sink_tokens, shape.window_tokens, spec.block_size,
-                               step_tokens, spec.extra_retained_tokens)
-    return max_pinned_blocks_held(shape.sink_tokens, shape.window_tokens, spec.block_size,
-                                  step_tokens, spec.extra_retained_tokens)
 
 
 def register_kv_policy() -> None:

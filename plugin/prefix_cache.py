@@ -27,10 +27,10 @@ tokens before h: the window's W-1 and the S slots its decodes overwrite with sin
    never held by two running requests: a hit on a block that a running request holds is copied
    (the same copy-on-write path). A hit on a block nobody holds is adopted without a copy.
 
-Hits: vLLM's sliding-window search with a window of C finds the last run of cdiv(C-1, B)
-cached blocks ending at the hit length h (null blocks before it); the sink blocks (a pinning
-request's pinned blocks) are then looked up by their own hashes. No sink block in the cache means
-no hit.
+Hits: vLLM's sliding-window search with a window of C (stream_rule.cache_hit_window) finds the
+last run of cdiv(C-1, B) cached blocks ending at the hit length h (null blocks before it); the
+sink blocks (a pinning request's pinned blocks) are then looked up by their own hashes. No sink
+block in the cache means no hit.
 
 Pinned prefixes (request_options.py) are the exception to 3: a request with options of its own
 writes no shadows and its row never moves its pinned blocks, so once written they never change.
@@ -55,14 +55,16 @@ from vllm.v1.core.single_type_kv_cache_manager import (
 )
 
 from streamsink.errors import PatchTargetMoved
-from streamsink.request_options import StreamShape, request_shape
+from streamsink.request_options import request_shape
+from streamsink.stream_rule import StreamShape, cache_hit_window, front_blocks, shadow_span
 
 
 @functools.lru_cache(maxsize=8)
 def _hit_spec(spec):
-    """The spec vLLM's sliding-window search should see: a window of C = S + W, so that a hit
-    carries the C-1 tokens a streaming request keeps before its next query."""
-    return dataclasses.replace(spec, sliding_window=spec.sink_tokens + spec.sliding_window)
+    """The spec vLLM's sliding-window search should see: the engine's cache_hit_window (C), so
+    that a hit carries the C-1 tokens a streaming request keeps before its next query (and the
+    W_r-1 of a request with a shape of its own, W_r <= W)."""
+    return dataclasses.replace(spec, sliding_window=cache_hit_window(spec.engine_shape))
 
 
 class StreamingPrefixCache(SlidingWindowManager):
@@ -74,7 +76,7 @@ class StreamingPrefixCache(SlidingWindowManager):
         self.shadow_copies_total = 0   # cached blocks copied before a shadow reached them
         self.adopt_copies_total = 0    # hits copied because a running request held them
         self.unhashed_total = 0        # cached blocks dropped from the cache instead
-        self._engine_shape = StreamShape(kv_cache_spec.sink_tokens, kv_cache_spec.sliding_window)
+        self._engine_shape = kv_cache_spec.engine_shape
         self.shapes: dict[str, StreamShape] = {}   # req_id -> its shape, when not the engine's
         # The shape of the request whose cache hit is being looked up (note_lookup).
         self._lookup_shape = self._engine_shape
@@ -91,7 +93,7 @@ class StreamingPrefixCache(SlidingWindowManager):
         (patches/kv_request_shapes.py)."""
         shape = request_shape(self._engine_shape, request.sampling_params.extra_args
                               if request.sampling_params is not None else None)
-        if shape.shadows:
+        if shape.writes_shadows:   # the engine's shape
             self.shapes.pop(request.request_id, None)
         else:
             self.shapes[request.request_id] = shape
@@ -99,10 +101,6 @@ class StreamingPrefixCache(SlidingWindowManager):
 
     def shape(self, request_id: str) -> StreamShape:
         return self.shapes.get(request_id, self._engine_shape)
-
-    def front_blocks(self, shape: StreamShape) -> int:
-        """Blocks a request of this shape holds for its whole life (sinks or pinned prefix)."""
-        return cdiv(shape.sink_tokens, self.block_size)
 
     # -- hits -------------------------------------------------------------------------------
     def find_longest_cache_hit(self, block_hashes, max_length, kv_cache_group_ids, block_pool,
@@ -117,7 +115,7 @@ class StreamingPrefixCache(SlidingWindowManager):
             return blocks, 0
         hashes = resolve_block_hashes(block_hashes, block_pool.hash_block_size,
                                       kv_cache_spec.block_size)
-        for j in range(min(self.front_blocks(self._lookup_shape), len(blocks[0]))):
+        for j in range(min(front_blocks(self._lookup_shape, self.block_size), len(blocks[0]))):
             if not blocks[0][j].is_null:
                 continue
             sink = block_pool.get_cached_block(hashes[j], kv_cache_group_ids)
@@ -152,9 +150,9 @@ class StreamingPrefixCache(SlidingWindowManager):
         """Indices of the hits this request shares rather than copies: held blocks inside its
         pinned prefix that every holder holds inside its own (none for the engine's shape)."""
         shape = self.shape(request_id)
-        if shape.shadows:
+        if shape.writes_shadows:
             return set()
-        return {i for i, b in enumerate(hits[:self.front_blocks(shape)])
+        return {i for i, b in enumerate(hits[:front_blocks(shape, self.block_size)])
                 if not b.is_null and b.ref_cnt
                 and b.ref_cnt == len(self.pin_holders.get(b.block_id, ()))}
 
@@ -181,17 +179,20 @@ class StreamingPrefixCache(SlidingWindowManager):
     def _note_pins(self, request_id: str) -> None:
         """Record the request as a holder of the blocks of its pinned prefix it holds now."""
         shape = self.shape(request_id)
-        if shape.shadows:
+        if shape.writes_shadows:
             return
-        for block in self.req_to_blocks.get(request_id, ())[:self.front_blocks(shape)]:
+        for block in self._front_blocks_held(request_id, shape):
             if not block.is_null:
                 self.pin_holders.setdefault(block.block_id, set()).add(request_id)
+
+    def _front_blocks_held(self, request_id: str, shape: StreamShape) -> list:
+        return self.req_to_blocks.get(request_id, [])[:front_blocks(shape, self.block_size)]
 
     def _drop_pins(self, request_id: str) -> None:
         shape = self.shapes.pop(request_id, None)
         if shape is None:
             return
-        for block in self.req_to_blocks.get(request_id, ())[:self.front_blocks(shape)]:
+        for block in self._front_blocks_held(request_id, shape):
             holders = self.pin_holders.get(block.block_id)
             if holders is not None:
                 holders.discard(request_id)
@@ -234,18 +235,6 @@ class StreamingPrefixCache(SlidingWindowManager):
         self._protect_from_shadows()
         return super().take_pending_cow_copies()
 
-    def shadow_range(self, q: int, num_new: int,
-                     shape: StreamShape | None = None) -> tuple[int, int] | None:
-        """Token positions a step of num_new tokens starting at q may overwrite with shadows:
-        step_plan._kernel_can_run's decode condition, on absolute positions (a superset of the
-        worker's, which sees row positions <= absolute ones). None for a request with a shape
-        of its own (it writes no shadows)."""
-        shape = shape or self._engine_shape
-        C, S = shape.cache_tokens, shape.sink_tokens
-        if not shape.shadows or num_new != 1 or not S or q < C + S - 1:
-            return None
-        return q - C + 1, q - shape.window_tokens
-
     def _protect_from_shadows(self) -> None:
         B = self.block_size
         for request_id, end in self._scheduled.items():
@@ -253,8 +242,10 @@ class StreamingPrefixCache(SlidingWindowManager):
             blocks = self.req_to_blocks.get(request_id)
             if request is None or not blocks:
                 continue
-            span = self.shadow_range(request.num_computed_tokens,
-                                     end - request.num_computed_tokens, self.shape(request_id))
+            # On absolute positions: the worker's span (row positions) is the same one, or
+            # none where its row position has not reached C+S-1 yet.
+            span = shadow_span(self.shape(request_id), request.num_computed_tokens,
+                               end - request.num_computed_tokens)
             if span is None:
                 continue
             lo, hi = span

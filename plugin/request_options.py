@@ -19,16 +19,16 @@ log-sum-exp. So its pinned blocks never change once written, and requests with t
 prefix can hold the same physical blocks (prefix_cache.py).
 
 A leaf module: the KV policy, the step plan, the worker rows and the API-side patches all read a
-request's shape from here.
+request's shape from here; what a shape keeps is stream_rule.py's.
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from streamsink.config import CONFIG_KEY, StreamsinkConfig
 from streamsink.errors import StreamsinkConfigError
+from streamsink.stream_rule import StreamShape
 
 # The resolved form, as it travels in SamplingParams.extra_args[CONFIG_KEY].
 PIN_TOKENS, WINDOW_TOKENS, PIN = "pin_tokens", "window_tokens", "pin"
@@ -42,31 +42,10 @@ class RequestOptionError(StreamsinkConfigError):
     """Per-request options the engine cannot honour (one line; HTTP 400)."""
 
 
-@dataclass(frozen=True)
-class StreamShape:
-    """What one request keeps: `sink_tokens` pinned tokens (the engine's S, or the request's P)
-    and a window of `window_tokens`. `shadows`: the engine's own shape, whose kernel decodes
-    write sink shadows and so keep S more slots before the query."""
-
-    sink_tokens: int
-    window_tokens: int
-    shadows: bool = True
-
-    @property
-    def cache_tokens(self) -> int:
-        return self.sink_tokens + self.window_tokens
-
-    @property
-    def retained_tokens(self) -> int:
-        """Tokens the KV manager keeps before a request's next query (besides the pinned ones):
-        the window's W-1, plus the S shadow slots where decodes write them."""
-        return self.window_tokens - 1 + (self.sink_tokens if self.shadows else 0)
-
-
 @functools.lru_cache(maxsize=64)
 def engine_shape(cfg: StreamsinkConfig) -> StreamShape:
     """The shape of a request without options (read for every row of every step: cached)."""
-    return StreamShape(cfg.sink_tokens, cfg.window_tokens, shadows=True)
+    return StreamShape(cfg.sink_tokens, cfg.window_tokens, writes_shadows=True)
 
 
 def request_shape(cfg: StreamsinkConfig, extra_args: Mapping | None) -> StreamShape:
@@ -78,7 +57,7 @@ def request_shape(cfg: StreamsinkConfig, extra_args: Mapping | None) -> StreamSh
     pinned, window = int(options[PIN_TOKENS]), int(options[WINDOW_TOKENS])
     if (pinned, window) == (cfg.sink_tokens, cfg.window_tokens):
         return engine_shape(cfg)  # asked for what every request gets
-    return StreamShape(pinned, window, shadows=False)
+    return StreamShape(pinned, window, writes_shadows=False)
 
 
 def _count(options: Mapping, name: str, lowest: int) -> int | None:

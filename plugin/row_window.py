@@ -37,18 +37,8 @@ import torch
 
 from streamsink.config import StreamsinkConfig
 from streamsink.kv_cache_layout import rotate_cached_keys
-from streamsink.request_options import StreamShape, request_shape
-
-
-def min_row_tokens(cfg: StreamsinkConfig, block_size: int, max_step_tokens: int) -> int:
-    """The narrowest row that always fits one step: the sink (or pinned) blocks, the keys kept
-    before the step's first query (C-1, or W-1 for a request pinning tokens), the step's
-    queries, the token it samples and one block of alignment slack."""
-    def need(front_tokens: int, kept_tokens: int) -> int:
-        return (-(-front_tokens // block_size) + 1) * block_size + kept_tokens + 1 \
-            + max_step_tokens
-    return max(need(cfg.sink_tokens, cfg.cache_tokens - 1),
-               need(cfg.max_pinned_tokens, cfg.window_tokens - 1))
+from streamsink.request_options import request_shape
+from streamsink.stream_rule import StreamShape, first_live_block, front_blocks, furthest_row_offset
 
 
 class RowWindow:
@@ -74,7 +64,7 @@ class RowWindow:
     def note_step_shapes(self, requests: list) -> None:
         """Before the step's attention metadata is built: the shape of each row, in order."""
         shapes = [self.shape(r) for r in requests]
-        self.step_shapes = shapes if any(not s.shadows for s in shapes) else None
+        self.step_shapes = shapes if any(not s.writes_shadows for s in shapes) else None
 
     # -- decisions ------------------------------------------------------------------------
     def fits(self, offset: int, end: int, num_blocks: int) -> bool:
@@ -90,15 +80,12 @@ class RowWindow:
 
     def head_blocks(self, request) -> int:
         """Blocks at the front of the row kept as they are: the sink (or pinned) blocks."""
-        return -(-self.shape(request).sink_tokens // self.block_size)
+        return front_blocks(self.shape(request), self.block_size)
 
     def furthest_offset(self, request, first_query: int) -> int:
         """The largest offset that keeps every key the step's first query (and later ones)
-        may see or shadow, i.e. the retained tokens before it, at row positions past the head
-        blocks."""
-        head_tokens = self.head_blocks(request) * self.block_size
-        lowest_needed = first_query - self.shape(request).retained_tokens - head_tokens
-        return max(0, lowest_needed // self.block_size * self.block_size)
+        may see or shadow (stream_rule.furthest_row_offset)."""
+        return furthest_row_offset(self.shape(request), self.block_size, first_query)
 
     def ensure_room(self, batch, row: int, request, first_query: int, end: int,
                     num_blocks: int) -> None:
@@ -112,7 +99,7 @@ class RowWindow:
         self.rebase(batch, row, request, new_offset, first_query, end, num_blocks)
 
     def _refuse(self, request, first_query: int, end: int) -> None:
-        # Unreachable when engine_setup's start-up check (min_row_tokens) holds.
+        # Unreachable when engine_setup's start-up check (stream_rule.min_row_tokens) holds.
         raise RuntimeError(
             f"streamsink: request {request.req_id} does not fit its batch row "
             f"({self.width} tokens) at positions {first_query}..{end}; raise max_model_len")
@@ -158,8 +145,9 @@ class RowWindow:
         """The first non-sink block the scheduler still holds for a request that has
         computed `computed_tokens` (it frees every block before its retained tokens). Lower ids
         in a request's block_ids may be stale: freed and given to another request since."""
-        keep_from = max(0, computed_tokens - self.shape(request).retained_tokens)
-        return max(self.head_blocks(request), keep_from // self.block_size)
+        # Without vLLM's extra_retained_tokens (the worker never reads them): at or past the
+        # scheduler's first live block.
+        return first_live_block(self.shape(request), self.block_size, computed_tokens)
 
     def _settle(self, request, offset: int, computed_tokens: int) -> None:
         """Make the keys stored in the request's live blocks rotated for `offset` (blocks its

@@ -20,9 +20,9 @@ from the tile's distances.
 
 Two ways to compute a request's attention (docs/architecture.md §4, options 4 and 2), chosen
 per request:
-- kernel: the request is dense (all its queries < C) or a decode at i >= C+S-1. For each such
-  decode the plan lists "shadow" writes: sink j's K/V, re-rotated to position i-C+1+j, into the
-  slots of the S tokens just evicted. The last C slots then read as one contiguous run of
+- kernel (stream_rule.kernel_can_run): the request is dense (all its queries < C) or a decode at
+  i >= C+S-1. For each such decode the plan lists "shadow" writes (stream_rule.shadow_span):
+  sink j's K/V, re-rotated to position i-C+1+j, into the slots of the S tokens just evicted. The last C slots then read as one contiguous run of
   exactly the keys query i must see, at the right distances, and vLLM's C++ kernel with a
   sliding window of C computes StreamingLLM attention unchanged.
 - PyTorch (any other request, e.g. a prefill chunk past C): per-request tiles of queries, the
@@ -42,8 +42,18 @@ import torch
 
 from streamsink.config import StreamsinkConfig
 from streamsink.kv_cache_layout import flat_kv_index
-from streamsink.request_options import StreamShape, engine_shape
+from streamsink.request_options import engine_shape
 from streamsink.rope import RopeSpec
+from streamsink.stream_rule import (
+    StreamShape,
+    front_blocks,
+    in_window,
+    kernel_can_run,
+    query_slot,
+    shadow_span,
+    sink_outside_window,
+    window_start,
+)
 
 # Queries of one prefill chunk are processed in tiles of this many, so the mask of one tile stays
 # small (tile x (W + tile) entries) and each tile reads only the blocks it can see.
@@ -172,29 +182,28 @@ class StepPlan:
 
 
 def _query_tile(start: int, first: int, last: int, request: int, block_table: torch.Tensor,
-                cfg: StreamShape, rope: RopeSpec | None, block_size: int,
+                shape: StreamShape, rope: RopeSpec | None, block_size: int,
                 dtype: torch.dtype) -> QueryTile:
-    """Queries at row positions first..last of one request, its tokens from `start` on; cfg:
+    """Queries at row positions first..last of one request, its tokens from `start` on; shape:
     that request's sinks (or pinned tokens) and window."""
-    window_lo = max(first - cfg.window_tokens + 1, 0)
-    logical = torch.arange(window_lo // block_size, last // block_size + 1)
+    logical = torch.arange(window_start(shape, first) // block_size, last // block_size + 1)
     qpos = torch.arange(first, last + 1)[:, None]
     col = logical[0] * block_size + torch.arange(len(logical) * block_size)[None, :]
-    window = (col <= qpos) & (col > qpos - cfg.window_tokens)
+    window = in_window(shape, qpos, col)
     mask = torch.zeros(window.shape, dtype=dtype).masked_fill_(~window, float("-inf"))
     tile = QueryTile(tokens=slice(start, start + last - first + 1),
                      window_blocks=block_table[request, logical].long(),
                      window_mask=mask[None, None], sink_blocks=None, sink_mask=None,
                      sink_rotation=None)
     # The query's in-cache slot n-1 (row positions of a rebased row are >= C-1, like the
-    # absolute ones, so the clamp reads the same).
-    slot = qpos.clamp(max=cfg.cache_tokens - 1)
+    # absolute ones, so it reads the same).
+    slot = query_slot(shape, qpos)
     if rope is None:
         tile.window_distance = (qpos - col).to(torch.float32)
-    sinks = torch.arange(cfg.sink_tokens)[None, :]
-    outside = (sinks <= qpos - cfg.window_tokens) & (sinks <= qpos)   # not already a window key
+    sinks = torch.arange(shape.sink_tokens)[None, :]
+    outside = sink_outside_window(shape, qpos, sinks)
     if bool(outside.any()):
-        tile.sink_blocks = block_table[request, :-(-cfg.sink_tokens // block_size)].long()
+        tile.sink_blocks = block_table[request, :front_blocks(shape, block_size)].long()
         tile.sink_mask = torch.zeros(outside.shape, dtype=dtype).masked_fill_(
             ~outside, float("-inf"))[None]
         if rope is None:
@@ -204,37 +213,25 @@ def _query_tile(start: int, first: int, last: int, request: int, block_table: to
     return tile
 
 
-def _kernel_can_run(cfg: StreamsinkConfig, shape: StreamShape, seq_len: int,
-                    query_len: int) -> bool:
-    if not shape.shadows:
-        # A request with its own pins or window (request_options.py): the kernel's window is
-        # the engine's C, so only while the request is dense in both.
-        return seq_len <= min(shape.cache_tokens, cfg.cache_tokens)
-    # Dense, or a decode whose shadow slots (i-C+1 .. i-C+S) lie past the real sinks.
-    return (seq_len <= cfg.cache_tokens
-            or (query_len == 1 and seq_len - 1 >= cfg.cache_tokens + cfg.sink_tokens - 1))
-
-
 @functools.lru_cache(maxsize=8)
 def _rotation_table(rope: RopeSpec, rows: int, dtype: torch.dtype) -> torch.Tensor:
     """cos|sin of positions 0..rows-1 (float64 angles, then cast), built once per size."""
     return rope.cos_sin(torch.arange(rows), dtype)
 
 
-def _shadow_writes(cfg: StreamsinkConfig, rope: RopeSpec | None, block_size: int,
-                   seq_lens: list[int], requests: list[int], block_table: torch.Tensor,
-                   kv_heads: int, head_dim: int, dtype: torch.dtype) -> ShadowWrites | None:
-    """Shadows for the decodes past C among `requests` (all of them kernel requests).
+def _shadow_writes(rope: RopeSpec | None, block_size: int, sinks: int,
+                   starts: list[tuple[int, int]], block_table: torch.Tensor, kv_heads: int,
+                   head_dim: int, dtype: torch.dtype) -> ShadowWrites | None:
+    """The shadows of `starts`: (request, the first slot of its shadow_span) for each kernel
+    decode that writes them; sink j goes to that slot + j, rotated by the slot's position.
 
     Built every decode step, so the index arithmetic is numpy on a handful of numbers (a torch op
     costs several times a numpy one at this size)."""
-    rows = [(r, seq_lens[r] - 1) for r in requests if seq_lens[r] > cfg.cache_tokens]
-    if not rows or not cfg.sink_tokens:
+    if not starts:
         return None
-    sinks = cfg.sink_tokens
-    req = np.repeat(np.array([r for r, _ in rows]), sinks)
-    shift = np.repeat(np.array([i - cfg.cache_tokens + 1 for _, i in rows]), sinks)  # >= S
-    source = np.tile(np.arange(sinks), len(rows))
+    req = np.repeat(np.array([r for r, _ in starts]), sinks)
+    shift = np.repeat(np.array([lowest for _, lowest in starts]), sinks)  # >= S
+    source = np.tile(np.arange(sinks), len(starts))
     dest = shift + source
     table = block_table.numpy()
     dest_blocks = table[req, dest // block_size].astype(np.int64)
@@ -263,12 +260,14 @@ def plan_step(cfg: StreamsinkConfig, rope: RopeSpec | None, block_size: int, seq
     own = engine_shape(cfg)
     shapes = shapes or [own] * len(seq_lens)
     query_lens = [query_start[r + 1] - query_start[r] for r in range(len(seq_lens))]
-    on_kernel = [_kernel_can_run(cfg, shape, n, q)
+    on_kernel = [kernel_can_run(own, shape, n, q)
                  for shape, n, q in zip(shapes, seq_lens, query_lens)]
     kernel_reqs = [r for r, ok in enumerate(on_kernel) if ok]
     plan = StepPlan(kernel=all(on_kernel))
-    plan.shadows = _shadow_writes(cfg, rope, block_size, seq_lens,
-                                  [r for r in kernel_reqs if shapes[r].shadows], block_table,
+    shadow_starts = [(r, span[0]) for r in kernel_reqs
+                     if (span := shadow_span(shapes[r], seq_lens[r] - query_lens[r],
+                                             query_lens[r]))]
+    plan.shadows = _shadow_writes(rope, block_size, own.sink_tokens, shadow_starts, block_table,
                                   kv_heads, head_dim, dtype)
     if plan.kernel:
         return plan

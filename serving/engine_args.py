@@ -16,7 +16,7 @@ from typing import Any
 from streamsink.config import CONFIG_KEY, parse_config
 from streamsink.errors import StreamsinkConfigError, UsageError, find_config_error, one_line
 from streamsink.model_store import resolve_model
-from streamsink.row_window import min_row_tokens
+from streamsink.stream_rule import min_row_tokens
 from streamsink.weights import AUTO, BFLOAT16, needs_16bit_activations, resolve_weights
 
 # fp32 for a checkpoint of the user's that is dense: exact against the float64 reference, and
@@ -143,7 +143,9 @@ def streaming_max_model_len(model_path: str, cfg, chunk: int) -> int:
     """The model's own context length, or the narrowest batch row one streaming step needs
     when that is longer (a dense window wider than the model's positions). Streams run past
     max_model_len either way."""
-    return max(model_positions(model_path), min_row_tokens(cfg, BLOCK_SIZE, chunk))
+    return max(model_positions(model_path),
+               min_row_tokens(cfg.sink_tokens, cfg.window_tokens, cfg.max_pinned_tokens,
+                              BLOCK_SIZE, chunk))
 
 
 def engine_environment(kwargs: dict) -> dict[str, str]:

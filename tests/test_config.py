@@ -93,12 +93,12 @@ def test_streaming_engine_settings(tiny_llama):
 def test_unset_step_size_is_fitted_to_the_row(tiny_llama):
     """vLLM's default step does not fit max_model_len 2048 with 4+1020: an unset
     max_num_batched_tokens becomes the largest step that fits, instead of a refusal."""
-    from streamsink.row_window import min_row_tokens
+    from streamsink.stream_rule import min_row_tokens
 
     config = engine_config(tiny_llama, additional_config={"streamsink": {}},
                            max_model_len_override=2048)
     step = config.scheduler_config.max_num_batched_tokens
-    assert step == 2048 - min_row_tokens(StreamsinkConfig(), 128, 0) == 768
+    assert step == 2048 - min_row_tokens(4, 1020, 0, 128, 0) == 768
     assert config.scheduler_config.max_num_seqs <= step
     stock = engine_config(tiny_llama, max_model_len_override=2048)
     assert stock.scheduler_config.max_num_batched_tokens > step  # stock keeps vLLM's default

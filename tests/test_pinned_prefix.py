@@ -204,7 +204,7 @@ def test_chat_pins_exactly_the_system_prompt(tmp_path):
     from transformers import AutoTokenizer
     from vllm import SamplingParams
 
-    from streamsink.request_options import StreamShape
+    from streamsink.stream_rule import StreamShape
 
     model = make_tiny_llama_with_tokenizer(tmp_path / "llama")
     system = [{"role": "system", "content": "You are Zorblax, keeper of the lighthouse. " * 4}]
@@ -220,7 +220,7 @@ def test_chat_pins_exactly_the_system_prompt(tmp_path):
     try:
         manager, _ = kv_internals(llm)
         for options, want in (({"pin": "system", "window_tokens": 30},
-                               StreamShape(len(system_ids), 30, shadows=False)),
+                               StreamShape(len(system_ids), 30, writes_shadows=False)),
                               (None, None)):
             llm.enqueue_chat(messages, params_for(options, max_tokens=4), use_tqdm=False)
             llm.llm_engine.step()

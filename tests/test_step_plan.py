@@ -234,13 +234,14 @@ def test_decodes_batched_equal_one_tile_at_a_time():
     each tile computed alone (attend_small_tile, itself checked against the definition)."""
     from streamsink.attention import attend_decode_batch, attend_small_tile
     from streamsink.kv_cache_layout import split_kv_cache
-    from streamsink.request_options import StreamShape
+    from streamsink.stream_rule import StreamShape
 
     torch.manual_seed(7)
     cfg = StreamsinkConfig(sink_tokens=4, window_tokens=12, max_pinned_tokens=40)
     block_size, kv_heads, heads, d = 8, 2, 4, 64
-    shapes = [StreamShape(40, 12, shadows=False), StreamShape(0, 9, shadows=False),
-              StreamShape(3, 5, shadows=False), StreamShape(4, 12), StreamShape(20, 7, False)]
+    shapes = [StreamShape(40, 12, writes_shadows=False), StreamShape(0, 9, writes_shadows=False),
+              StreamShape(3, 5, writes_shadows=False), StreamShape(4, 12),
+              StreamShape(20, 7, writes_shadows=False)]
     seq_lens = [70, 30, 19, 18, 45]        # the engine-shaped one right after C (no kernel)
     table = torch.randperm(60)[:50].view(5, 10)
     cache = torch.randn(60, kv_heads, block_size, 2 * d, dtype=torch.float64)
