@@ -22,9 +22,10 @@ Two ways to compute a request's attention (docs/architecture.md §4, options 4 a
 per request:
 - kernel (stream_rule.kernel_can_run): the request is dense (all its queries < C) or a decode at
   i >= C+S-1. For each such decode the plan lists "shadow" writes (stream_rule.shadow_span):
-  sink j's K/V, re-rotated to position i-C+1+j, into the slots of the S tokens just evicted. The last C slots then read as one contiguous run of
-  exactly the keys query i must see, at the right distances, and vLLM's C++ kernel with a
-  sliding window of C computes StreamingLLM attention unchanged.
+  sink j's K/V, re-rotated to position i-C+1+j, into the slots of the S tokens just evicted.
+  The last C slots then read as one contiguous run of exactly the keys query i must see, at the
+  right distances, and vLLM's C++ kernel with a sliding window of C computes StreamingLLM
+  attention unchanged.
 - PyTorch (any other request, e.g. a prefill chunk past C): per-request tiles of queries, the
   window keys through PyTorch's fused attention and the sink keys merged in by log-sum-exp
   (QueryTile, attend_tile in attention.py).
