@@ -15,10 +15,11 @@ ever use follows from its configuration:
 with the per-stream bound of stream_rule.max_blocks_per_stream (sinks, the S+W-1 retained
 tokens, one decode token, one block of alignment; or a stream pinning max_pinned_tokens where
 that is larger: pinned blocks, W-1 retained tokens). vLLM's default max_num_seqs (256 for
-vllm.LLM on CPU) can make that larger than the machine: the pool is then capped at MAX_SHARE_OF_AVAILABLE of the
-memory vLLM counts as available (the figure its CPU worker checks), and the start-up line says
-how many streams it holds at full window; the scheduler queues the rest. Stock vLLM's CPU
-default takes 92% of the node's memory; this takes at most half of what is available.
+vllm.LLM on CPU) can make that larger than the machine: the pool is then capped at
+MAX_SHARE_OF_AVAILABLE of the memory vLLM counts as available (the figure its CPU worker
+checks), and the start-up line says how many streams it holds at full window; the scheduler
+queues the rest. Stock vLLM's CPU default takes 92% of the node's memory; this takes at most
+half of what is available.
 """
 from __future__ import annotations
 

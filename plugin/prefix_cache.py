@@ -242,8 +242,8 @@ class StreamingPrefixCache(SlidingWindowManager):
             blocks = self.req_to_blocks.get(request_id)
             if request is None or not blocks:
                 continue
-            # On absolute positions: the worker's span (row positions) is the same one, or
-            # none where its row position has not reached C+S-1 yet.
+            # On absolute positions; the worker's, on row positions, is the same span
+            # (tests/test_stream_rule.py).
             span = shadow_span(self.shape(request_id), request.num_computed_tokens,
                                end - request.num_computed_tokens)
             if span is None:
