@@ -100,7 +100,7 @@ def sink_outside_window(shape: StreamShape, i, j):
 
 
 def visible(shape: StreamShape, i, j):
-    """j is in V(i)."""
+    """j is in V(i) (the step plan's tiles take it as these two disjoint parts)."""
     return in_window(shape, i, j) | sink_outside_window(shape, i, j)
 
 
@@ -151,7 +151,7 @@ def bounding_shapes(sink_tokens: int, window_tokens: int,
                     max_pinned_tokens: int) -> tuple[StreamShape, StreamShape]:
     """The engine's own shape and the widest one a request may ask for (max_pinned_tokens at
     the full window, no shadows). Every per-stream bound below grows with the front tokens and
-    the window, so the larger of these two's bounds every request of the engine."""
+    the window, so the larger of the two bounds every request of the engine."""
     return (StreamShape(sink_tokens, window_tokens),
             StreamShape(max_pinned_tokens, window_tokens, writes_shadows=False))
 
@@ -197,7 +197,7 @@ def kernel_can_run(engine: StreamShape, shape: StreamShape, seq_len: int,
     """vLLM's kernel (a sliding window of the engine's C over the last positions) computes a
     request's step exactly: while it is dense (all its queries < C), or, for the engine's shape,
     a decode clear of the sinks, whose last C positions read as V(i) once its shadows
-    (shadow_span) are written (without sinks, as they are)."""
+    (shadow_span) are written (with no sinks, none are needed)."""
     if not shape.writes_shadows:
         # The kernel's window is the engine's C: only while the request is dense in both.
         return seq_len <= min(shape.cache_tokens, engine.cache_tokens)
