@@ -51,6 +51,7 @@ class RowWindow:
         self.rope = rope          # RopeSpec, for re-rotations; None: ALiBi (nothing to rotate)
         self.block_size = block_size
         self.width = min(token_width, block_width * block_size)
+        self.block_width = block_width    # block ids a row holds: cdiv(max_model_len, B) or more
         self.offsets: dict[str, int] = {}                  # req_id -> offset (0 if absent)
         # block id -> the row offset its stored keys are rotated for (0 if absent). Outlives
         # requests: finished requests' blocks stay in the prefix cache.
@@ -71,7 +72,7 @@ class RowWindow:
         """Positions < end, the token sampled at position end, and num_blocks blocks fit a row
         rebased at offset."""
         return (end + 1 - offset <= self.width
-                and num_blocks - offset // self.block_size <= self.width // self.block_size)
+                and num_blocks - offset // self.block_size <= self.block_width)
 
     def shape(self, request) -> StreamShape:
         """The request's sinks (or pinned tokens) and window (request_options.py)."""

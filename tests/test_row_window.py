@@ -134,3 +134,18 @@ def test_fresh_blocks_take_the_row_offset():
     sink_only = request("S", [9], computed=0)
     rows.allocated(sink_only, [9])
     assert 9 not in rows.block_rot
+
+
+def test_a_row_of_the_narrowest_width_fits_its_blocks():
+    """max_model_len need not be a multiple of B: the row's block ids are counted against the
+    block table's width (cdiv(max_model_len, B)), not against width // B. S=8, W=1020, B=128,
+    decodes: the narrowest row (stream_rule.min_row_tokens) is 1,285 tokens and 11 blocks; the
+    decode at token 1,280 needs 11 blocks at offset 0."""
+    from streamsink.row_window import RowWindow
+    from streamsink.stream_rule import min_row_tokens
+
+    cfg = StreamsinkConfig(sink_tokens=8, window_tokens=1020)
+    width = min_row_tokens(cfg, 128, 1)
+    rows = RowWindow(cfg, 128, token_width=width, block_width=-(-width // 128))
+    assert width == 1285
+    assert rows.fits(0, 1281, 11)
