@@ -145,7 +145,7 @@ def test_a_row_of_the_narrowest_width_fits_its_blocks():
     from streamsink.stream_rule import min_row_tokens
 
     cfg = StreamsinkConfig(sink_tokens=8, window_tokens=1020)
-    width = min_row_tokens(cfg, 128, 1)
+    width = min_row_tokens(8, 1020, 0, 128, 1)
     rows = RowWindow(cfg, 128, token_width=width, block_width=-(-width // 128))
     assert width == 1285
     assert rows.fits(0, 1281, 11)
