@@ -15,20 +15,17 @@ depending on the step size.
 """
 from __future__ import annotations
 
-import inspect
-
 from vllm.engine.arg_utils import EngineArgs
 
 from streamsink.engine_setup import fit_default_chunk
-from streamsink.errors import PatchTargetMoved
+from streamsink.patches._install import require, wrap
 
-_original = None
 _NAME = "_set_default_max_num_seqs_and_batched_tokens_args"
 
 
-def _set_defaults(self, usage_context, model_config, parallel_config):
+def _set_defaults(original, self, usage_context, model_config, parallel_config):
     user_chunk, user_seqs = self.max_num_batched_tokens, self.max_num_seqs
-    _original(self, usage_context, model_config, parallel_config)
+    original(self, usage_context, model_config, parallel_config)
     if user_chunk is not None or self.max_num_batched_tokens is None:
         return
     chunk = fit_default_chunk(self, model_config.max_model_len, self.max_num_batched_tokens)
@@ -39,25 +36,13 @@ def _set_defaults(self, usage_context, model_config, parallel_config):
 
 
 def check_target() -> None:
-    target = _original or EngineArgs.__dict__.get(_NAME)
-    if target is None or list(inspect.signature(target).parameters) != [
-            "self", "usage_context", "model_config", "parallel_config"]:
-        raise PatchTargetMoved(f"EngineArgs.{_NAME}(self, usage_context, model_config, "
-                               "parallel_config) changed")
-    source = inspect.getsource(target)
-    for needle in ("orig_max_num_batched_tokens = self.max_num_batched_tokens",
-                   "self.max_num_batched_tokens = default_max_num_batched_tokens.get("):
-        if needle not in source:
-            raise PatchTargetMoved(f"EngineArgs.{_NAME} no longer contains {needle!r}")
-    if "self._set_default_max_num_seqs_and_batched_tokens_args(" not in inspect.getsource(
-            EngineArgs.create_engine_config):
-        raise PatchTargetMoved(f"EngineArgs.create_engine_config no longer calls {_NAME}")
+    require(EngineArgs, _NAME, ["self", "usage_context", "model_config", "parallel_config"],
+            exact=True,
+            needles=["orig_max_num_batched_tokens = self.max_num_batched_tokens",
+                     "self.max_num_batched_tokens = default_max_num_batched_tokens.get("])
+    require(EngineArgs, "create_engine_config", needles=[f"self.{_NAME}("])
 
 
 def apply() -> None:
-    global _original
-    if _original is not None:
-        return
     check_target()
-    _original = EngineArgs.__dict__[_NAME]
-    setattr(EngineArgs, _NAME, _set_defaults)
+    wrap(EngineArgs, _NAME, _set_defaults)

@@ -13,29 +13,23 @@ Delete when: vLLM lets general plugins validate/adjust additional_config (a conf
 """
 from __future__ import annotations
 
-import inspect
-
 from vllm.platforms.cpu import CpuPlatform
 
 from streamsink.engine_setup import configure_streaming_engine, finish_streaming_engine
-from streamsink.errors import PatchTargetMoved
+from streamsink.patches._install import require, wrap
 
-_original = None
+
+def _check_and_update_config(original, cls, vllm_config):
+    configure_streaming_engine(vllm_config)
+    original(cls, vllm_config)
+    finish_streaming_engine(vllm_config)
+
+
+def check_target() -> None:
+    require(CpuPlatform, "check_and_update_config", ["cls", "vllm_config"], exact=True,
+            kind=classmethod)
 
 
 def apply() -> None:
-    global _original
-    if _original is not None:
-        return
-    target = CpuPlatform.__dict__.get("check_and_update_config")
-    if not isinstance(target, classmethod) or \
-            list(inspect.signature(target.__func__).parameters) != ["cls", "vllm_config"]:
-        raise PatchTargetMoved("CpuPlatform.check_and_update_config(cls, vllm_config) changed")
-    _original = target.__func__
-
-    def check_and_update_config(cls, vllm_config):
-        configure_streaming_engine(vllm_config)
-        _original(cls, vllm_config)
-        finish_streaming_engine(vllm_config)
-
-    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
+    check_target()
+    wrap(CpuPlatform, "check_and_update_config", _check_and_update_config)

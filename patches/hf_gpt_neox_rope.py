@@ -13,45 +13,40 @@ using its own RotaryEmbedding.
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 from transformers.models.gpt_neox import modeling_gpt_neox as hf
 
 from streamsink.engine_setup import engine_being_built
-from streamsink.errors import PatchTargetMoved
+from streamsink.patches._install import require, wrap
 from streamsink.rope import rope_spec_from_hf_config
 
-_original_init = None
-_original_forward = None
 
-
-def _init(self, config, *args, **kwargs):
-    _original_init(self, config, *args, **kwargs)
+def _init(original, self, config, *args, **kwargs):
+    original(self, config, *args, **kwargs)
     self._streamsink_inv_freq = None
     if engine_being_built()[0] is not None:
         self._streamsink_inv_freq = rope_spec_from_hf_config(config).inv_freq()
 
 
-def _forward(self, x, position_ids):
+def _forward(original, self, x, position_ids):
     inv_freq = getattr(self, "_streamsink_inv_freq", None)
     if inv_freq is None:
-        return _original_forward(self, x, position_ids)
+        return original(self, x, position_ids)
     freqs = position_ids[..., None].to(torch.float64) * inv_freq.to(x.device)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype=x.dtype), emb.sin().to(dtype=x.dtype)
 
 
+def check_target() -> None:
+    """GPTNeoXRotaryEmbedding(config).forward(x, position_ids), NeoX-style (rotate_half)."""
+    rotary = hf.GPTNeoXRotaryEmbedding
+    require(rotary, "forward", ["self", "x", "position_ids"], exact=True,
+            needles=["self.attention_scaling"])
+    require(rotary, "__init__", ["self", "config"])
+    require(hf, "rotate_half")
+
+
 def apply() -> None:
-    global _original_init, _original_forward
-    if _original_forward is not None:
-        return
-    cls = hf.GPTNeoXRotaryEmbedding
-    if list(inspect.signature(cls.forward).parameters) != ["self", "x", "position_ids"] or \
-            list(inspect.signature(cls.__init__).parameters)[:2] != ["self", "config"] or \
-            "self.attention_scaling" not in inspect.getsource(cls.forward) or \
-            not callable(getattr(hf, "rotate_half", None)):
-        raise PatchTargetMoved("transformers GPTNeoXRotaryEmbedding(config).forward(x, "
-                               "position_ids) with NeoX-style rotate_half changed")
-    _original_init, _original_forward = cls.__init__, cls.forward
-    cls.__init__, cls.forward = _init, _forward
+    check_target()
+    wrap(hf.GPTNeoXRotaryEmbedding, "__init__", _init)
+    wrap(hf.GPTNeoXRotaryEmbedding, "forward", _forward)

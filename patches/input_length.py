@@ -18,34 +18,30 @@ instead of using max_model_len.
 """
 from __future__ import annotations
 
-import inspect
-
 from vllm.exceptions import VLLMClientError
 from vllm.sampling_params import SamplingParams
 from vllm.v1.engine.input_processor import InputProcessor
 
 from streamsink.config import CONFIG_KEY, streaming_config
-from streamsink.errors import PatchTargetMoved
+from streamsink.patches._install import require, wrap
 from streamsink.request_options import SYSTEM_MESSAGES, RequestOptionError, resolve_options
-
-_originals: dict[str, object] = {}
 
 
 def _is_streaming(processor) -> bool:
     return streaming_config(processor.vllm_config) is not None
 
 
-def _validate_prompt_len(self, prompt_len, prompt_type):
+def _validate_prompt_len(original, self, prompt_len, prompt_type):
     if prompt_type == "decoder" and prompt_len > 0 and _is_streaming(self):
         return
-    return _originals["_validate_prompt_len"](self, prompt_len, prompt_type)
+    return original(self, prompt_len, prompt_type)
 
 
-def _process_inputs(self, request_id, prompt, params, *args, **kwargs):
+def _process_inputs(original, self, request_id, prompt, params, *args, **kwargs):
     if isinstance(params, SamplingParams) and params.max_tokens is None and _is_streaming(self):
         params = params.clone()  # the caller's params may be shared
         params.max_tokens = self.model_config.max_model_len
-    request = _originals["process_inputs"](self, request_id, prompt, params, *args, **kwargs)
+    request = original(self, request_id, prompt, params, *args, **kwargs)
     sampling = request.sampling_params
     if sampling is not None and sampling.extra_args and CONFIG_KEY in sampling.extra_args:
         # The request's own copy (process_inputs clones the params).
@@ -76,23 +72,13 @@ def _resolved(processor, options, prompt_token_ids) -> dict:
 
 def check_target() -> None:
     """Raise PatchTargetMoved unless InputProcessor is the one this patch was written for."""
-    expected = {"_validate_prompt_len": ["self", "prompt_len", "prompt_type"],
-                "process_inputs": ["self", "request_id", "prompt", "params"]}
-    for name, params in expected.items():
-        target = _originals.get(name) or InputProcessor.__dict__.get(name)
-        if target is None or list(inspect.signature(target).parameters)[:len(params)] != params:
-            raise PatchTargetMoved(f"InputProcessor.{name}({', '.join(params)}) changed")
-    source = inspect.getsource(_originals.get("process_inputs") or InputProcessor.process_inputs)
-    if "if sampling_params.max_tokens is None:" not in source or \
-            "self.vllm_config = vllm_config" not in inspect.getsource(InputProcessor.__init__):
-        raise PatchTargetMoved("InputProcessor's max_tokens default or vllm_config moved")
+    require(InputProcessor, "_validate_prompt_len", ["self", "prompt_len", "prompt_type"])
+    require(InputProcessor, "process_inputs", ["self", "request_id", "prompt", "params"],
+            needles=["if sampling_params.max_tokens is None:"])
+    require(InputProcessor, "__init__", needles=["self.vllm_config = vllm_config"])
 
 
 def apply() -> None:
-    if _originals:
-        return
     check_target()
-    _originals.update(_validate_prompt_len=InputProcessor._validate_prompt_len,
-                      process_inputs=InputProcessor.process_inputs)
-    InputProcessor._validate_prompt_len = _validate_prompt_len
-    InputProcessor.process_inputs = _process_inputs
+    wrap(InputProcessor, "_validate_prompt_len", _validate_prompt_len)
+    wrap(InputProcessor, "process_inputs", _process_inputs)

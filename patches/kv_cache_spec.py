@@ -13,7 +13,6 @@ Delete when: customize_spec (or get_kv_cache_spec) is handed the VllmConfig.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -21,8 +20,8 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 from streamsink.config import streaming_config
 from streamsink.errors import PatchTargetMoved
 from streamsink.kv_spec import StreamingSinkSpec
+from streamsink.patches._install import require, wrap
 
-_original = None
 # Fields StreamingSinkSpec sets itself rather than copying from the stock spec.
 _OWN_FIELDS = {"sliding_window", "sink_tokens", "max_pinned_tokens", "extra_retained_tokens"}
 
@@ -38,8 +37,8 @@ def streaming_spec(spec, sink_tokens: int, window_tokens: int, max_pinned_tokens
                              max_pinned_tokens=max_pinned_tokens)
 
 
-def _get_kv_cache_spec(self):
-    specs = _original(self)
+def _get_kv_cache_spec(original, self):
+    specs = original(self)
     cfg = streaming_config(self.vllm_config)
     if cfg is None:
         return specs
@@ -48,24 +47,13 @@ def _get_kv_cache_spec(self):
 
 
 def check_target() -> None:
-    target = _original or GPUModelRunner.__dict__.get("get_kv_cache_spec")
-    if target is None or list(inspect.signature(target).parameters) != ["self"]:
-        raise PatchTargetMoved("GPUModelRunner.get_kv_cache_spec(self) changed")
-    source = inspect.getsource(target)
-    for needle in ("attn_module.get_kv_cache_spec(self.vllm_config)",
-                   "customize_attention_spec(", "return kv_cache_spec"):
-        if needle not in source:
-            raise PatchTargetMoved(f"GPUModelRunner.get_kv_cache_spec no longer contains "
-                                   f"{needle!r}")
-    non_causal = {f.name for f in dataclasses.fields(FullAttentionSpec)}
-    if "non_causal" not in non_causal:
+    require(GPUModelRunner, "get_kv_cache_spec", ["self"], exact=True,
+            needles=["attn_module.get_kv_cache_spec(self.vllm_config)",
+                     "customize_attention_spec(", "return kv_cache_spec"])
+    if "non_causal" not in {f.name for f in dataclasses.fields(FullAttentionSpec)}:
         raise PatchTargetMoved("FullAttentionSpec.non_causal is gone")
 
 
 def apply() -> None:
-    global _original
-    if _original is not None:
-        return
     check_target()
-    _original = GPUModelRunner.get_kv_cache_spec
-    GPUModelRunner.get_kv_cache_spec = _get_kv_cache_spec
+    wrap(GPUModelRunner, "get_kv_cache_spec", _get_kv_cache_spec)

@@ -12,36 +12,25 @@ find_longest_cache_hit and allocation calls.
 """
 from __future__ import annotations
 
-import inspect
-
 from vllm.v1.core.kv_cache_manager import KVCacheManager
 
-from streamsink.errors import PatchTargetMoved
-
-_originals: dict[str, object] = {}
+from streamsink.patches._install import require, wrap
 
 
-def _get_computed_blocks(self, request):
+def _get_computed_blocks(original, self, request):
     for manager in self.coordinator.single_type_managers:
         note = getattr(manager, "note_lookup", None)
         if note is not None:
             note(request)
-    return _originals["get_computed_blocks"](self, request)
+    return original(self, request)
 
 
 def check_target() -> None:
-    target = _originals.get("get_computed_blocks") or KVCacheManager.__dict__.get(
-        "get_computed_blocks")
-    if target is None or list(inspect.signature(target).parameters) != ["self", "request"]:
-        raise PatchTargetMoved("KVCacheManager.get_computed_blocks(self, request) changed")
-    if "self.coordinator.find_longest_cache_hit(" not in inspect.getsource(target):
-        raise PatchTargetMoved("KVCacheManager.get_computed_blocks no longer searches hits "
-                               "through its coordinator")
+    # It must search hits through its coordinator, whose managers note_lookup has told.
+    require(KVCacheManager, "get_computed_blocks", ["self", "request"], exact=True,
+            needles=["self.coordinator.find_longest_cache_hit("])
 
 
 def apply() -> None:
-    if _originals:
-        return
     check_target()
-    _originals["get_computed_blocks"] = KVCacheManager.get_computed_blocks
-    KVCacheManager.get_computed_blocks = _get_computed_blocks
+    wrap(KVCacheManager, "get_computed_blocks", _get_computed_blocks)

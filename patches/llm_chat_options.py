@@ -12,16 +12,12 @@ Delete when: vLLM tells a plugin which prompt tokens each chat message produced.
 """
 from __future__ import annotations
 
-import inspect
-
 from vllm.entrypoints.common.offline import OfflineInferenceMixin
 from vllm.sampling_params import SamplingParams
 
 from streamsink.config import CONFIG_KEY
-from streamsink.errors import PatchTargetMoved
+from streamsink.patches._install import require, wrap
 from streamsink.request_options import PIN, SYSTEM_MESSAGES, leading_system_messages
-
-_originals: dict[str, object] = {}
 
 
 def _asks_system_pin(params) -> bool:
@@ -29,10 +25,10 @@ def _asks_system_pin(params) -> bool:
     return isinstance(options, dict) and options.get(PIN) == "system"
 
 
-def _add_chat_requests(self, messages, params, *args, **kwargs):
+def _add_chat_requests(original, self, messages, params, *args, **kwargs):
     single = isinstance(params, SamplingParams)
     if not (_asks_system_pin(params) if single else any(map(_asks_system_pin, params or ()))):
-        return _originals["_add_chat_requests"](self, messages, params, *args, **kwargs)
+        return original(self, messages, params, *args, **kwargs)
     conversations = [messages] if messages and isinstance(messages[0], dict) else messages
     per_conversation = [params] * len(conversations) if single else list(params)
     carried = []
@@ -43,24 +39,15 @@ def _add_chat_requests(self, messages, params, *args, **kwargs):
                        SYSTEM_MESSAGES: leading_system_messages(conversation)}
             p.extra_args = {**p.extra_args, CONFIG_KEY: options}
         carried.append(p)
-    return _originals["_add_chat_requests"](self, messages, carried, *args, **kwargs)
+    return original(self, messages, carried, *args, **kwargs)
 
 
 def check_target() -> None:
-    target = _originals.get("_add_chat_requests") or OfflineInferenceMixin.__dict__.get(
-        "_add_chat_requests")
-    if target is None or list(inspect.signature(target).parameters)[:3] != [
-            "self", "messages", "params"]:
-        raise PatchTargetMoved("OfflineInferenceMixin._add_chat_requests(self, messages, params) "
-                               "changed")
-    if "conversation_to_seq(messages)" not in inspect.getsource(target):
-        raise PatchTargetMoved("OfflineInferenceMixin._add_chat_requests no longer takes one "
-                               "conversation or a list of them")
+    # The wrapper, like vLLM, takes one conversation or a list of them.
+    require(OfflineInferenceMixin, "_add_chat_requests", ["self", "messages", "params"],
+            needles=["conversation_to_seq(messages)"])
 
 
 def apply() -> None:
-    if _originals:
-        return
     check_target()
-    _originals["_add_chat_requests"] = OfflineInferenceMixin._add_chat_requests
-    OfflineInferenceMixin._add_chat_requests = _add_chat_requests
+    wrap(OfflineInferenceMixin, "_add_chat_requests", _add_chat_requests)

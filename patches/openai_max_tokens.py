@@ -16,12 +16,12 @@ Delete when: vLLM takes the request length limit from the engine instead of max_
 from __future__ import annotations
 
 import contextvars
-import functools
 import importlib
 import inspect
 
 from streamsink.config import streaming_model_config
 from streamsink.errors import PatchTargetMoved
+from streamsink.patches._install import original_of, require, wrap
 
 API_UTILS = "vllm.entrypoints.serve.utils.api_utils"
 # (module, class, method that calls get_max_tokens with self.model_config.max_model_len)
@@ -34,59 +34,40 @@ CALLERS = [("vllm.entrypoints.openai.completion.serving", "OpenAIServingCompleti
 PARAMS = ["max_model_len", "max_tokens", "input_length", "default_sampling_params"]
 
 _serving_model_config = contextvars.ContextVar("streamsink_serving_model_config", default=None)
-_original = None
-_original_methods: dict[tuple[str, str], object] = {}
-
-
-def _caller(module: str, cls: str):
-    return getattr(importlib.import_module(module), cls, None)
 
 
 def check_target() -> None:
-    original = _original or importlib.import_module(API_UTILS).get_max_tokens
-    if list(inspect.signature(original).parameters)[:4] != PARAMS:
-        raise PatchTargetMoved(f"get_max_tokens({', '.join(PARAMS)}, ...) changed")
+    get_max_tokens = require(importlib.import_module(API_UTILS), "get_max_tokens", PARAMS)
     for module, cls, method in CALLERS:
-        if getattr(importlib.import_module(module), "get_max_tokens", None) not in (original,
-                                                                                    _streaming):
+        serving = importlib.import_module(module)
+        if original_of(serving, "get_max_tokens") is not get_max_tokens:
             raise PatchTargetMoved(f"{module} no longer uses api_utils.get_max_tokens")
-        target = _original_methods.get((cls, method)) or getattr(_caller(module, cls), method,
-                                                                   None)
-        if target is None or not inspect.iscoroutinefunction(target) or \
-                "max_model_len = self.model_config.max_model_len" not in inspect.getsource(target):
-            raise PatchTargetMoved(f"{cls}.{method} no longer calls get_max_tokens with "
-                                   "self.model_config.max_model_len")
+        target = require(require(serving, cls), method,
+                         needles=["max_model_len = self.model_config.max_model_len"])
+        if not inspect.iscoroutinefunction(target):
+            raise PatchTargetMoved(f"{cls}.{method} is no longer a coroutine function")
 
 
-def _streaming(max_model_len, max_tokens, input_length, default_sampling_params, *args,
-               **kwargs):
+def _get_max_tokens(original, max_model_len, max_tokens, input_length, default_sampling_params,
+                    *args, **kwargs):
     if streaming_model_config(_serving_model_config.get()) is not None:
         max_model_len = input_length + max(max_model_len, max_tokens or 0)
-    return _original(max_model_len, max_tokens, input_length, default_sampling_params, *args,
-                     **kwargs)
+    return original(max_model_len, max_tokens, input_length, default_sampling_params, *args,
+                    **kwargs)
 
 
-def _noting_model_config(method):
-    @functools.wraps(method)
-    async def serve(self, *args, **kwargs):
-        token = _serving_model_config.set(self.model_config)
-        try:
-            return await method(self, *args, **kwargs)
-        finally:
-            _serving_model_config.reset(token)
-
-    return serve
+async def _noting_model_config(original, self, *args, **kwargs):
+    token = _serving_model_config.set(self.model_config)
+    try:
+        return await original(self, *args, **kwargs)
+    finally:
+        _serving_model_config.reset(token)
 
 
 def apply() -> None:
-    global _original
-    if _original is not None:
-        return
     check_target()
-    _original = importlib.import_module(API_UTILS).get_max_tokens
-    importlib.import_module(API_UTILS).get_max_tokens = _streaming
+    wrap(importlib.import_module(API_UTILS), "get_max_tokens", _get_max_tokens)
     for module, cls, method in CALLERS:
-        importlib.import_module(module).get_max_tokens = _streaming
-        klass = _caller(module, cls)
-        _original_methods[(cls, method)] = getattr(klass, method)
-        setattr(klass, method, _noting_model_config(getattr(klass, method)))
+        serving = importlib.import_module(module)
+        wrap(serving, "get_max_tokens", _get_max_tokens)
+        wrap(getattr(serving, cls), method, _noting_model_config)

@@ -21,8 +21,8 @@ from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
 from streamsink.config import streaming_model_config
 from streamsink.errors import PatchTargetMoved
+from streamsink.patches._install import require, wrap
 
-_originals: dict[type, object] = {}
 _NO_LIMIT = SimpleNamespace(max_model_len=None)
 
 
@@ -34,29 +34,20 @@ def check_target() -> None:
     """Raise PatchTargetMoved unless build_tok_params reads nothing from the model config but
     max_model_len (what the stand-in provides)."""
     for cls in _targets():
-        target = _originals.get(cls) or cls.__dict__.get("build_tok_params")
-        if target is None or list(inspect.signature(target).parameters) != ["self",
-                                                                            "model_config"]:
-            raise PatchTargetMoved(f"{cls.__name__}.build_tok_params(self, model_config) changed")
+        target = require(cls, "build_tok_params", ["self", "model_config"], exact=True)
         uses = set(re.findall(r"model_config\.(\w+)", inspect.getsource(target)))
         if uses != {"max_model_len"}:
             raise PatchTargetMoved(f"{cls.__name__}.build_tok_params reads model_config "
                                    f"fields {sorted(uses)}, expected only max_model_len")
 
 
-def _wrap(original):
-    def build_tok_params(self, model_config):
-        if streaming_model_config(model_config) is not None:
-            return original(self, _NO_LIMIT)
-        return original(self, model_config)
-
-    return build_tok_params
+def _build_tok_params(original, self, model_config):
+    if streaming_model_config(model_config) is not None:
+        return original(self, _NO_LIMIT)
+    return original(self, model_config)
 
 
 def apply() -> None:
-    if _originals:
-        return
     check_target()
     for cls in _targets():
-        _originals[cls] = cls.__dict__["build_tok_params"]
-        cls.build_tok_params = _wrap(_originals[cls])
+        wrap(cls, "build_tok_params", _build_tok_params)

@@ -15,14 +15,12 @@ plugin hook on request conversion) and tells a plugin which prompt tokens a mess
 """
 from __future__ import annotations
 
-import functools
-import inspect
-
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
 from streamsink.config import CONFIG_KEY
 from streamsink.errors import PatchTargetMoved
+from streamsink.patches._install import require, wrap
 from streamsink.request_options import (
     PIN,
     SYSTEM_MESSAGES,
@@ -30,42 +28,28 @@ from streamsink.request_options import (
     leading_system_messages,
 )
 
-_originals: dict[type, object] = {}
 
-
-def _with_options(cls):
-    original = _originals[cls]
-
-    @functools.wraps(original)
-    def to_sampling_params(self, *args, **kwargs):
-        params = original(self, *args, **kwargs)
-        raw = (self.model_extra or {}).get(CONFIG_KEY)
-        if raw is None:
-            return params
-        options = check_options(raw)
-        if options.get(PIN) == "system":
-            options[SYSTEM_MESSAGES] = leading_system_messages(getattr(self, "messages", None))
-        params.extra_args = {**(params.extra_args or {}), CONFIG_KEY: options}
+def _to_sampling_params(original, self, *args, **kwargs):
+    params = original(self, *args, **kwargs)
+    raw = (self.model_extra or {}).get(CONFIG_KEY)
+    if raw is None:
         return params
-    return to_sampling_params
+    options = check_options(raw)
+    if options.get(PIN) == "system":
+        options[SYSTEM_MESSAGES] = leading_system_messages(getattr(self, "messages", None))
+    params.extra_args = {**(params.extra_args or {}), CONFIG_KEY: options}
+    return params
 
 
 def check_target() -> None:
     for cls in (ChatCompletionRequest, CompletionRequest):
-        target = _originals.get(cls) or cls.__dict__.get("to_sampling_params")
-        if target is None or list(inspect.signature(target).parameters)[:1] != ["self"]:
-            raise PatchTargetMoved(f"{cls.__name__}.to_sampling_params changed")
-        if "extra_args=extra_args" not in inspect.getsource(target):
-            raise PatchTargetMoved(f"{cls.__name__}.to_sampling_params no longer sets "
-                                   "SamplingParams.extra_args")
+        # It must set SamplingParams.extra_args, which the wrapper extends.
+        require(cls, "to_sampling_params", ["self"], needles=["extra_args=extra_args"])
         if cls.model_config.get("extra") != "allow":
             raise PatchTargetMoved(f"{cls.__name__} no longer keeps unknown fields")
 
 
 def apply() -> None:
-    if _originals:
-        return
     check_target()
     for cls in (ChatCompletionRequest, CompletionRequest):
-        _originals[cls] = cls.to_sampling_params
-        cls.to_sampling_params = _with_options(cls)
+        wrap(cls, "to_sampling_params", _to_sampling_params)

@@ -13,25 +13,31 @@ agent_register_timeout_ms says).
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 
-import ray
 from ray._private import parameter
 
 from streamsink.errors import PatchTargetMoved
+from streamsink.patches import check_ray_version
+from streamsink.patches._install import require, undo, wrap
 
-PINNED_RAY = "2.60.0"
 FIELDS = ("metrics_agent_port", "dashboard_agent_listen_port", "runtime_env_agent_port")
 
 
 def check_target() -> None:
-    if ray.__version__ != PINNED_RAY:
-        raise PatchTargetMoved(f"streamsink's Ray patches are written for ray {PINNED_RAY}, "
-                               f"found {ray.__version__}")
-    params = inspect.signature(parameter.RayParams.__init__).parameters
+    check_ray_version()
+    params = inspect.signature(require(parameter.RayParams, "__init__")).parameters
     missing = [f for f in FIELDS if f not in params]
     if missing:
         raise PatchTargetMoved(f"ray RayParams no longer takes {', '.join(missing)}")
+
+
+def _init_with_ports(ports: dict, original, params, *args, **kwargs):
+    original(params, *args, **kwargs)
+    for field, port in ports.items():
+        if not getattr(params, field, None) or field == "dashboard_agent_listen_port":
+            setattr(params, field, port)
 
 
 @contextlib.contextmanager
@@ -40,16 +46,8 @@ def fixed_agent_ports(free_port):
     unset (the dashboard agent's listen port always: its default is a fixed number)."""
     check_target()
     ports = {field: free_port() for field in FIELDS}
-    original = parameter.RayParams.__init__
-
-    def init_with_ports(params, *args, **kwargs):
-        original(params, *args, **kwargs)
-        for field, port in ports.items():
-            if not getattr(params, field, None) or field == "dashboard_agent_listen_port":
-                setattr(params, field, port)
-
-    parameter.RayParams.__init__ = init_with_ports
+    wrap(parameter.RayParams, "__init__", functools.partial(_init_with_ports, ports))
     try:
         yield ports
     finally:
-        parameter.RayParams.__init__ = original
+        undo(parameter.RayParams, "__init__")

@@ -20,7 +20,8 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.responses import JSONResponse
 
 from streamsink.errors import PatchTargetMoved
-from streamsink.patches.ray_agent_ports import check_target as check_ray_version
+from streamsink.patches import check_ray_version
+from streamsink.patches._install import require
 
 INGRESS = "ray.llm._internal.serve.core.ingress.ingress"
 METADATA = "ray.llm._internal.serve.core.configs.openai_api_models"
@@ -47,11 +48,9 @@ def check_target() -> None:
     check_ray_version()
     ingress = importlib.import_module(INGRESS)
     for name in ("OpenAiIngress", "init", "make_fastapi_ingress"):
-        if not hasattr(ingress, name):
-            raise PatchTargetMoved(f"{INGRESS}.{name} is gone")
-    if not hasattr(importlib.import_module(METADATA), "to_model_metadata"):
-        raise PatchTargetMoved(f"{METADATA}.to_model_metadata is gone")
-    params = list(inspect.signature(ingress.OpenAiIngress.__init__).parameters)
+        require(ingress, name)
+    require(importlib.import_module(METADATA), "to_model_metadata")
+    params = list(inspect.signature(require(ingress.OpenAiIngress, "__init__")).parameters)
     if params[:4] != ["self", "llm_deployments", "model_cards", "lora_paths"] and \
             not {"llm_deployments", "model_cards"} <= set(params):
         raise PatchTargetMoved(f"OpenAiIngress.__init__{tuple(params)} changed")

@@ -11,7 +11,6 @@ Delete when: vLLM derives the renderer's limit from a hook a KV cache spec or pl
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from functools import cached_property
 
 from vllm.renderers.base import BaseRenderer
@@ -19,39 +18,28 @@ from vllm.renderers.params import TokenizeParams
 
 from streamsink.config import streaming_config
 from streamsink.errors import PatchTargetMoved
+from streamsink.patches._install import require, wrap
 
 NAMES = ("default_cmpl_tok_params", "default_chat_tok_params")
-_originals: dict[str, cached_property] = {}
 
 
-def _unlimited_for_streaming(original: cached_property) -> cached_property:
-    def tok_params(self):
-        params = original.func(self)
-        if streaming_config(self.config) is None:
-            return params
-        return dataclasses.replace(params, max_total_tokens=None)
-
-    wrapped = cached_property(tok_params)
-    wrapped.__set_name__(None, original.attrname)
-    return wrapped
+def _unlimited_for_streaming(original, self):
+    params = original(self)
+    if streaming_config(self.config) is None:
+        return params
+    return dataclasses.replace(params, max_total_tokens=None)
 
 
 def check_target() -> None:
     """Raise PatchTargetMoved unless the renderer's limits are where this patch expects them."""
     for name in NAMES:
-        target = _originals.get(name) or BaseRenderer.__dict__.get(name)
-        if not isinstance(target, cached_property) or \
-                "max_total_tokens=model_config.max_model_len" not in inspect.getsource(target.func):
-            raise PatchTargetMoved(f"BaseRenderer.{name} no longer a cached_property of "
-                                   "max_total_tokens=max_model_len")
+        require(BaseRenderer, name, kind=cached_property,
+                needles=["max_total_tokens=model_config.max_model_len"])
     if "max_total_tokens" not in {f.name for f in dataclasses.fields(TokenizeParams)}:
         raise PatchTargetMoved("TokenizeParams.max_total_tokens is gone")
 
 
 def apply() -> None:
-    if _originals:
-        return
     check_target()
     for name in NAMES:
-        _originals[name] = BaseRenderer.__dict__[name]
-        setattr(BaseRenderer, name, _unlimited_for_streaming(_originals[name]))
+        wrap(BaseRenderer, name, _unlimited_for_streaming)

@@ -24,7 +24,7 @@ pick the table), and keys get_rope's cache by it.
 """
 from __future__ import annotations
 
-import inspect
+import functools
 
 import torch
 from vllm.model_executor.layers import rotary_embedding as rope_pkg
@@ -45,6 +45,7 @@ from vllm.model_executor.layers.rotary_embedding.yarn_scaling_rope import (
 
 from streamsink.engine_setup import engine_being_built
 from streamsink.errors import PatchTargetMoved
+from streamsink.patches._install import contains, replace, require, wrap
 from streamsink.rope import RopeSpec, rope_spec_from_hf_config
 
 # Classes whose own _compute_cos_sin_cache is replaced, and the classes each one builds for.
@@ -52,7 +53,6 @@ _TABLE_METHODS = {RotaryEmbeddingBase: (RotaryEmbedding, Llama3RotaryEmbedding),
                   LinearScalingRotaryEmbedding: (LinearScalingRotaryEmbedding,),
                   DynamicNTKScalingRotaryEmbedding: (DynamicNTKScalingRotaryEmbedding,),
                   YaRNScalingRotaryEmbedding: (YaRNScalingRotaryEmbedding,)}
-_originals: dict[object, object] = {}
 
 
 def _streaming_row_width() -> int | None:
@@ -82,31 +82,28 @@ def _spec_for(module, spec: RopeSpec | None) -> RopeSpec:
     return spec
 
 
-def _table_method(owner):
-    original = owner.__dict__["_compute_cos_sin_cache"]
-
-    def _compute_cos_sin_cache(self) -> torch.Tensor:
-        engine = _streaming_engine()
-        if engine is None:
-            return original(self)
-        if type(self) not in _TABLE_METHODS[owner]:
-            raise RuntimeError(f"streamsink: no streaming RoPE table for {type(self).__name__}")
-        spec, rows = _spec_for(self, engine[0]), engine[1]
-        stock_rows = self.max_position_embeddings
-        if isinstance(self, LinearScalingRotaryEmbedding):
-            if len(self.scaling_factors) != 1:
-                raise RuntimeError("streamsink: one linear RoPE scaling factor per engine")
-            self._scaling_factor_to_offset = {float(self.scaling_factors[0]): 0}
-            stock_rows = int(self.max_position_embeddings * self.scaling_factors[0])
-        elif isinstance(self, YaRNScalingRotaryEmbedding):
-            stock_rows = int(self.max_position_embeddings * self.scaling_factor)
-        return spec.model_table(torch.arange(max(stock_rows, rows)), torch.float32)
-
-    return original, _compute_cos_sin_cache
+def _table(builds_for: tuple[type, ...], original, self) -> torch.Tensor:
+    """A streaming engine's table for the classes that use this _compute_cos_sin_cache
+    (builds_for); vLLM's own otherwise."""
+    engine = _streaming_engine()
+    if engine is None:
+        return original(self)
+    if type(self) not in builds_for:
+        raise RuntimeError(f"streamsink: no streaming RoPE table for {type(self).__name__}")
+    spec, rows = _spec_for(self, engine[0]), engine[1]
+    stock_rows = self.max_position_embeddings
+    if isinstance(self, LinearScalingRotaryEmbedding):
+        if len(self.scaling_factors) != 1:
+            raise RuntimeError("streamsink: one linear RoPE scaling factor per engine")
+        self._scaling_factor_to_offset = {float(self.scaling_factors[0]): 0}
+        stock_rows = int(self.max_position_embeddings * self.scaling_factors[0])
+    elif isinstance(self, YaRNScalingRotaryEmbedding):
+        stock_rows = int(self.max_position_embeddings * self.scaling_factor)
+    return spec.model_table(torch.arange(max(stock_rows, rows)), torch.float32)
 
 
-def _longrope_init(self, *args, **kwargs) -> None:
-    _originals[Phi3LongRoPEScaledRotaryEmbedding](self, *args, **kwargs)
+def _longrope_init(original, self, *args, **kwargs) -> None:
+    original(self, *args, **kwargs)
     engine = _streaming_engine()
     if engine is None:
         return
@@ -136,46 +133,40 @@ class _RopeCacheByEngine(dict):
         super().__setitem__(self._key(key), value)
 
 
+def _keyed_by_engine(cache: dict) -> _RopeCacheByEngine:
+    """get_rope's cache, its entries so far kept as stock ones."""
+    keyed = _RopeCacheByEngine()
+    keyed.update({(k, None): v for k, v in cache.items()})
+    return keyed
+
+
 def check_target() -> None:
-    source = inspect.getsource(rope_pkg.get_rope)
-    init = inspect.getsource(RotaryEmbeddingBase.__init__)
-    if "cache = self._compute_cos_sin_cache()" not in init or \
-            "if key in _ROPE_DICT:" not in source or "_ROPE_DICT[key] = rotary_emb" not in source:
-        raise PatchTargetMoved("RotaryEmbeddingBase.__init__'s table / get_rope's _ROPE_DICT "
-                               "cache changed")
-    for attr in ("head_size", "rotary_dim", "max_position_embeddings", "is_neox_style"):
-        if f"self.{attr} = " not in init:
-            raise PatchTargetMoved(f"RotaryEmbeddingBase no longer sets self.{attr}")
+    # The table is built once, by __init__, which sets what the streaming table reads.
+    contains(RotaryEmbeddingBase.__init__,
+             ["cache = self._compute_cos_sin_cache()",
+              *(f"self.{attr} = " for attr in ("head_size", "rotary_dim",
+                                               "max_position_embeddings", "is_neox_style"))],
+             "RotaryEmbeddingBase.__init__")
+    contains(rope_pkg.get_rope, ["if key in _ROPE_DICT:", "_ROPE_DICT[key] = rotary_emb"],
+             "get_rope")
     for owner in _TABLE_METHODS:
-        method = _originals.get(owner) or owner.__dict__.get("_compute_cos_sin_cache")
-        if method is None or list(inspect.signature(method).parameters) != ["self"]:
-            raise PatchTargetMoved(f"{owner.__name__}._compute_cos_sin_cache(self) changed")
+        require(owner, "_compute_cos_sin_cache", ["self"], exact=True)
     if "_compute_cos_sin_cache" in Llama3RotaryEmbedding.__dict__ or \
             "_compute_inv_freq" not in Llama3RotaryEmbedding.__dict__:
         raise PatchTargetMoved("Llama3RotaryEmbedding no longer only overrides _compute_inv_freq")
-    for name in ("self.scaling_factors", "self._scaling_factor_to_offset"):
-        if name not in inspect.getsource(LinearScalingRotaryEmbedding):
-            raise PatchTargetMoved(f"LinearScalingRotaryEmbedding no longer sets {name}")
-    longrope = inspect.getsource(_originals.get(Phi3LongRoPEScaledRotaryEmbedding)
-                                 or Phi3LongRoPEScaledRotaryEmbedding.__init__)
-    forward = inspect.getsource(Phi3LongRoPEScaledRotaryEmbedding.forward)
-    for needle, where in (("self.use_long_rope = ", longrope),
-                          ('"long_short_cos_sin_cache", long_short_cache', longrope),
-                          ("if self.use_long_rope:", forward),
-                          ("idx = positions", forward)):
-        if needle not in where:
-            raise PatchTargetMoved(f"Phi3LongRoPEScaledRotaryEmbedding no longer contains "
-                                   f"{needle!r}")
+    contains(LinearScalingRotaryEmbedding,
+             ["self.scaling_factors", "self._scaling_factor_to_offset"],
+             "LinearScalingRotaryEmbedding")
+    require(Phi3LongRoPEScaledRotaryEmbedding, "__init__",
+            needles=["self.use_long_rope = ", '"long_short_cos_sin_cache", long_short_cache'])
+    contains(Phi3LongRoPEScaledRotaryEmbedding.forward,
+             ["if self.use_long_rope:", "idx = positions"],
+             "Phi3LongRoPEScaledRotaryEmbedding.forward")
 
 
 def apply() -> None:
-    if _originals:
-        return
     check_target()
-    for owner in _TABLE_METHODS:
-        _originals[owner], owner._compute_cos_sin_cache = _table_method(owner)
-    _originals[Phi3LongRoPEScaledRotaryEmbedding] = Phi3LongRoPEScaledRotaryEmbedding.__init__
-    Phi3LongRoPEScaledRotaryEmbedding.__init__ = _longrope_init
-    cache = _RopeCacheByEngine()
-    cache.update({(k, None): v for k, v in rope_pkg._ROPE_DICT.items()})
-    rope_pkg._ROPE_DICT = cache
+    for owner, builds_for in _TABLE_METHODS.items():
+        wrap(owner, "_compute_cos_sin_cache", functools.partial(_table, builds_for))
+    wrap(Phi3LongRoPEScaledRotaryEmbedding, "__init__", _longrope_init)
+    replace(rope_pkg, "_ROPE_DICT", _keyed_by_engine)

@@ -13,46 +13,36 @@ max_model_len (a windowed spec with a "no length cap" flag).
 """
 from __future__ import annotations
 
-import inspect
-
 from vllm.v1.core import kv_cache_manager
 from vllm.v1.core.sched import scheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from streamsink.config import streaming_config
-from streamsink.errors import PatchTargetMoved
+from streamsink.patches._install import contains, require, wrap
 
 UNBOUNDED = 1 << 62
 
-_original_init = None
+
+def _init(original, self, vllm_config, *args, **kwargs):
+    original(self, vllm_config, *args, **kwargs)
+    if streaming_config(vllm_config) is not None:
+        self.max_model_len = UNBOUNDED
+        self.kv_cache_manager.max_model_len = UNBOUNDED
 
 
 def check_target() -> None:
     """Raise PatchTargetMoved unless the caps are where this patch was written to find them."""
+    require(Scheduler, "__init__", ["self", "vllm_config"])
     # The caps this patch lifts, as vLLM 0.32.0 writes them.
-    needles = {scheduler: ["check_stop(request, self.max_model_len)",
-                           "self.max_model_len\n                - request.num_computed_tokens",
-                           "self.max_model_len = vllm_config.model_config.max_model_len"],
-               kv_cache_manager: ["num_tokens_main_model + num_lookahead_tokens, self.max_model_len",
-                                  "self.max_model_len = max_model_len"]}
-    for module, texts in needles.items():
-        source = inspect.getsource(module)
-        for text in texts:
-            if text not in source:
-                raise PatchTargetMoved(f"{module.__name__} no longer contains {text!r}")
+    contains(scheduler, ["check_stop(request, self.max_model_len)",
+                         "self.max_model_len\n                - request.num_computed_tokens",
+                         "self.max_model_len = vllm_config.model_config.max_model_len"],
+             scheduler.__name__)
+    contains(kv_cache_manager, ["num_tokens_main_model + num_lookahead_tokens, self.max_model_len",
+                                "self.max_model_len = max_model_len"],
+             kv_cache_manager.__name__)
 
 
 def apply() -> None:
-    global _original_init
-    if _original_init is not None:
-        return
     check_target()
-    _original_init = Scheduler.__init__
-
-    def __init__(self, vllm_config, *args, **kwargs):
-        _original_init(self, vllm_config, *args, **kwargs)
-        if streaming_config(vllm_config) is not None:
-            self.max_model_len = UNBOUNDED
-            self.kv_cache_manager.max_model_len = UNBOUNDED
-
-    Scheduler.__init__ = __init__
+    wrap(Scheduler, "__init__", _init)

@@ -30,10 +30,9 @@ from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from streamsink.config import streaming_config
 from streamsink.errors import PatchTargetMoved
+from streamsink.patches._install import require, wrap
 from streamsink.rope import rope_spec_from_hf_config
 from streamsink.row_window import RowWindow, attach_rows
-
-_originals: dict[str, object] = {}
 
 
 def _rows_of(runner):
@@ -54,17 +53,17 @@ def _rows_of(runner):
     return rows
 
 
-def _add_request(self, request):
+def _add_request(original, self, request):
     rows = getattr(self, "_streamsink_rows", None)
     if not rows:
-        return _originals["add_request"](self, request)
-    return rows.add_request(self, request, _originals["add_request"])
+        return original(self, request)
+    return rows.add_request(self, request, original)
 
 
-def _update_states(self, scheduler_output):
+def _update_states(original, self, scheduler_output):
     rows = _rows_of(self)
     if not rows:
-        return _originals["_update_states"](self, scheduler_output)
+        return original(self, scheduler_output)
     rows.step_tokens = scheduler_output.num_scheduled_tokens
     cached = scheduler_output.scheduled_cached_reqs
     for i, req_id in enumerate(cached.req_ids):
@@ -80,7 +79,7 @@ def _update_states(self, scheduler_output):
     # The original runs the scheduler's block copies first thing: after the rebases above
     # (which rotate blocks in place), before add_request (which rotates adopted blocks).
     rows.copied(scheduler_output.kv_cache_block_copies or ())
-    result = _originals["_update_states"](self, scheduler_output)
+    result = original(self, scheduler_output)
     rows.to_row_positions(self.input_batch, self.requests)
     for i, req_id in enumerate(cached.req_ids):
         new_blocks = cached.new_block_ids[i]
@@ -89,9 +88,8 @@ def _update_states(self, scheduler_output):
     return result
 
 
-def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
-    result = _originals["_prepare_inputs"](self, scheduler_output, num_scheduled_tokens,
-                                           *args, **kwargs)
+def _prepare_inputs(original, self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
+    result = original(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
     rows = getattr(self.input_batch, "_streamsink_rows", None)
     if rows:
         batch = self.input_batch
@@ -108,47 +106,31 @@ def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwarg
     return result
 
 
-def _check(cls, name: str, params: list[str], source_needles: list[str]) -> None:
-    target = _originals.get(name) or cls.__dict__.get(name)
-    if target is None or list(inspect.signature(target).parameters)[:len(params)] != params:
-        raise PatchTargetMoved(f"{cls.__name__}.{name}({', '.join(params)}) changed")
-    source = inspect.getsource(target)
-    for needle in source_needles:
-        if needle not in source:
-            raise PatchTargetMoved(f"{cls.__name__}.{name} no longer contains {needle!r}")
-
-
 def check_target() -> None:
     """Raise PatchTargetMoved unless vLLM's worker is the one this patch was written for."""
     # What the row bookkeeping relies on: where vLLM writes rows and the absolute counters.
-    _check(InputBatch, "add_request", ["self", "request"],
-           ["self.token_ids_cpu[req_index, :num_prompt_tokens] = request.prompt_token_ids",
-            "self.block_table.add_row(request.block_ids, req_index)",
-            "self.req_output_token_ids[req_index] = request.output_token_ids"])
-    _check(GPUModelRunner, "_update_states", ["self", "scheduler_output"],
-           ["self.input_batch.num_computed_tokens_cpu[req_index] = num_computed_tokens",
-            "self.input_batch.block_table.append_row(new_block_ids, req_index)",
-            "self.input_batch.add_request(request)",
-            # the order the rotation tags rely on: copies before any request is (re-)added
-            "if scheduler_output.kv_cache_block_copies:"])
-    source = inspect.getsource(_originals.get("_update_states")
-                               or GPUModelRunner.__dict__["_update_states"])
+    require(InputBatch, "add_request", ["self", "request"], needles=[
+        "self.token_ids_cpu[req_index, :num_prompt_tokens] = request.prompt_token_ids",
+        "self.block_table.add_row(request.block_ids, req_index)",
+        "self.req_output_token_ids[req_index] = request.output_token_ids"])
+    updates = require(GPUModelRunner, "_update_states", ["self", "scheduler_output"], needles=[
+        "self.input_batch.num_computed_tokens_cpu[req_index] = num_computed_tokens",
+        "self.input_batch.block_table.append_row(new_block_ids, req_index)",
+        "self.input_batch.add_request(request)",
+        # the order the rotation tags rely on: copies before any request is (re-)added
+        "if scheduler_output.kv_cache_block_copies:"])
+    source = inspect.getsource(updates)
     if source.index("copy_kv_cache_blocks_inplace(") > \
             source.index("self.input_batch.add_request(request)"):
         raise PatchTargetMoved("GPUModelRunner._update_states adds requests before it runs "
                                "the scheduler's block copies")
-    _check(GPUModelRunner, "_prepare_inputs", ["self", "scheduler_output"],
-           ["self.discard_request_mask.np[:num_reqs] = (",
-            "positions_np + req_indices * self.input_batch.token_ids_cpu.shape[1]"])
+    require(GPUModelRunner, "_prepare_inputs", ["self", "scheduler_output"], needles=[
+        "self.discard_request_mask.np[:num_reqs] = (",
+        "positions_np + req_indices * self.input_batch.token_ids_cpu.shape[1]"])
 
 
 def apply() -> None:
-    if _originals:
-        return
     check_target()
-    _originals.update(add_request=InputBatch.add_request,
-                      _update_states=GPUModelRunner._update_states,
-                      _prepare_inputs=GPUModelRunner._prepare_inputs)
-    InputBatch.add_request = _add_request
-    GPUModelRunner._update_states = _update_states
-    GPUModelRunner._prepare_inputs = _prepare_inputs
+    wrap(InputBatch, "add_request", _add_request)
+    wrap(GPUModelRunner, "_update_states", _update_states)
+    wrap(GPUModelRunner, "_prepare_inputs", _prepare_inputs)

@@ -55,8 +55,3 @@ def register() -> None:
     from vllm.logger import init_logger
 
     init_logger("vllm.plugins.streamsink").info("streamsink %s plugin loaded", __version__)
-
-
-def is_registered() -> bool:
-    """True when vLLM has loaded this plugin in the current process."""
-    return _registered_in_pid == os.getpid()

@@ -1,16 +1,82 @@
-"""Every patch is applied, guarded to the pinned vLLM, and fails loudly if its target moves."""
+"""Every patch is applied, guarded to the pinned vLLM and Ray, and fails loudly if its target
+moves; each is installed one way (patches/_install.py): checked first, once, undoable."""
+import functools
+import importlib
 import inspect
+import types
 
 import pytest
 import vllm
 
 import streamsink
 from streamsink import patches
+from streamsink.patches._install import (
+    installed,
+    original_of,
+    replace,
+    require,
+    undo,
+    wrap,
+)
+
+# Every vLLM patch register() applies, with the targets it wraps: (owner's module, owner's name
+# or None for the module itself, attribute).
+VLLM_PATCHES = {
+    "rotary_embedding": [
+        ("vllm.model_executor.layers.rotary_embedding.base", "RotaryEmbeddingBase",
+         "_compute_cos_sin_cache"),
+        ("vllm.model_executor.layers.rotary_embedding.phi3_long_rope_scaled_rope",
+         "Phi3LongRoPEScaledRotaryEmbedding", "__init__"),
+        ("vllm.model_executor.layers.rotary_embedding", None, "_ROPE_DICT")],
+    "hf_gpt_neox_rope": [
+        ("transformers.models.gpt_neox.modeling_gpt_neox", "GPTNeoXRotaryEmbedding", "__init__"),
+        ("transformers.models.gpt_neox.modeling_gpt_neox", "GPTNeoXRotaryEmbedding", "forward")],
+    "engine_config": [("vllm.platforms.cpu", "CpuPlatform", "check_and_update_config")],
+    "default_chunk": [("vllm.engine.arg_utils", "EngineArgs",
+                       "_set_default_max_num_seqs_and_batched_tokens_args")],
+    "input_length": [("vllm.v1.engine.input_processor", "InputProcessor", "_validate_prompt_len"),
+                     ("vllm.v1.engine.input_processor", "InputProcessor", "process_inputs")],
+    "renderer_length": [("vllm.renderers.base", "BaseRenderer", "default_cmpl_tok_params"),
+                        ("vllm.renderers.base", "BaseRenderer", "default_chat_tok_params")],
+    "openai_prompt_length": [
+        ("vllm.entrypoints.openai.completion.protocol", "CompletionRequest", "build_tok_params"),
+        ("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest",
+         "build_tok_params")],
+    "openai_max_tokens": [
+        ("vllm.entrypoints.serve.utils.api_utils", None, "get_max_tokens"),
+        ("vllm.entrypoints.openai.completion.serving", None, "get_max_tokens"),
+        ("vllm.entrypoints.openai.completion.serving", "OpenAIServingCompletion",
+         "_create_completion")],
+    "openai_request_options": [
+        ("vllm.entrypoints.openai.completion.protocol", "CompletionRequest",
+         "to_sampling_params"),
+        ("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest",
+         "to_sampling_params")],
+    "llm_chat_options": [("vllm.entrypoints.common.offline", "OfflineInferenceMixin",
+                          "_add_chat_requests")],
+    "scheduler_length_cap": [("vllm.v1.core.sched.scheduler", "Scheduler", "__init__")],
+    "kv_cache_spec": [("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "get_kv_cache_spec")],
+    "kv_request_shapes": [("vllm.v1.core.kv_cache_manager", "KVCacheManager",
+                           "get_computed_blocks")],
+    "worker_batch_rows": [("vllm.v1.worker.gpu_input_batch", "InputBatch", "add_request"),
+                          ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_update_states"),
+                          ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner",
+                           "_prepare_inputs")],
+}
 
 
 @pytest.fixture(autouse=True, scope="module")
 def registered():
     streamsink.register()
+
+
+def patch_module(name: str):
+    return importlib.import_module(f"streamsink.patches.{name}")
+
+
+def owner_of(module: str, cls: str | None):
+    found = importlib.import_module(module)
+    return found if cls is None else getattr(found, cls)
 
 
 def test_pinned_version_guard(monkeypatch):
@@ -20,16 +86,75 @@ def test_pinned_version_guard(monkeypatch):
         patches.check_version()
 
 
-def test_rotary_embedding_patch_target():
-    from vllm.model_executor.layers import rotary_embedding as rope_pkg
+def test_every_patch_module_is_listed_here():
+    """VLLM_PATCHES (what register() applies) and the two Ray patches are all of patches/."""
+    import os
 
-    from streamsink.patches import rotary_embedding
+    folder = os.path.dirname(patches.__file__)
+    modules = {f[:-3] for f in os.listdir(folder) if f.endswith(".py") and f[0] != "_"}
+    assert modules == set(VLLM_PATCHES) | {"ray_agent_ports", "ray_serve_api_key"}
 
-    for owner in rotary_embedding._TABLE_METHODS:   # each class's own table method is wrapped
-        assert owner.__dict__["_compute_cos_sin_cache"] is not rotary_embedding._originals[owner]
-    assert rope_pkg.Phi3LongRoPEScaledRotaryEmbedding.__init__ is rotary_embedding._longrope_init
-    assert isinstance(rope_pkg._ROPE_DICT, rotary_embedding._RopeCacheByEngine)
-    rotary_embedding.check_target()
+
+@pytest.mark.parametrize("name", VLLM_PATCHES)
+def test_patch_target_is_where_expected_and_wrapped(name):
+    """Each target is what its patch was written against (checked again after install, on the
+    original) and is wrapped once."""
+    patch_module(name).check_target()
+    for module, cls, attribute in VLLM_PATCHES[name]:
+        owner = owner_of(module, cls)
+        assert (owner, attribute) in installed()
+        assert vars(owner)[attribute] is not original_of(owner, attribute)
+
+
+@pytest.mark.parametrize("name", [n for n in VLLM_PATCHES if n != "engine_config"])
+def test_patch_refuses_a_moved_source(name, monkeypatch):
+    """Each guard reads vLLM's source for the lines it relies on: if they change, it refuses,
+    in one line."""
+    monkeypatch.setattr(inspect, "getsource", lambda obj: "def moved(): pass\n")
+    with pytest.raises(patches.PatchTargetMoved) as refused:
+        patch_module(name).check_target()
+    assert "\n" not in str(refused.value)
+
+
+def test_engine_config_refuses_a_moved_target(monkeypatch):
+    """The platform hook must stay a classmethod(cls, vllm_config)."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    from streamsink.patches import engine_config
+
+    monkeypatch.setattr(CpuPlatform, "check_and_update_config", lambda vllm_config: None)
+    with pytest.raises(patches.PatchTargetMoved, match="no longer a classmethod"):
+        engine_config.check_target()
+    monkeypatch.setattr(CpuPlatform, "check_and_update_config",
+                        classmethod(lambda cls, config: None))
+    with pytest.raises(patches.PatchTargetMoved, match=r"\(cls, vllm_config\) changed"):
+        engine_config.check_target()
+
+
+def test_every_patch_installs_once_and_undoes():
+    """A second apply() wraps nothing again; undo puts back exactly what was there; applying
+    again afterwards installs the patches anew."""
+    targets = installed()
+    wrappers = {(owner, name): vars(owner)[name] for owner, name in targets}
+    originals = {key: original_of(*key) for key in targets}
+    for name in VLLM_PATCHES:
+        patch_module(name).apply()
+    assert installed() == targets
+    assert all(vars(owner)[name] is wrappers[(owner, name)] for owner, name in targets)
+    try:
+        for owner, name in targets:
+            undo(owner, name)
+        assert installed() == []
+        assert all(original_of(*key) is originals[key] for key in targets)
+        from vllm.platforms.cpu import CpuPlatform
+
+        kept = vars(CpuPlatform)["check_and_update_config"]   # a classmethod stays one
+        assert isinstance(kept, classmethod) and kept.__func__ is originals[
+            (CpuPlatform, "check_and_update_config")]
+    finally:
+        for name in VLLM_PATCHES:
+            patch_module(name).apply()
+    assert sorted(map(repr, installed())) == sorted(map(repr, targets))
 
 
 def streaming_vllm_config(hf_config, max_model_len: int):
@@ -87,48 +212,6 @@ def test_rotary_table_refuses_a_module_its_config_does_not_describe():
         get_rope(64, 1024, is_neox_style=False, dtype=torch.float32)
 
 
-def test_rotary_embedding_patch_refuses_a_moved_target(monkeypatch):
-    from streamsink.patches import rotary_embedding
-
-    monkeypatch.setattr(inspect, "getsource", lambda obj: "def moved(): pass\n")
-    with pytest.raises(patches.PatchTargetMoved):
-        rotary_embedding.check_target()
-
-
-def test_default_chunk_patch_target(monkeypatch):
-    from vllm.engine.arg_utils import EngineArgs
-
-    from streamsink.patches import default_chunk
-
-    assert EngineArgs._set_default_max_num_seqs_and_batched_tokens_args is \
-        default_chunk._set_defaults
-    default_chunk.check_target()
-    monkeypatch.setattr(inspect, "getsource", lambda obj: "def moved(): pass\n")
-    with pytest.raises(patches.PatchTargetMoved):
-        default_chunk.check_target()
-
-
-def test_hf_gpt_neox_rope_patch_target():
-    from transformers.models.gpt_neox import modeling_gpt_neox as hf
-
-    from streamsink.patches import hf_gpt_neox_rope
-
-    assert hf.GPTNeoXRotaryEmbedding.forward is hf_gpt_neox_rope._forward
-    assert hf.GPTNeoXRotaryEmbedding.__init__ is hf_gpt_neox_rope._init
-    original = inspect.signature(hf_gpt_neox_rope._original_forward)
-    assert list(original.parameters) == ["self", "x", "position_ids"]
-
-
-def test_engine_config_patch_target():
-    from vllm.platforms.cpu import CpuPlatform
-
-    from streamsink.patches import engine_config
-
-    assert CpuPlatform.check_and_update_config.__func__.__qualname__.endswith(
-        "apply.<locals>.check_and_update_config")
-    assert list(inspect.signature(engine_config._original).parameters) == ["cls", "vllm_config"]
-
-
 def test_kv_spec_registered_alongside_builtins():
     from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
     from vllm.v1.kv_cache_interface import FullAttentionSpec
@@ -150,61 +233,6 @@ def test_attention_backend_override():
 
     assert AttentionBackendEnum.CPU_ATTN.get_class() is StreamsinkAttentionBackend
     assert StreamsinkAttentionBackend.get_name() == "CPU_ATTN"
-
-
-LENGTH_PATCHES = ["worker_batch_rows", "scheduler_length_cap", "input_length", "renderer_length",
-                  "openai_prompt_length", "kv_request_shapes", "openai_request_options", "llm_chat_options",
-                  "openai_max_tokens"]
-
-
-@pytest.mark.parametrize("name", LENGTH_PATCHES)
-def test_length_patch_targets_are_where_expected(name):
-    import importlib
-
-    importlib.import_module(f"streamsink.patches.{name}").check_target()
-
-
-@pytest.mark.parametrize("name", LENGTH_PATCHES[:-1])
-def test_length_patch_refuses_a_moved_target(name, monkeypatch):
-    """Each guard reads vLLM's source for the lines it relies on: if they change, it refuses."""
-    import importlib
-
-    module = importlib.import_module(f"streamsink.patches.{name}")
-    monkeypatch.setattr(inspect, "getsource", lambda obj: "def moved(): pass\n")
-    with pytest.raises(patches.PatchTargetMoved):
-        module.check_target()
-
-
-def test_length_patches_are_installed():
-    from vllm.renderers.base import BaseRenderer
-    from vllm.v1.core.sched.scheduler import Scheduler
-    from vllm.v1.engine.input_processor import InputProcessor
-    from vllm.v1.worker.gpu_input_batch import InputBatch
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    from streamsink.patches import (
-        input_length,
-        renderer_length,
-        scheduler_length_cap,
-        worker_batch_rows,
-    )
-
-    assert InputBatch.add_request is worker_batch_rows._add_request
-    assert GPUModelRunner._update_states is worker_batch_rows._update_states
-    assert GPUModelRunner._prepare_inputs is worker_batch_rows._prepare_inputs
-    assert Scheduler.__init__.__module__ == scheduler_length_cap.__name__
-    assert InputProcessor._validate_prompt_len is input_length._validate_prompt_len
-    assert InputProcessor.process_inputs is input_length._process_inputs
-    from vllm.entrypoints.openai.completion import serving
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-
-    from streamsink.patches import openai_max_tokens, openai_prompt_length
-
-    assert serving.get_max_tokens is openai_max_tokens._streaming
-    assert CompletionRequest.build_tok_params is not openai_prompt_length._originals[
-        CompletionRequest]
-    for name in renderer_length.NAMES:
-        assert BaseRenderer.__dict__[name] is not renderer_length._originals[name]
 
 
 def test_max_tokens_patch_refuses_a_moved_target(monkeypatch):
@@ -249,18 +277,6 @@ def test_worker_rows_need_the_copies_before_added_requests(monkeypatch):
         worker_batch_rows.check_target()
 
 
-def test_request_option_patches_are_installed():
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-    from vllm.v1.core.kv_cache_manager import KVCacheManager
-
-    from streamsink.patches import kv_request_shapes, openai_request_options
-
-    assert KVCacheManager.get_computed_blocks is kv_request_shapes._get_computed_blocks
-    for cls in (ChatCompletionRequest, CompletionRequest):
-        assert cls.to_sampling_params.__wrapped__ is openai_request_options._originals[cls]
-
-
 def test_request_options_reach_the_sampling_params():
     """A body's streamsink field goes to extra_args; pin "system" carries the system messages."""
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
@@ -279,3 +295,150 @@ def test_request_options_reach_the_sampling_params():
     with pytest.raises(StreamsinkConfigError, match="pin must be"):
         ChatCompletionRequest(**{**body, "streamsink": {"pin": "user"}}).to_sampling_params(
             16, {})
+
+
+def test_ray_patch_targets(monkeypatch):
+    """The Ray patches' targets are the ones they were written against (ray 2.60.0)."""
+    import ray
+
+    from streamsink.patches import ray_agent_ports, ray_serve_api_key
+
+    ray_agent_ports.check_target()
+    ray_serve_api_key.check_target()
+    monkeypatch.setattr(ray, "__version__", "2.61.0")
+    with pytest.raises(patches.PatchTargetMoved, match="2.60.0"):
+        ray_serve_api_key.check_target()
+
+
+def test_agent_ports_hold_only_inside_their_block():
+    """fixed_agent_ports wraps RayParams.__init__ for its block and undoes it after (no Ray is
+    started: RayParams only holds ray.init's parameters)."""
+    from ray._private import parameter
+
+    from streamsink.patches.ray_agent_ports import FIELDS, fixed_agent_ports
+
+    stock = vars(parameter.RayParams)["__init__"]
+    ports = iter(range(50001, 50001 + len(FIELDS)))
+    with fixed_agent_ports(lambda: next(ports)) as given:
+        params = parameter.RayParams()
+        assert {field: getattr(params, field) for field in FIELDS} == given
+    assert vars(parameter.RayParams)["__init__"] is stock
+    assert (parameter.RayParams, "__init__") not in installed()
+
+
+# The helper itself, on stand-ins for vLLM's classes and modules.
+
+def _module_function(a, b):
+    return a + b
+
+
+@pytest.fixture
+def target():
+    """A fresh class and module to patch; whatever a test installed on them is undone."""
+
+    class Target:
+        def method(self, x, y=1):
+            return ("method", x, y)
+
+        @classmethod
+        def klass(cls, x):
+            return ("klass", cls.__name__, x)
+
+        @staticmethod
+        def static(x):
+            return ("static", x)
+
+        @functools.cached_property
+        def cached(self):
+            return ["cached"]
+
+        async def coroutine(self, x):
+            return ("coroutine", x)
+
+    module = types.ModuleType("stand_in_module")
+    module.function, module.table = _module_function, {"a": 1}
+    yield Target, module
+    for owner, name in installed():
+        if owner in (Target, module):
+            undo(owner, name)
+
+
+def _tagged(original, *args, **kwargs):
+    return ("around", original(*args, **kwargs))
+
+
+async def _tagged_async(original, *args, **kwargs):
+    return ("around", await original(*args, **kwargs))
+
+
+def test_wrap_keeps_each_kind_and_wraps_once(target):
+    import asyncio
+
+    cls, module = target
+    for _ in range(2):   # the second round installs nothing
+        for name in ("method", "klass", "static", "cached"):
+            wrap(cls, name, _tagged)
+        wrap(cls, "coroutine", _tagged_async)
+        wrap(module, "function", _tagged)
+    item = cls()
+    assert item.method(2) == ("around", ("method", 2, 1))
+    assert cls.klass(3) == ("around", ("klass", "Target", 3))
+    assert cls.static(4) == item.static(4) == ("around", ("static", 4))
+    assert item.cached == ("around", ["cached"]) and item.cached is item.cached
+    assert inspect.iscoroutinefunction(cls.coroutine)
+    assert asyncio.run(item.coroutine(5)) == ("around", ("coroutine", 5))
+    assert module.function(1, 2) == ("around", 3)
+    # Introspection sees the original's name and parameters.
+    assert cls.method.__name__ == "method"
+    assert list(inspect.signature(cls.method).parameters) == ["self", "x", "y"]
+
+
+def test_undo_puts_back_what_was_there(target):
+    cls, module = target
+    kept = {name: vars(cls)[name] for name in ("method", "klass", "cached")}
+    table = module.table
+    for name in kept:
+        wrap(cls, name, _tagged)
+    replace(module, "table", lambda was: {**was, "b": 2})
+    assert module.table == {"a": 1, "b": 2}
+    for name in kept:
+        undo(cls, name)
+        undo(cls, name)   # a second undo changes nothing
+    undo(module, "table")
+    assert all(vars(cls)[name] is was for name, was in kept.items())
+    assert module.table is table
+    assert [key for key in installed() if key[0] in (cls, module)] == []
+    assert cls().method(1) == ("method", 1, 1)
+
+
+def test_require_checks_the_original_and_refuses_in_one_line(target):
+    cls, _ = target
+    needle = 'return ("method", x, y)'
+    wrap(cls, "method", _tagged)
+    # Once wrapped, the check reads the original.
+    assert require(cls, "method", ["self", "x", "y"], exact=True, needles=[needle]) is \
+        original_of(cls, "method") is not vars(cls)["method"]
+    require(cls, "klass", ["cls", "x"], kind=classmethod)
+    refusals = {
+        "Target.absent is gone": lambda: require(cls, "absent"),
+        "Target.method(self, y) changed": lambda: require(cls, "method", ["self", "y"]),
+        "Target.method(self, x) changed": lambda: require(cls, "method", ["self", "x"],
+                                                          exact=True),
+        "Target.method no longer contains 'a\\nb'": lambda: require(cls, "method",
+                                                                     needles=["a\nb"]),
+        "Target.method is no longer a classmethod": lambda: require(cls, "method",
+                                                                     kind=classmethod),
+    }
+    for message, check in refusals.items():
+        with pytest.raises(patches.PatchTargetMoved) as refused:
+            check()
+        assert str(refused.value) == message
+
+
+def test_a_patch_replaced_by_someone_else_is_checked_as_found(target, monkeypatch):
+    """If something else replaces an installed wrapper, the guard checks what is there now."""
+    cls, _ = target
+    wrap(cls, "method", _tagged)
+    monkeypatch.setattr(cls, "method", lambda self: None)
+    with pytest.raises(patches.PatchTargetMoved, match=r"Target.method\(self, x\) changed"):
+        require(cls, "method", ["self", "x"])
