@@ -85,7 +85,7 @@ def test_servers_bind_loopback_unless_told(monkeypatch):
 
     monkeypatch.delenv("STREAMSINK_API_KEY", raising=False)
     args = SimpleNamespace(vllm_args=[], host=None, port=None, api_key=None, model=None,
-                           sink=4, window=1020)
+                           weights="auto", sink=4, window=1020)
     argv = plain_server_argv(args)
     assert argv[argv.index("--host") + 1] == "127.0.0.1" and "--api-key" not in argv
     monkeypatch.setenv("STREAMSINK_API_KEY", "k3y")

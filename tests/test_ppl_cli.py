@@ -30,7 +30,8 @@ def test_ppl_matches_reference_on_a_book(default_model, tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "streamsink.serving.cli", "ppl", "--text", BOOK,
          "--sink", str(SINK), "--window", str(WINDOW), "--offset", str(OFFSET),
-         "--max-tokens", str(TOKENS), "--out", str(out), "--chunk", "256"],
+         "--max-tokens", str(TOKENS), "--out", str(out), "--chunk", "256",
+         "--weights", "fp32"],  # the reference computes in float32
         capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     last = done.stdout.strip().splitlines()[-1]
