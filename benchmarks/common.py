@@ -1,6 +1,7 @@
 """Shared helpers of the benchmark scripts: environment, engines, results on disk."""
 from __future__ import annotations
 
+import json
 import os
 
 import result_files
@@ -27,6 +28,16 @@ def book_ids(tokenizer, name: str, skip_chars: int, fallback: str, tokens: int) 
     else:
         text = " ".join(fallback.format(i=i) for i in range(tokens // 8 + 1))
     return tokenizer(text)["input_ids"]
+
+
+def kv_bytes_per_token(model_dir: str, dtype: str = "float32") -> int:
+    """K and V of every layer for one token of a checkpoint, in a KV cache of `dtype` (float32,
+    or any 16-bit type), read from its config.json (no engine needed)."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return 2 * config["num_hidden_layers"] * heads * head_dim * (4 if dtype == "float32" else 2)
 
 
 def save(name: str, payload: dict, options=None) -> str:

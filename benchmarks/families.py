@@ -20,10 +20,7 @@ table from it (reports/families.py).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,23 +34,6 @@ FULL = dict(sink=4, window=60, block=32, max_model_len=256, step=64, prompts=(60
             generated=48, continuation=60, continuation_generated=32)
 QUICK = dict(sink=4, window=28, block=32, max_model_len=128, step=32, prompts=(150, 60, 20),
              generated=16, continuation=20, continuation_generated=12)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f
-                        if line.startswith("model name"))
-    except (OSError, StopIteration):
-        import platform
-
-        return platform.processor() or "unknown"
-
-
-def short_commit() -> str:
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                          capture_output=True, text=True)
-    return done.stdout.strip() or "nocommit"
 
 
 def describe(model_path: str) -> dict:
@@ -71,40 +51,24 @@ def describe(model_path: str) -> dict:
 
 
 def measure(names: list[str], shape_args: dict, workdir: str) -> dict:
-    from conftest import References
-    from family_streams import (
-        StreamShape,
-        build_model,
-        dense_prefix,
-        max_difference,
-        run_stock_dense,
-        run_streaming,
-    )
+    from family_streams import StreamShape, build_model, max_difference, measure_families
 
     shape = StreamShape(**shape_args)
-    references = References([], more_jobs=True)
-    pending = {}
-    for name in names:
-        path = build_model(name, workdir)
-        started = time.perf_counter()
-        run = run_streaming(path, shape)
-        jobs = [references.add((path, seq.tokens, shape.sink, shape.window))
-                for seq in run.sequences]
-        stock = run_stock_dense(path, run.sequences[0].tokens[:dense_prefix(path, shape)])
-        pending[name] = (path, run, jobs, stock, time.perf_counter() - started)
-        print(f"{name}: engines done ({pending[name][-1]:.1f} s)", flush=True)
-    references.close()
+    models = {name: build_model(name, workdir) for name in names}
+    measured = measure_families(
+        models, shape, progress=lambda name, s: print(f"{name}: engines done ({s:.1f} s)",
+                                                      flush=True))
     variants = {}
-    for name, (path, run, jobs, stock, seconds) in pending.items():
-        refs = [references[j] for j in jobs]
+    for name, m in measured.items():
+        run, refs, stock = m.run, m.references, m.stock
         streaming = max(max_difference(seq.nlls, ref) for seq, ref in zip(run.sequences, refs))
         dense = max(abs(a - b) for a, b in zip(stock, refs[0]))
-        variants[name] = {**describe(path), "max_abs_dnll": streaming,
+        variants[name] = {**describe(models[name]), "max_abs_dnll": streaming,
                           "stock_dense_max_abs_dnll": dense, "stock_dense_tokens": len(stock),
                           "tokens_compared": sum(len(s.nlls) for s in run.sequences),
                           "longest_stream": len(run.sequences[0].tokens),
                           "rebases": run.rebases, "prefix_cache_hit_tokens": run.cached_tokens,
-                          "attention_steps": run.paths, "engine_seconds": round(seconds, 1)}
+                          "attention_steps": run.paths, "engine_seconds": round(m.seconds, 1)}
         print(f"{name}: max |dNLL| {streaming:.2e} (stock dense {dense:.2e})", flush=True)
     return variants
 
@@ -121,27 +85,12 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
         variants = measure(names, shape, workdir)
-    import torch
-    import transformers
-    import vllm
-
-    result = {"shape": {k: list(v) if isinstance(v, tuple) else v for k, v in shape.items()},
-              "tolerance_in_tests": 1e-3, "variants": variants,
-              "seconds": round(time.perf_counter() - started, 1),
-              "cpu_model": cpu_model(), "commit": short_commit(),
-              "versions": {"vllm": vllm.__version__, "torch": torch.__version__,
-                           "transformers": transformers.__version__},
-              "machine": common.machine()}
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    folder = os.path.join(common.RESULTS, "families")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{date}-{result['commit']}{'-quick' if args.quick else ''}.json")
-    if os.path.exists(path):  # never overwrite a recorded run
-        path = path[:-5] + f"-{int(time.time())}.json"
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    # Commit, machine and versions go into the file's provenance (result_files.py).
+    path = common.save("families" + ("_quick" if args.quick else ""), {
+        "shape": {k: list(v) if isinstance(v, tuple) else v for k, v in shape.items()},
+        "tolerance_in_tests": 1e-3, "variants": variants,
+        "seconds": round(time.perf_counter() - started, 1)}, args)
     print(f"wrote {path}")
-
 
 if __name__ == "__main__":
     main()

@@ -32,15 +32,6 @@ from streamsink.stream_rule import StreamShape, max_blocks_held, row_tokens
 BLOCK = 128
 
 
-def kv_bytes_per_token(model_dir: str) -> int:
-    """fp32 K and V of every layer for one token."""
-    with open(os.path.join(model_dir, "config.json")) as f:
-        cfg = json.load(f)
-    heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    return 2 * cfg["num_hidden_layers"] * heads * head_dim * 4
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
@@ -72,7 +63,7 @@ def main() -> int:
                            capture_output=True, text=True, check=True).stdout.strip()
     shape = StreamShape(args.sink, args.window)
     blocks_per_stream = max_blocks_held(shape, BLOCK, 1)
-    per_token = kv_bytes_per_token(model)
+    per_token = common.kv_bytes_per_token(model)
     kv = args.kv_cache_bytes or args.streams * blocks_per_stream * BLOCK * per_token
     # One row width for both servers: stock needs prompt + output, a streaming engine one step.
     row = max(args.prompt_tokens + args.output_tokens, row_tokens(shape, BLOCK, args.chunk))

@@ -240,10 +240,9 @@ def kv_per_stream(system: dict, args, checkpoint: str) -> tuple[int, int]:
     S, W = args.sink, args.window
     if system["kind"] == "streamsink":
         tokens = peer_servers.blocks_per_stream(S, W) * peer_servers.BLOCK
-        return tokens, tokens * peer_servers.kv_bytes_per_token(system["checkpoint"],
-                                                                system["dtype"])
+        return tokens, tokens * common.kv_bytes_per_token(system["checkpoint"], system["dtype"])
     # The GGUFs hold the dense checkpoint's architecture: its config counts the layers and heads.
-    return S + W, (S + W) * peer_servers.kv_bytes_per_token(
+    return S + W, (S + W) * common.kv_bytes_per_token(
         checkpoint, LLAMA_KV_DTYPE[system["kv_type"]])
 
 

@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.request
 
+from common import kv_bytes_per_token
 from streamsink.serving.network import free_port
 from streamsink.stream_rule import StreamShape, max_blocks_held, row_tokens
 
@@ -49,15 +50,6 @@ def llama_server_argv(binary: str, gguf: str, *, slots: int, slot_ctx: int, keep
     if cache_reuse:
         argv += ["--cache-reuse", str(cache_reuse)]
     return argv
-
-
-def kv_bytes_per_token(model_dir: str, dtype: str = "float32") -> int:
-    """K and V of every layer for one token, in the engine's dtype (the KV cache's)."""
-    with open(os.path.join(model_dir, "config.json")) as f:
-        cfg = json.load(f)
-    heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    return 2 * cfg["num_hidden_layers"] * heads * head_dim * (4 if dtype == "float32" else 2)
 
 
 def blocks_per_stream(sink: int, window: int) -> int:

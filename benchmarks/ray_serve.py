@@ -14,54 +14,37 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
-import socket
-import subprocess
 import sys
-import threading
 import time
 
 from common import load as load_result
 from common import save, scratch_dir
 
-READY = re.compile(r"^streamsink serve --ray: ready api=(\S+) metrics=(\S+) replicas=(\d+)$")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.join(ROOT, "tests")]
+from openai_server import NotReady, ReadyLineServer  # noqa: E402  (the tests' launcher)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from streamsink.serving.network import free_port  # noqa: E402
+from streamsink.serving.ray_serve import READY_LINE  # noqa: E402
 
 
 def start_app(replicas: int, engine_args: list[str], log_path: str):
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     log = open(log_path, "w")
-    proc = subprocess.Popen(
+    t0 = time.time()
+    app = ReadyLineServer(
         [sys.executable, "-m", "streamsink.serving.cli", "serve", "--ray", "--replicas",
          str(replicas), "--port", str(free_port()), "--metrics-port", str(free_port()),
-         *engine_args], stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-    ready: list = []
-
-    def drain():
-        for line in proc.stdout:
-            log.write(line)
-            log.flush()
-            m = READY.match(line.strip())
-            if m:
-                ready.append(m.groups())
-
-    threading.Thread(target=drain, daemon=True).start()
-    t0 = time.time()
-    while not ready:
-        if proc.poll() is not None:
-            raise SystemExit(f"serve --ray exited; see {log_path}")
-        if time.time() - t0 > 1200:
-            proc.send_signal(signal.SIGTERM)
-            raise SystemExit(f"serve --ray not ready after 20 min; see {log_path}")
-        time.sleep(1)
-    return proc, ready[0][0], ready[0][1], time.time() - t0
+         *engine_args], READY_LINE, log, env)
+    try:
+        api, metrics, _ = app.wait(1200)
+    except NotReady as exc:
+        if app.proc.poll() is None:
+            app.proc.send_signal(signal.SIGTERM)
+        raise SystemExit(f"serve --ray {exc}; see {log_path}") from None
+    return app.proc, api, metrics, time.time() - t0
 
 
 def stop_app(proc) -> tuple[int, int]:

@@ -50,6 +50,7 @@ def main() -> None:
         args.prefill_tokens, args.ppl_tokens, args.rounds = 600, 600, 1
     from transformers import AutoTokenizer
 
+    from streamsink.kv_budget import block_bytes
     from streamsink.serving.engine import make_llm
     from streamsink.serving.engine_args import BLOCK_SIZE, choose_model
     from streamsink.serving.ppl import load_token_ids, streaming_nlls
@@ -117,10 +118,8 @@ def main() -> None:
     for name, llm in engines.items():
         config = llm.llm_engine.vllm_config
         model_config = config.model_config
-        dtype_bytes = 2 if "16" in str(model_config.dtype) else 4
-        per_token = (2 * model_config.get_num_layers(config.parallel_config)
-                     * model_config.get_num_kv_heads(config.parallel_config)
-                     * model_config.get_head_size() * dtype_bytes)
+        # The engine's own count (what its pool is sized by), per token.
+        per_token = block_bytes(config) // config.cache_config.block_size
         blocks = max_blocks_held(StreamShape(args.sink, args.window), BLOCK_SIZE, 1)
         memory[name] = {"kv_dtype": str(model_config.dtype).removeprefix("torch."),
                         "kv_bytes_per_token": per_token,

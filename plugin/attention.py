@@ -46,7 +46,7 @@ from streamsink.step_plan import DecodeBatch, QueryTile, ShadowWrites, StepPlan,
 
 @dataclass
 class StreamsinkMetadata(CPUAttentionMetadata):
-    streamsink: StepPlan | None = None
+    step_plan: StepPlan | None = None   # what every layer of a streaming engine's step needs
 
 
 class StreamsinkMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -67,7 +67,7 @@ class StreamsinkMetadataBuilder(CPUAttentionMetadataBuilder):
         query_start = cm.query_start_loc_cpu[:cm.num_reqs + 1].tolist()
         rows = rows_of_config(self.vllm_config)
         shapes = rows.step_shapes if rows is not None else None
-        out.streamsink = plan = plan_step(
+        out.step_plan = plan = plan_step(
             self.streamsink, self.rope, self.block_size, seq_lens=seq_lens,
             query_start=query_start, block_table=cm.block_table_tensor[:cm.num_reqs],
             dtype=self.dtype, kv_heads=self.num_kv_heads, head_dim=self.head_dim,
@@ -329,7 +329,7 @@ class StreamsinkAttentionImpl(CPUAttentionBackendImpl):
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
-        plan = getattr(attn_metadata, "streamsink", None)
+        plan = getattr(attn_metadata, "step_plan", None)
         if plan is not None and plan.shadows is not None \
                 and kv_cache.data_ptr() not in plan.shadows.written:
             self._write_shadows(layer, kv_cache, plan.shadows)

@@ -43,20 +43,20 @@ class RequestOptionError(StreamsinkConfigError):
 
 
 @functools.lru_cache(maxsize=64)
-def engine_shape(cfg: StreamsinkConfig) -> StreamShape:
+def engine_shape(config: StreamsinkConfig) -> StreamShape:
     """The shape of a request without options (read for every row of every step: cached)."""
-    return StreamShape(cfg.sink_tokens, cfg.window_tokens, writes_shadows=True)
+    return StreamShape(config.sink_tokens, config.window_tokens, writes_shadows=True)
 
 
-def request_shape(cfg: StreamsinkConfig, extra_args: Mapping | None) -> StreamShape:
-    """The shape of a request whose options were resolved (resolve_options); the engine's
-    without options."""
+def request_shape(engine: StreamShape, extra_args: Mapping | None) -> StreamShape:
+    """The shape of a request whose options were resolved (resolve_options); `engine`, the
+    engine's own shape, without options."""
     options = (extra_args or {}).get(CONFIG_KEY)
     if not options:
-        return engine_shape(cfg)
+        return engine
     pinned, window = int(options[PIN_TOKENS]), int(options[WINDOW_TOKENS])
-    if (pinned, window) == (cfg.sink_tokens, cfg.window_tokens):
-        return engine_shape(cfg)  # asked for what every request gets
+    if (pinned, window) == (engine.sink_tokens, engine.window_tokens):
+        return engine  # asked for what every request gets
     return StreamShape(pinned, window, writes_shadows=False)
 
 
@@ -110,21 +110,21 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def resolve_options(cfg: StreamsinkConfig | None, raw: Any, prompt_token_ids: Sequence[int],
+def resolve_options(config: StreamsinkConfig | None, raw: Any, prompt_token_ids: Sequence[int],
                     system_token_ids: Sequence[int] | None = None) -> dict:
     """The resolved shape {pin_tokens, window_tokens} of a request's options, or a
     RequestOptionError. system_token_ids: the chat template's rendering of the leading system
     messages alone ("pin": "system"); the pinned count is its common prefix with the prompt."""
-    if cfg is None:
+    if config is None:
         raise RequestOptionError("streamsink request options need a streaming engine (start it "
                                  "with a streamsink entry in additional_config)")
     options = check_options(raw)
     window = _count(options, WINDOW_TOKENS, 1)
     if window is None:
-        window = cfg.window_tokens
-    if window > cfg.window_tokens:
+        window = config.window_tokens
+    if window > config.window_tokens:
         raise RequestOptionError(f"streamsink window_tokens={window} exceeds the engine's "
-                                 f"window_tokens={cfg.window_tokens}")
+                                 f"window_tokens={config.window_tokens}")
     if options.get(PIN) == "system":
         if not system_token_ids:
             raise RequestOptionError("streamsink pin \"system\" needs a chat request that "
@@ -133,12 +133,12 @@ def resolve_options(cfg: StreamsinkConfig | None, raw: Any, prompt_token_ids: Se
     else:
         pinned = _count(options, PIN_TOKENS, 0)
         if pinned is None:
-            pinned = cfg.sink_tokens
+            pinned = config.sink_tokens
         elif pinned > len(prompt_token_ids):
             raise RequestOptionError(f"streamsink pin_tokens={pinned} exceeds the prompt's "
                                      f"{len(prompt_token_ids)} tokens")
-    if pinned > cfg.widest_sink_tokens:
+    if pinned > config.widest_sink_tokens:
         raise RequestOptionError(
             f"streamsink: pinning {pinned} tokens exceeds the engine's max_pinned_tokens="
-            f"{cfg.max_pinned_tokens} (start the engine with a larger max_pinned_tokens)")
+            f"{config.max_pinned_tokens} (start the engine with a larger max_pinned_tokens)")
     return {PIN_TOKENS: pinned, WINDOW_TOKENS: window}

@@ -27,7 +27,7 @@ they already carry, the usual case for the next turn of a conversation).
 
 The rebase rewrites O(max_model_len) entries and re-rotates O(C) keys per layer once every
 ~(max_model_len - C - chunk) tokens.
-The scheduler keeps absolute numbers; the patches under patches/worker_*.py do the translation.
+The scheduler keeps absolute numbers; patches/worker_batch_rows.py does the translation.
 """
 from __future__ import annotations
 
@@ -37,16 +37,16 @@ import torch
 
 from streamsink.config import StreamsinkConfig
 from streamsink.kv_cache_layout import rotate_cached_keys
-from streamsink.request_options import request_shape
+from streamsink.request_options import engine_shape, request_shape
 from streamsink.stream_rule import StreamShape, first_live_block, front_blocks, furthest_row_offset
 
 
 class RowWindow:
     """The row bookkeeping of one streaming engine's InputBatch."""
 
-    def __init__(self, cfg: StreamsinkConfig, block_size: int, token_width: int,
+    def __init__(self, config: StreamsinkConfig, block_size: int, token_width: int,
                  block_width: int, kv_caches: list | None = None, rope=None) -> None:
-        self.cfg = cfg
+        self.engine = engine_shape(config)   # the shape of a request without options
         self.kv_caches = kv_caches if kv_caches is not None else []  # the runner's, per layer
         self.rope = rope          # RopeSpec, for re-rotations; None: ALiBi (nothing to rotate)
         self.block_size = block_size
@@ -76,7 +76,7 @@ class RowWindow:
 
     def shape(self, request) -> StreamShape:
         """The request's sinks (or pinned tokens) and window (request_options.py)."""
-        return request_shape(self.cfg, request.sampling_params.extra_args
+        return request_shape(self.engine, request.sampling_params.extra_args
                              if request.sampling_params is not None else None)
 
     def head_blocks(self, request) -> int:

@@ -250,7 +250,7 @@ def _shadow_writes(rope: RopeSpec | None, block_size: int, sinks: int,
         kv_heads=kv_heads, head_dim=head_dim, block_size=block_size)
 
 
-def plan_step(cfg: StreamsinkConfig, rope: RopeSpec | None, block_size: int, seq_lens: list[int],
+def plan_step(config: StreamsinkConfig, rope: RopeSpec | None, block_size: int, seq_lens: list[int],
               query_start: list[int], block_table: torch.Tensor, dtype: torch.dtype,
               kv_heads: int = 1, head_dim: int | None = None,
               shapes: list[StreamShape] | None = None) -> StepPlan:
@@ -258,17 +258,17 @@ def plan_step(cfg: StreamsinkConfig, rope: RopeSpec | None, block_size: int, seq
     an ALiBi model (head_dim then required). shapes: each request's (request_options.py);
     None: all the engine's."""
     head_dim = head_dim or rope.head_dim
-    own = engine_shape(cfg)
-    shapes = shapes or [own] * len(seq_lens)
+    engine = engine_shape(config)
+    shapes = shapes or [engine] * len(seq_lens)
     query_lens = [query_start[r + 1] - query_start[r] for r in range(len(seq_lens))]
-    on_kernel = [kernel_can_run(own, shape, n, q)
+    on_kernel = [kernel_can_run(engine, shape, n, q)
                  for shape, n, q in zip(shapes, seq_lens, query_lens)]
     kernel_reqs = [r for r, ok in enumerate(on_kernel) if ok]
     plan = StepPlan(kernel=all(on_kernel))
     shadow_starts = [(r, span[0]) for r in kernel_reqs
                      if (span := shadow_span(shapes[r], seq_lens[r] - query_lens[r],
                                              query_lens[r]))]
-    plan.shadows = _shadow_writes(rope, block_size, own.sink_tokens, shadow_starts, block_table,
+    plan.shadows = _shadow_writes(rope, block_size, engine.sink_tokens, shadow_starts, block_table,
                                   kv_heads, head_dim, dtype)
     if plan.kernel:
         return plan

@@ -10,6 +10,7 @@ included — takes everything down again (processes.py) and exits 0.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from streamsink.errors import one_line
@@ -20,6 +21,9 @@ from streamsink.serving.ray_config import RaySpec, build_spec
 
 APP_NAME = "streamsink"
 READY_PREFIX = "streamsink serve --ray: ready"
+# The ready line whole, for whoever waits on the app (tests, benchmarks): its API URL, its
+# metrics URL and the number of replicas. (The prefix holds no regex metacharacter.)
+READY_LINE = re.compile(rf"^{READY_PREFIX} api=(\S+) metrics=(\S+) replicas=(\d+)$")
 DEFAULT_PORT = 8000
 
 

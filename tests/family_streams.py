@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 from dataclasses import dataclass, field
 
 import tiny_models
-from conftest import random_tokens, tiny_engine
+from conftest import References, random_tokens, tiny_engine
 
 # name -> (builder in tiny_models, keyword arguments). The length-dependent variants get
 # thresholds (64) above the in-cache length the streams use, which the engine requires; every
@@ -188,3 +189,33 @@ def run_stock_dense(model_path: str, tokens: list[int], **engine_overrides) -> l
 def max_difference(run_nlls: dict[int, float], reference: list[float]) -> float:
     assert run_nlls
     return max(abs(nll - reference[t]) for t, nll in run_nlls.items())
+
+
+@dataclass
+class FamilyMeasure:
+    run: FamilyRun
+    references: list[list[float]]   # the reference's NLLs, one list per sequence of the run
+    stock: list[float]              # stock vLLM's NLLs of the dense prefix (dense_prefix)
+    seconds: float                  # the family's engines (streaming and stock)
+
+
+def measure_families(models: dict[str, str], shape: StreamShape,
+                     progress=None) -> dict[str, FamilyMeasure]:
+    """For each family (name -> checkpoint path): the streaming run, stock vLLM on the dense
+    prefix of its longest stream, and the reference over every sequence. The reference runs in
+    a background process while the next family's engines work. progress(name, seconds) is
+    called as each family's engines finish."""
+    references = References([], more_jobs=True)
+    pending = {}
+    for name, path in models.items():
+        started = time.perf_counter()
+        run = run_streaming(path, shape)
+        jobs = [references.add((path, seq.tokens, shape.sink, shape.window))
+                for seq in run.sequences]
+        stock = run_stock_dense(path, run.sequences[0].tokens[:dense_prefix(path, shape)])
+        pending[name] = (run, jobs, stock, time.perf_counter() - started)
+        if progress is not None:
+            progress(name, pending[name][-1])
+    references.close()
+    return {name: FamilyMeasure(run, [references[j] for j in jobs], stock, seconds)
+            for name, (run, jobs, stock, seconds) in pending.items()}

@@ -1,18 +1,14 @@
 """Helpers for tests that start a real OpenAI server (`streamsink serve`) and talk HTTP to it."""
 import contextlib
 import os
-import socket
 import subprocess
+import threading
 import time
 import urllib.request
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from streamsink.serving.network import free_port  # noqa: F401  (the tests' one too)
 
 
 def get(url: str, timeout: float = 10) -> str:
@@ -58,3 +54,41 @@ def running_server(argv: list[str], log_path, start_timeout: float = 600):
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+class NotReady(Exception):
+    """A server that exited, or did not print its ready line in time (the message says which)."""
+
+
+class ReadyLineServer:
+    """A server process that says it is ready with one line on stdout (`serve --ray`, whose
+    replicas start long after its HTTP port opens). stdout is drained into `log` (an open file,
+    which stderr writes to directly) by a thread of its own, so that the server never blocks on
+    a full pipe; wait() returns the ready line's groups. Shared with benchmarks/ray_serve.py."""
+
+    def __init__(self, argv: list[str], ready, log, env: dict) -> None:
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True,
+                                     env=env)
+        self._ready: list = []
+
+        def drain():
+            for line in self.proc.stdout:
+                log.write(line)
+                log.flush()
+                m = ready.match(line.strip())
+                if m:
+                    self._ready.append(m.groups())
+
+        threading.Thread(target=drain, daemon=True).start()
+
+    def wait(self, timeout_s: float) -> tuple:
+        """The ready line's groups; NotReady when the server exits first or timeout_s passes
+        (the process is left as it is: the caller stops it)."""
+        deadline = time.time() + timeout_s
+        while not self._ready:
+            if self.proc.poll() is not None:
+                raise NotReady("exited")
+            if time.time() > deadline:
+                raise NotReady(f"not ready after {timeout_s:.0f} s")
+            time.sleep(1)
+        return self._ready[0]

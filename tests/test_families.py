@@ -14,15 +14,12 @@ The reference runs in a background process while the next family's engines work.
 from __future__ import annotations
 
 import pytest
-from conftest import References
 from family_streams import (
     FAMILY_MODELS,
     StreamShape,
     build_model,
-    dense_prefix,
     max_difference,
-    run_stock_dense,
-    run_streaming,
+    measure_families,
 )
 
 TOLERANCE = 1e-3  # fp32 engine vs float64 reference
@@ -39,18 +36,8 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def measured(models):
     """family -> (FamilyRun, [reference NLLs per sequence], stock NLLs of the dense prefix)."""
-    references = References([], more_jobs=True)
-    runs = {}
-    for name in FAMILIES:
-        run = run_streaming(models[name], SHAPE)
-        jobs = [references.add((models[name], seq.tokens, SHAPE.sink, SHAPE.window))
-                for seq in run.sequences]
-        prefix = dense_prefix(models[name], SHAPE)
-        stock = run_stock_dense(models[name], run.sequences[0].tokens[:prefix])
-        runs[name] = (run, jobs, stock)
-    references.close()
-    return {name: (run, [references[j] for j in jobs], stock)
-            for name, (run, jobs, stock) in runs.items()}
+    return {name: (m.run, m.references, m.stock)
+            for name, m in measure_families(models, SHAPE).items()}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

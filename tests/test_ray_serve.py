@@ -4,7 +4,6 @@ started and stopped here (a tiny random Llama with the default model's tokenizer
 The last test stops the app with SIGTERM in the middle of a streamed request and checks that
 nothing of it is left; another stops a second app while its replicas start."""
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -17,12 +16,13 @@ import urllib.request
 import psutil
 import pytest
 import tagged
-from openai_server import free_port
+from openai_server import NotReady, ReadyLineServer, free_port
+
+from streamsink.serving.ray_serve import READY_LINE as READY
 
 MAX_MODEL_LEN = 1024
 SINK, WINDOW = 4, 252
 MAX_PINNED = 128
-READY = re.compile(r"^streamsink serve --ray: ready api=(\S+) metrics=(\S+) replicas=(\d+)$")
 START_TIMEOUT = 900
 API_KEY = "test-key-4b1d"
 # No KV budget, as a user starts it: each replica's engine sizes its own pool from its window
@@ -77,31 +77,17 @@ def app(tmp_path_factory):
     log_path = tmp_path_factory.mktemp("ray_serve") / "serve.log"
     log = open(log_path, "w")
     tag = tagged.new_tag()
-    proc = subprocess.Popen(
+    server = ReadyLineServer(
         cli("serve", "--ray", "--replicas", "2", "--model", model, "--sink", str(SINK),
             "--window", str(WINDOW), "--max-pinned-tokens", str(MAX_PINNED), "--port", str(port),
             "--metrics-port", str(metrics_port), *APP_ARGS, "--api-key", API_KEY),
-        stdout=subprocess.PIPE, stderr=log, text=True, env=clean_env(tag))
-    ready: list = []
-
-    def read_stdout():  # keep draining stdout so the server never blocks on a full pipe
-        for line in proc.stdout:
-            log.write(line)
-            log.flush()
-            m = READY.match(line.strip())
-            if m:
-                ready.append(m.groups())
-
-    threading.Thread(target=read_stdout, daemon=True).start()
+        READY, log, clean_env(tag))
+    proc = server.proc
     try:
-        deadline = time.time() + START_TIMEOUT
-        while not ready:
-            if proc.poll() is not None:
-                pytest.fail("serve --ray exited:\n" + log_path.read_text()[-4000:])
-            if time.time() > deadline:
-                pytest.fail("serve --ray not ready:\n" + log_path.read_text()[-4000:])
-            time.sleep(1)
-        api, metrics, replicas = ready[0]
+        try:
+            api, metrics, replicas = server.wait(START_TIMEOUT)
+        except NotReady as exc:
+            pytest.fail(f"serve --ray {exc}:\n" + log_path.read_text()[-4000:])
         assert api == f"http://127.0.0.1:{port}/v1"
         assert metrics == f"http://127.0.0.1:{metrics_port}/metrics"
         assert replicas == "2"

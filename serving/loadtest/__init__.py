@@ -2,8 +2,8 @@
 
 For each run (streamsink; then stock with --compare-stock) it
 1. starts the server as a subprocess (or uses --target), loopback only;
-2. starts Prometheus (serving/prometheus_server.py) scraping the server's /metrics every second;
-3. runs a bounded load of streamed completions (serving/load_client.py: closed loop with
+2. starts Prometheus (prometheus.py) scraping the server's /metrics every second;
+3. runs a bounded load of streamed completions (client.py: closed loop with
    --concurrency, or Poisson arrivals with --rate; --abort-fraction of clients hang up
    mid-stream);
 4. waits until the server has drained (no running or waiting request, no held streaming block);

@@ -154,17 +154,6 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def group_alive(pgid: int) -> bool:
-    """Whether any process of the server's group still exists."""
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
 def _last_line(path: str) -> str:
     try:
         with open(path, errors="replace") as f:
