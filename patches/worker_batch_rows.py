@@ -32,37 +32,38 @@ from streamsink.config import streaming_config
 from streamsink.errors import PatchTargetMoved
 from streamsink.patches._install import require, wrap
 from streamsink.rope import rope_spec_from_hf_config
-from streamsink.row_window import RowWindow, attach_rows
+from streamsink.row_window import RowWindow, rows_of, set_rows
 
 
-def _rows_of(runner):
-    """The RowWindow of a runner's batch; None for stock engines. Created on first use."""
+def _rows_of(runner) -> RowWindow | None:
+    """The RowWindow of a runner's batch, made on a streaming engine's first step (this is the
+    first of our hooks vLLM calls in a step); None for a stock engine."""
     batch = runner.input_batch
-    rows = getattr(batch, "_streamsink_rows", None)
+    rows = rows_of(batch)
     if rows is None:
-        cfg = streaming_config(runner.vllm_config)
-        rows = False
-        if cfg is not None:
-            table = batch.block_table[0]
-            model_config = runner.vllm_config.model_config
-            rows = RowWindow(cfg, table.block_size, batch.token_ids_cpu.shape[1],
-                             table.max_num_blocks_per_req, kv_caches=runner.kv_caches,
-                             rope=rope_spec_from_hf_config(model_config.hf_text_config))
-            attach_rows(runner.vllm_config, rows)
-        batch._streamsink_rows = rows
+        config = streaming_config(runner.vllm_config)
+        if config is None:
+            return None
+        table = batch.block_table[0]
+        model_config = runner.vllm_config.model_config
+        rows = RowWindow(config, table.block_size, batch.token_ids_cpu.shape[1],
+                         table.max_num_blocks_per_req, kv_caches=runner.kv_caches,
+                         rope=rope_spec_from_hf_config(model_config.hf_text_config))
+        set_rows(batch, runner.vllm_config, rows)
     return rows
 
 
 def _add_request(original, self, request):
-    rows = getattr(self, "_streamsink_rows", None)
-    if not rows:
+    # Rows exist by now on a streaming engine: vLLM adds requests inside _update_states.
+    rows = rows_of(self)
+    if rows is None:
         return original(self, request)
     return rows.add_request(self, request, original)
 
 
 def _update_states(original, self, scheduler_output):
     rows = _rows_of(self)
-    if not rows:
+    if rows is None:
         return original(self, scheduler_output)
     rows.step_tokens = scheduler_output.num_scheduled_tokens
     cached = scheduler_output.scheduled_cached_reqs
@@ -90,12 +91,15 @@ def _update_states(original, self, scheduler_output):
 
 def _prepare_inputs(original, self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
     result = original(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
-    rows = getattr(self.input_batch, "_streamsink_rows", None)
-    if rows:
-        batch = self.input_batch
-        rows.note_step_shapes([self.requests[r] for r in batch.req_ids[:batch.num_reqs]])
-    if rows and rows.offsets:
-        batch = self.input_batch
+    rows = rows_of(self.input_batch)
+    if rows is None:
+        # _update_states, which makes a streaming engine's rows, runs first in every step.
+        assert streaming_config(self.vllm_config) is None, \
+            "streamsink: the worker prepared inputs before it updated its rows"
+        return result
+    batch = self.input_batch
+    rows.note_step_shapes([self.requests[r] for r in batch.req_ids[:batch.num_reqs]])
+    if rows.offsets:
         mask = self.discard_request_mask
         for row, req_id in enumerate(batch.req_ids[:batch.num_reqs]):
             offset = rows.offsets.get(req_id, 0)

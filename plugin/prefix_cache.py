@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+from typing import NamedTuple
 
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.block_pool import BlockPool
@@ -57,6 +58,13 @@ from vllm.v1.core.single_type_kv_cache_manager import (
 from streamsink.errors import PatchTargetMoved
 from streamsink.request_options import request_shape
 from streamsink.stream_rule import StreamShape, cache_hit_window, front_blocks, shadow_span
+
+
+class _Lookup(NamedTuple):
+    """The request whose cache hit vLLM is about to search (note_lookup)."""
+
+    block_hashes: list        # the request's own list, which vLLM hands on to the search
+    shape: StreamShape
 
 
 @functools.lru_cache(maxsize=8)
@@ -78,8 +86,7 @@ class StreamingPrefixCache(SlidingWindowManager):
         self.unhashed_total = 0        # cached blocks dropped from the cache instead
         self._engine_shape = kv_cache_spec.engine_shape
         self.shapes: dict[str, StreamShape] = {}   # req_id -> its shape, when not the engine's
-        # The shape of the request whose cache hit is being looked up (note_lookup).
-        self._lookup_shape = self._engine_shape
+        self._lookup: _Lookup | None = None         # note_lookup -> find_longest_cache_hit
         # block id -> requests holding it inside their pinned prefix (shapes without shadows).
         self.pin_holders: dict[int, set[str]] = {}
         self._requests: dict = {}                  # req_id -> Request (hashing at free)
@@ -97,7 +104,15 @@ class StreamingPrefixCache(SlidingWindowManager):
             self.shapes.pop(request.request_id, None)
         else:
             self.shapes[request.request_id] = shape
-        self._lookup_shape = shape
+        self._lookup = _Lookup(request.block_hashes, shape)
+
+    def _looked_up_shape(self, block_hashes) -> StreamShape:
+        """The shape of the request whose hit is being searched: vLLM's search gets its block
+        hashes alone, so they must be those of the request note_lookup was told of last."""
+        lookup = self._lookup
+        assert lookup is not None and lookup.block_hashes is block_hashes, \
+            "streamsink: a prefix-cache search for a request the KV manager was not told of"
+        return lookup.shape
 
     def shape(self, request_id: str) -> StreamShape:
         return self.shapes.get(request_id, self._engine_shape)
@@ -108,6 +123,7 @@ class StreamingPrefixCache(SlidingWindowManager):
                                dcp_world_size=1, pcp_world_size=1):
         # vLLM declares this a classmethod but calls it on the manager: here it needs the shape
         # of the request being looked up.
+        shape = self._looked_up_shape(block_hashes)
         blocks, length = super().find_longest_cache_hit(
             block_hashes, max_length, kv_cache_group_ids, block_pool, _hit_spec(kv_cache_spec),
             drop_eagle_block, alignment_tokens, dcp_world_size, pcp_world_size)
@@ -115,7 +131,7 @@ class StreamingPrefixCache(SlidingWindowManager):
             return blocks, 0
         hashes = resolve_block_hashes(block_hashes, block_pool.hash_block_size,
                                       kv_cache_spec.block_size)
-        for j in range(min(front_blocks(self._lookup_shape, self.block_size), len(blocks[0]))):
+        for j in range(min(front_blocks(shape, self.block_size), len(blocks[0]))):
             if not blocks[0][j].is_null:
                 continue
             sink = block_pool.get_cached_block(hashes[j], kv_cache_group_ids)

@@ -258,14 +258,29 @@ class RowWindow:
                 batch.num_computed_tokens_cpu[row] = requests[req_id].num_computed_tokens - offset
 
 
+# -- where an engine's RowWindow lives ----------------------------------------------------------
+# vLLM's InputBatch and VllmConfig have no slot for a plugin's state, so an engine's RowWindow
+# rides on both under this one attribute, written and read only by the three functions below.
+# A streaming engine's worker makes its RowWindow on its first step (set_rows); a stock engine's
+# batch never gets one: whether an engine streams is its config's to say (streaming_config).
 _ATTRIBUTE = "_streamsink_rows"
 
 
-def attach_rows(vllm_config, rows: RowWindow) -> None:
-    """Make an engine's RowWindow reachable from its VllmConfig (the attention metadata builder
-    has the config, not the model runner)."""
+def set_rows(batch, vllm_config, rows: RowWindow) -> None:
+    """Attach an engine's RowWindow to its worker's InputBatch (the worker patches read it
+    there) and to its VllmConfig (the attention metadata builder has the config, not the
+    runner)."""
+    setattr(batch, _ATTRIBUTE, rows)
+    # object.__setattr__: vLLM's configs are pydantic dataclasses (assignment is validated).
     object.__setattr__(vllm_config, _ATTRIBUTE, rows)
 
 
+def rows_of(batch) -> RowWindow | None:
+    """The RowWindow attached to a worker's InputBatch; None before set_rows, and always for a
+    stock engine's batch."""
+    return vars(batch).get(_ATTRIBUTE)
+
+
 def rows_of_config(vllm_config) -> RowWindow | None:
+    """The RowWindow of the engine a VllmConfig belongs to (as rows_of)."""
     return vars(vllm_config).get(_ATTRIBUTE) if vllm_config is not None else None

@@ -134,6 +134,8 @@ def _collect(out, prompt: list[int], prompt_logprobs: bool) -> Sequence:
 
 def run_streaming(model_path: str, shape: StreamShape, seed: int = 0,
                   **engine_overrides) -> FamilyRun:
+    from streamsink.row_window import rows_of
+
     llm = tiny_engine(model_path, {"sink_tokens": shape.sink, "window_tokens": shape.window},
                       block_size=shape.block, max_model_len=shape.max_model_len,
                       max_num_batched_tokens=shape.step, max_num_seqs=len(shape.prompts),
@@ -154,7 +156,7 @@ def run_streaming(model_path: str, shape: StreamShape, seed: int = 0,
         continued.nlls.update(longest.nlls)   # the same tokens: one reference covers both
         runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
         return FamilyRun([continued] + first[1:], cached_tokens=out.num_cached_tokens,
-                         rebases=runner.input_batch._streamsink_rows.rebases, paths=spy.paths)
+                         rebases=rows_of(runner.input_batch).rebases, paths=spy.paths)
     finally:
         del llm
         gc.collect()

@@ -141,6 +141,7 @@ def sessions(llm):
 @pytest.fixture(scope="module")
 def runs(tiny_llama):
     from streamsink.prefix_cache import StreamingPrefixCache
+    from streamsink.row_window import rows_of
 
     on = engine(tiny_llama, caching=True)
     scheduler, manager, pool = internals(on)
@@ -155,7 +156,7 @@ def runs(tiny_llama):
     got["chat"] = chat(on)
     count("chat", snap)
     runner = on.llm_engine.model_executor.driver_worker.worker.model_runner
-    got["rebases"] = runner.input_batch._streamsink_rows.rebases
+    got["rebases"] = rows_of(runner.input_batch).rebases
 
     # Prompt log-probabilities read on top of the cache (prompt_logprobs alone skips it).
     from vllm import SamplingParams

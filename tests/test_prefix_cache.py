@@ -19,8 +19,10 @@ class Sim:
         from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
 
         from streamsink.kv_policy import StreamingSinkSpec, register_kv_policy
+        from streamsink.patches import kv_request_shapes
 
         register_kv_policy()
+        kv_request_shapes.apply()   # the manager learns each request before its lookup
         init_none_hash(sha256)
         self.S, self.W, self.B, self.C = sink, window, block, sink + window
         spec = StreamingSinkSpec(block_size=block, num_kv_heads=1, head_size=64,

@@ -58,8 +58,10 @@ def test_the_streaming_engine_runs_compiled(streaming):
 
 def test_worker_rows_were_rebased(streaming):
     """The run above really went through rebased rows (not a wide row in disguise)."""
+    from streamsink.row_window import rows_of
+
     runner = streaming.llm_engine.model_executor.driver_worker.worker.model_runner
-    rows = runner.input_batch._streamsink_rows
+    rows = rows_of(runner.input_batch)
     assert rows.width <= MAX_MODEL_LEN
     assert rows.rebases >= 2
 
