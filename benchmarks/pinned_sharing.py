@@ -47,8 +47,8 @@ def run(llm, conversations: list[list[dict]]) -> dict:
     def step():
         engine.step()
         used.append(pool.num_gpu_blocks - 1 - pool.get_num_free_blocks())
-        pinned.append(len(manager.pin_holders))
-        refs.append(sum(len(h) for h in manager.pin_holders.values()))
+        pinned.append(len(manager.cache.pin_holders))
+        refs.append(sum(len(h) for h in manager.cache.pin_holders.values()))
 
     llm.enqueue_chat(conversations[:1], params, use_tqdm=False)
     system_blocks = 0

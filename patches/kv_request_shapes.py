@@ -6,7 +6,7 @@ instead of copied, depend on that shape. vLLM hands its single-type managers a r
 (for the hit search) only the request's block hashes.
 How: KVCacheManager.get_computed_blocks(request), where the scheduler looks up every new or
 resumed request before admitting it, is wrapped to pass the request to each streaming manager
-(prefix_cache.StreamingPrefixCache.note_lookup) first. Stock managers are left alone.
+(kv_policy.StreamingSinkManager.note_lookup) first. Stock managers are left alone.
 Delete when: vLLM passes the Request (or per-request KV hints) to the single-type managers'
 find_longest_cache_hit and allocation calls.
 """

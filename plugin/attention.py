@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from vllm import _custom_ops as ops
 from vllm import envs
 from vllm.config import get_current_vllm_config, get_layers_from_vllm_config
 from vllm.model_executor.layers.attention import Attention
@@ -42,6 +41,7 @@ from streamsink.kv_cache_layout import split_kv_cache
 from streamsink.rope import RopeSpec, rope_spec_from_hf_config, rotate
 from streamsink.row_window import rows_of_config
 from streamsink.step_plan import DecodeBatch, QueryTile, ShadowWrites, StepPlan, plan_step
+from streamsink.vllm_internals import custom_ops as ops
 
 
 @dataclass

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from vllm.config import get_current_vllm_config_or_none
 from vllm.logger import init_logger
-from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
 from streamsink.config import StreamsinkConfig, config_from_additional, streaming_config
 from streamsink.errors import StreamsinkConfigError
@@ -21,6 +20,7 @@ from streamsink.rope import (
     uses_alibi,
 )
 from streamsink.stream_rule import min_row_tokens
+from streamsink.vllm_internals import attention_isa
 from streamsink.weights import quantization_refusal
 
 logger = init_logger("vllm.plugins.streamsink")
@@ -124,7 +124,7 @@ def _check_kv_layout(model_config, cache_config) -> None:
     """The streaming path reads the CPU backend's "vec" KV layout; refuse the others."""
     head_dim = model_config.get_head_size()
     block_size = cache_config.block_size or CPU_DEFAULT_BLOCK_SIZE
-    isa = _get_attn_isa(model_config.dtype, block_size, head_dim, cache_config.cache_dtype)
+    isa = attention_isa(model_config.dtype, block_size, head_dim, cache_config.cache_dtype)
     if isa != "vec":
         raise StreamsinkConfigError(
             f"streamsink supports the CPU attention layout 'vec' only; dtype {model_config.dtype}, "

@@ -1,5 +1,7 @@
 """Prefix caching for streaming requests, exact (the scheduler side; the worker side is in
-row_window.py).
+row_window.py): which cached blocks a hit may reuse and which blocks may be hashed. The KV policy
+(kv_policy.py, what a stream keeps and frees) holds one StreamingPrefixCache and calls it from
+vLLM's calls.
 
 For a fixed (S, W) the KV a stream stores for token j is a function of its tokens <= j
 (chunking invariance), so full blocks can be keyed by the token prefix, as vLLM does. What a
@@ -41,52 +43,40 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
-from typing import NamedTuple
 
-from vllm.utils.math_utils import cdiv
-from vllm.v1.core.block_pool import BlockPool
-from vllm.v1.core.kv_cache_coordinator import UnitaryKVCacheCoordinator
-from vllm.v1.core.kv_cache_manager import KVCacheManager
 from vllm.v1.core.kv_cache_utils import resolve_block_hashes
-from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.core.single_type_kv_cache_manager import (
-    SingleTypeKVCacheManager,
-    SlidingWindowManager,
-)
 
-from streamsink.errors import PatchTargetMoved
-from streamsink.request_options import request_shape
 from streamsink.stream_rule import StreamShape, cache_hit_window, front_blocks, shadow_span
-
-
-class _Lookup(NamedTuple):
-    """The request whose cache hit vLLM is about to search (note_lookup)."""
-
-    block_hashes: list        # the request's own list, which vLLM hands on to the search
-    shape: StreamShape
+from streamsink.vllm_internals import apply_cow, evict_cached_block, queue_block_copy
 
 
 @functools.lru_cache(maxsize=8)
-def _hit_spec(spec):
+def hit_spec(spec):
     """The spec vLLM's sliding-window search should see: the engine's cache_hit_window (C), so
     that a hit carries the C-1 tokens a streaming request keeps before its next query (and the
     W_r-1 of a request with a shape of its own, W_r <= W)."""
     return dataclasses.replace(spec, sliding_window=cache_hit_window(spec.engine_shape))
 
 
-class StreamingPrefixCache(SlidingWindowManager):
-    """The prefix-caching half of the streaming KV manager (kv_policy.StreamingSinkManager)."""
+class StreamingPrefixCache:
+    """The prefix cache of one streaming KV manager (kv_policy.StreamingSinkManager).
 
-    def __init__(self, kv_cache_spec, **kwargs) -> None:
-        super().__init__(kv_cache_spec, **kwargs)
-        # Totals over this manager's life, for metrics (blocks).
+    It keeps no blocks of its own: it works on the manager's vLLM bookkeeping (each request's
+    block table, its count of hashed blocks, the block pool, vLLM's copy-on-write) and asks the
+    manager one thing, a request's shape (manager.shape). The manager calls it from vLLM's calls:
+    find_longest_cache_hit (hit_spec, with_front_blocks), get_num_blocks_to_allocate (hit_cost),
+    add_local_computed_blocks (adopt), allocate_new_blocks (note_pins), cache_blocks
+    (step_allocated), take_pending_cow_copies (protect_from_shadows) and pop_blocks_for_free
+    (release)."""
+
+    def __init__(self, manager) -> None:
+        self._manager = manager
+        self.block_size = manager.block_size
+        self.block_pool = manager.block_pool
+        # Totals over the manager's life, for metrics (blocks).
         self.shadow_copies_total = 0   # cached blocks copied before a shadow reached them
         self.adopt_copies_total = 0    # hits copied because a running request held them
         self.unhashed_total = 0        # cached blocks dropped from the cache instead
-        self._engine_shape = kv_cache_spec.engine_shape
-        self.shapes: dict[str, StreamShape] = {}   # req_id -> its shape, when not the engine's
-        self._lookup: _Lookup | None = None         # note_lookup -> find_longest_cache_hit
         # block id -> requests holding it inside their pinned prefix (shapes without shadows).
         self.pin_holders: dict[int, set[str]] = {}
         self._requests: dict = {}                  # req_id -> Request (hashing at free)
@@ -94,39 +84,12 @@ class StreamingPrefixCache(SlidingWindowManager):
         # req_id -> (lowest, highest) token position a shadow of this request was written to.
         self._shadowed: dict[str, tuple[int, int]] = {}
 
-    # -- per-request shapes -----------------------------------------------------------------
-    def note_lookup(self, request) -> None:
-        """A request about to be looked up in the cache and admitted (new or resumed): its shape
-        (patches/kv_request_shapes.py)."""
-        shape = request_shape(self._engine_shape, request.sampling_params.extra_args
-                              if request.sampling_params is not None else None)
-        if shape.writes_shadows:   # the engine's shape
-            self.shapes.pop(request.request_id, None)
-        else:
-            self.shapes[request.request_id] = shape
-        self._lookup = _Lookup(request.block_hashes, shape)
-
-    def _looked_up_shape(self, block_hashes) -> StreamShape:
-        """The shape of the request whose hit is being searched: vLLM's search gets its block
-        hashes alone, so they must be those of the request note_lookup was told of last."""
-        lookup = self._lookup
-        assert lookup is not None and lookup.block_hashes is block_hashes, \
-            "streamsink: a prefix-cache search for a request the KV manager was not told of"
-        return lookup.shape
-
-    def shape(self, request_id: str) -> StreamShape:
-        return self.shapes.get(request_id, self._engine_shape)
-
     # -- hits -------------------------------------------------------------------------------
-    def find_longest_cache_hit(self, block_hashes, max_length, kv_cache_group_ids, block_pool,
-                               kv_cache_spec, drop_eagle_block, alignment_tokens,
-                               dcp_world_size=1, pcp_world_size=1):
-        # vLLM declares this a classmethod but calls it on the manager: here it needs the shape
-        # of the request being looked up.
-        shape = self._looked_up_shape(block_hashes)
-        blocks, length = super().find_longest_cache_hit(
-            block_hashes, max_length, kv_cache_group_ids, block_pool, _hit_spec(kv_cache_spec),
-            drop_eagle_block, alignment_tokens, dcp_world_size, pcp_world_size)
+    def with_front_blocks(self, shape: StreamShape, blocks, length: int, block_hashes,
+                          block_pool, kv_cache_spec, kv_cache_group_ids):
+        """A hit of vLLM's search (hit_spec) for a request of `shape`, completed with the front
+        blocks (sinks or pinned tokens) it skipped, looked up by their own hashes: (blocks,
+        length), or no hit when one of them is not cached."""
         if not length:
             return blocks, 0
         hashes = resolve_block_hashes(block_hashes, block_pool.hash_block_size,
@@ -141,60 +104,49 @@ class StreamingPrefixCache(SlidingWindowManager):
                 group[j] = block
         return blocks, length
 
-    def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks,
-                                   total_computed_tokens, num_local_computed_tokens,
-                                   num_tokens_main_model, apply_admission_cap=False,
-                                   prefill_end=0):
-        if request_id in self.num_cached_block or not new_computed_blocks:
-            return super().get_num_blocks_to_allocate(
-                request_id, num_tokens, new_computed_blocks, total_computed_tokens,
-                num_local_computed_tokens, num_tokens_main_model, apply_admission_cap,
-                prefill_end)
-        # A new request with a hit. vLLM's count skips the hit's first blocks as out of the
-        # window, which here are the sinks; and a held hit costs a fresh block (its copy).
-        required = cdiv(num_tokens, self.block_size)
-        if apply_admission_cap and self.max_admission_blocks_per_request is not None:
-            required = min(required, self.max_admission_blocks_per_request)
-        skipped = self.get_num_skipped_tokens(total_computed_tokens) // self.block_size
-        fresh = max(required - max(skipped, len(new_computed_blocks)), 0)
-        # Each non-null hit takes one block from the free count: out of the free queue when
-        # nobody holds it, else a fresh block for its copy; a shared pinned block takes none.
-        shared = self._shared_hits(request_id, new_computed_blocks)
-        return fresh + sum(not b.is_null for b in new_computed_blocks) - len(shared)
+    def hit_cost(self, request_id: str, hits) -> int:
+        """Blocks a new request's hits take from the free count. Each non-null hit takes one:
+        out of the free queue when nobody holds it, else a fresh block for its copy; a shared
+        pinned block takes none."""
+        shared = self._shared_hits(request_id, hits)
+        return sum(not b.is_null for b in hits) - len(shared)
 
     def _shared_hits(self, request_id: str, hits) -> set[int]:
         """Indices of the hits this request shares rather than copies: held blocks inside its
         pinned prefix that every holder holds inside its own (none for the engine's shape)."""
-        shape = self.shape(request_id)
+        shape = self._manager.shape(request_id)
         if shape.writes_shadows:
             return set()
         return {i for i, b in enumerate(hits[:front_blocks(shape, self.block_size)])
                 if not b.is_null and b.ref_cnt
                 and b.ref_cnt == len(self.pin_holders.get(b.block_id, ()))}
 
-    def add_local_computed_blocks(self, request_id, new_computed_blocks,
-                                  num_local_computed_tokens, num_external_computed_tokens):
-        req_blocks = self.req_to_blocks[request_id]
+    def adopt(self, request_id: str, hits, num_external_computed_tokens: int) -> None:
+        """A new request takes its hits as its first blocks (vLLM's add_local_computed_blocks,
+        whole): the hits nobody holds, and the pinned blocks it shares, as they are; a copy of
+        each other held hit."""
+        manager = self._manager
+        req_blocks = manager.req_to_blocks[request_id]
         assert not req_blocks and not num_external_computed_tokens
-        shared = self._shared_hits(request_id, new_computed_blocks)
-        held = [i for i, b in enumerate(new_computed_blocks)
-                if not b.is_null and b.ref_cnt and i not in shared]
+        shared = self._shared_hits(request_id, hits)
+        held = [i for i, b in enumerate(hits) if not b.is_null and b.ref_cnt and i not in shared]
         # Touch first: the copies' get_new_blocks below must not evict the adopted hits.
-        self.block_pool.touch([b for b in new_computed_blocks if not b.is_null])
-        req_blocks.extend(new_computed_blocks)
+        self.block_pool.touch([b for b in hits if not b.is_null])
+        req_blocks.extend(hits)
         for i in held:
             copy = self.block_pool.get_new_blocks(1)[0]
             # vLLM's copy-on-write: the hit keeps its touch until the copy has run.
-            self._apply_cow(request_id, i, req_blocks[i], copy)
-            if self._record_new_block_ids:
-                self.new_block_ids.append(copy.block_id)
+            apply_cow(manager, request_id, i, req_blocks[i], copy)
+            if manager.records_new_block_ids:
+                manager.new_block_ids.append(copy.block_id)
         self.adopt_copies_total += len(held)
-        self.num_cached_block[request_id] = len(req_blocks)
-        self._note_pins(request_id)
+        manager.num_cached_block[request_id] = len(req_blocks)
+        self.note_pins(request_id)
 
-    def _note_pins(self, request_id: str) -> None:
+    # -- pinned blocks ----------------------------------------------------------------------
+    def note_pins(self, request_id: str) -> None:
         """Record the request as a holder of the blocks of its pinned prefix it holds now."""
-        shape = self.shape(request_id)
+        shape = self._manager.shape(request_id)
         if shape.writes_shadows:
             return
         for block in self._front_blocks_held(request_id, shape):
@@ -202,11 +154,12 @@ class StreamingPrefixCache(SlidingWindowManager):
                 self.pin_holders.setdefault(block.block_id, set()).add(request_id)
 
     def _front_blocks_held(self, request_id: str, shape: StreamShape) -> list:
-        return self.req_to_blocks.get(request_id, [])[:front_blocks(shape, self.block_size)]
+        return self._manager.req_to_blocks.get(request_id, [])[:front_blocks(shape,
+                                                                            self.block_size)]
 
     def _drop_pins(self, request_id: str) -> None:
-        shape = self.shapes.pop(request_id, None)
-        if shape is None:
+        shape = self._manager.shape(request_id)
+        if shape.writes_shadows:
             return
         for block in self._front_blocks_held(request_id, shape):
             holders = self.pin_holders.get(block.block_id)
@@ -216,20 +169,20 @@ class StreamingPrefixCache(SlidingWindowManager):
                     del self.pin_holders[block.block_id]
 
     # -- hashing ----------------------------------------------------------------------------
-    def cache_blocks(self, request, num_tokens, retention_interval=None, *,
-                     replay_boundaries=()):
-        """Called by allocate_slots once a step is allocated: num_tokens is where the step ends.
-        Hashes only what earlier steps processed; remembers the step for the shadow pass."""
+    def step_allocated(self, request, num_tokens: int) -> None:
+        """vLLM's cache_blocks, called by allocate_slots once a step is allocated: num_tokens is
+        where the step ends. Hashes only what earlier steps processed; remembers the step for
+        the shadow pass."""
         request_id = request.request_id
         self._requests[request_id] = request
         self._scheduled[request_id] = num_tokens
         self._hash_processed(request, num_tokens)
-        if request_id in self.shapes:
-            self._note_pins(request_id)
+        self.note_pins(request_id)
 
     def _hash_processed(self, request, num_tokens: int) -> None:
+        manager = self._manager
         request_id = request.request_id
-        cached = self.num_cached_block.setdefault(request_id, 0)
+        cached = manager.num_cached_block.setdefault(request_id, 0)
         processed = request.num_computed_tokens - request.num_in_flight_tokens
         full = min(num_tokens, processed) // self.block_size
         if full <= cached:
@@ -240,27 +193,26 @@ class StreamingPrefixCache(SlidingWindowManager):
             lo, hi = self._shadowed[request_id]
             mask = [not (i * B <= hi and (i + 1) * B > lo) for i in range(cached, full)]
         self.block_pool.cache_full_blocks(
-            request=request, blocks=self.req_to_blocks[request_id], num_cached_blocks=cached,
-            num_full_blocks=full, block_size=B, kv_cache_group_id=self.kv_cache_group_id,
-            block_mask=mask)
-        self.num_cached_block[request_id] = full
+            request=request, blocks=manager.req_to_blocks[request_id],
+            num_cached_blocks=cached, num_full_blocks=full, block_size=B,
+            kv_cache_group_id=manager.kv_cache_group_id, block_mask=mask)
+        manager.num_cached_block[request_id] = full
 
     # -- shadows ----------------------------------------------------------------------------
-    def take_pending_cow_copies(self):
-        """The end of a scheduling pass (vLLM drains the copies once per schedule())."""
-        self._protect_from_shadows()
-        return super().take_pending_cow_copies()
-
-    def _protect_from_shadows(self) -> None:
+    def protect_from_shadows(self) -> None:
+        """The end of a scheduling pass, before vLLM takes its block copies: every hashed block
+        a shadow of this pass's steps will reach gets its hashes moved to a clean copy (or, with
+        no block free for one, dropped from the cache)."""
         B = self.block_size
+        manager = self._manager
         for request_id, end in self._scheduled.items():
             request = self._requests.get(request_id)
-            blocks = self.req_to_blocks.get(request_id)
+            blocks = manager.req_to_blocks.get(request_id)
             if request is None or not blocks:
                 continue
             # On absolute positions; the worker's, on row positions, is the same span
             # (tests/test_stream_rule.py).
-            span = shadow_span(self.shape(request_id), request.num_computed_tokens,
+            span = shadow_span(manager.shape(request_id), request.num_computed_tokens,
                                end - request.num_computed_tokens)
             if span is None:
                 continue
@@ -278,61 +230,20 @@ class StreamingPrefixCache(SlidingWindowManager):
                     # ref, the copy by get_new_blocks' (nobody else holds it); the scheduler
                     # frees both refs right after this pass.
                     block.ref_cnt += 1
-                    self._pending_cow_copies.append((block, clean))
+                    queue_block_copy(manager, block, clean)
                     self.shadow_copies_total += 1
                 else:
-                    self.block_pool._maybe_evict_cached_block(block)
+                    evict_cached_block(self.block_pool, block)
                     self.unhashed_total += 1
         self._scheduled.clear()
 
     # -- end of a request -------------------------------------------------------------------
-    def pop_blocks_for_free(self, request_id: str):
-        # Finish, abort and preemption: the last step's blocks are processed now.
+    def release(self, request_id: str) -> None:
+        """Finish, abort and preemption, before the manager lets go of the request's blocks and
+        shape: the last step's blocks are processed now, so they are hashed; its pins go."""
         request = self._requests.pop(request_id, None)
-        if request is not None and self.req_to_blocks.get(request_id):
+        if request is not None and self._manager.req_to_blocks.get(request_id):
             self._hash_processed(request, request.num_computed_tokens)
         self._scheduled.pop(request_id, None)
         self._shadowed.pop(request_id, None)
         self._drop_pins(request_id)
-        return super().pop_blocks_for_free(request_id)
-
-
-def check_target() -> None:
-    """Raise PatchTargetMoved unless the vLLM internals this module relies on are the ones it
-    was written against (private helpers and the order of calls in allocate_slots/schedule)."""
-    def need(obj, name, params):
-        target = getattr(obj, name, None)
-        if target is None or list(inspect.signature(target).parameters)[:len(params)] != params:
-            raise PatchTargetMoved(f"{obj.__name__}.{name}({', '.join(params)}) changed")
-        return inspect.getsource(target)
-
-    def contains(source, needles, where):
-        for needle in needles:
-            if needle not in source:
-                raise PatchTargetMoved(f"{where} no longer contains {needle!r}")
-
-    # The hit search runs on the manager instance (it reads the looked-up request's shape).
-    contains(need(UnitaryKVCacheCoordinator, "find_longest_cache_hit",
-                  ["self", "block_hashes", "max_cache_hit_length"]),
-             ["self.single_type_managers[0].find_longest_cache_hit("],
-             "UnitaryKVCacheCoordinator.find_longest_cache_hit")
-    need(BlockPool, "move_block_hashes", ["self", "src_block", "dst_block"])
-    need(BlockPool, "_maybe_evict_cached_block", ["self", "block"])
-    contains(need(SingleTypeKVCacheManager, "_apply_cow",
-                  ["self", "request_id", "block_idx", "source_block", "cow_block"]),
-             ["self._pending_cow_copies.append((source_block, cow_block))"], "_apply_cow")
-    contains(need(SingleTypeKVCacheManager, "take_pending_cow_copies", ["self"]),
-             ["self._pending_cow_copies = []"], "take_pending_cow_copies")
-    # Hashing happens in allocate_slots after the allocation, with the step's end.
-    contains(need(KVCacheManager, "allocate_slots", ["self", "request", "num_new_tokens"]),
-             ["self.coordinator.allocate_new_computed_blocks(",
-              "self.coordinator.cache_blocks(request, num_tokens_to_cache)"], "allocate_slots")
-    # The copies are taken once per pass, after every allocation and before the computed
-    # counts advance (the shadow pass reads num_computed_tokens as the step's start).
-    source = need(Scheduler, "schedule", ["self"])
-    contains(source, ["self.kv_cache_manager.take_kv_cache_block_copies()",
-                      "self._update_after_schedule(scheduler_output)"], "Scheduler.schedule")
-    if source.index("take_kv_cache_block_copies()") > \
-            source.index("self._update_after_schedule(scheduler_output)"):
-        raise PatchTargetMoved("Scheduler.schedule takes the block copies after advancing "
-                               "num_computed_tokens")

@@ -149,10 +149,10 @@ def runs(tiny_llama):
     counts = {}
 
     def count(name, before):
-        counts[name] = {k: getattr(manager, k) - v for k, v in before.items()}
+        counts[name] = {k: getattr(manager.cache, k) - v for k, v in before.items()}
 
     totals = ("shadow_copies_total", "adopt_copies_total", "unhashed_total")
-    snap = {k: getattr(manager, k) for k in totals}
+    snap = {k: getattr(manager.cache, k) for k in totals}
     got["chat"] = chat(on)
     count("chat", snap)
     runner = on.llm_engine.model_executor.driver_worker.worker.model_runner
@@ -170,7 +170,7 @@ def runs(tiny_llama):
                     {t: out.prompt_logprobs[t][probe[t]].logprob
                      for t in range(out.num_cached_tokens + 1, len(probe))})
 
-    snap = {k: getattr(manager, k) for k in totals}
+    snap = {k: getattr(manager.cache, k) for k in totals}
     got["concurrent"] = concurrent(on)
     count("concurrent", snap)
 
@@ -181,16 +181,16 @@ def runs(tiny_llama):
         referenced=[b.block_id for b in pool.blocks if not b.is_null and b.ref_cnt],
         held=manager.held_blocks_all(), requests=len(manager.req_to_blocks),
         cached=len(pool.cached_block_hash_to_block),
-        pending=len(manager._pending_cow_copies) + len(manager._scheduled))
+        pending=len(manager._pending_cow_copies) + len(manager.cache._scheduled))
 
     # Negative control: the same prompts with the copy-before-shadow turned off.
     assert on.reset_prefix_cache()
-    protect = StreamingPrefixCache._protect_from_shadows
-    StreamingPrefixCache._protect_from_shadows = lambda self: self._scheduled.clear()
+    protect = StreamingPrefixCache.protect_from_shadows
+    StreamingPrefixCache.protect_from_shadows = lambda self: self._scheduled.clear()
     try:
         got["unprotected"] = [generate(on, [p])[0][0] for p in prompts[:4]]
     finally:
-        StreamingPrefixCache._protect_from_shadows = protect
+        StreamingPrefixCache.protect_from_shadows = protect
     got["counts"] = counts
     del on
     gc.collect()

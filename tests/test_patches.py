@@ -250,12 +250,12 @@ def test_max_tokens_patch_refuses_a_moved_target(monkeypatch):
 def test_prefix_cache_targets(monkeypatch):
     """Streaming prefix caching leans on vLLM's copy-on-write helpers and on the order of
     allocate_slots / schedule; a move refuses loudly."""
-    from streamsink import prefix_cache
+    from streamsink import vllm_internals
 
-    prefix_cache.check_target()
+    vllm_internals.check_target()
     monkeypatch.setattr(inspect, "getsource", lambda obj: "def moved(): pass\n")
     with pytest.raises(patches.PatchTargetMoved):
-        prefix_cache.check_target()
+        vllm_internals.check_target()
 
 
 def test_worker_rows_need_the_copies_before_added_requests(monkeypatch):

@@ -114,7 +114,7 @@ def test_sharers_hold_one_copy_and_an_abort_leaves_the_others(engine, tiny_llama
     manager, pool = kv_internals(engine)
     llm = engine.llm_engine
     free_before = pool.get_num_free_blocks()
-    copies_before = manager.adopt_copies_total
+    copies_before = manager.cache.adopt_copies_total
     prefix = random_tokens(280, seed=99)
     prompts = {f"share{i}": prefix + random_tokens(40 + 10 * i, seed=100 + i) for i in range(8)}
     options = {"pin_tokens": len(prefix), "window_tokens": 40}
@@ -135,8 +135,8 @@ def test_sharers_hold_one_copy_and_an_abort_leaves_the_others(engine, tiny_llama
             checked = True
             pinned = [tuple(b.block_id for b in manager.req_to_blocks[r][:2]) for r in ids]
             assert len(set(pinned)) == 1, pinned                 # the same two blocks for all
-            assert all(len(manager.pin_holders[b]) == 8 for b in pinned[0])
-            assert manager.adopt_copies_total == copies_before   # shared, not copied
+            assert all(len(manager.cache.pin_holders[b]) == 8 for b in pinned[0])
+            assert manager.cache.adopt_copies_total == copies_before   # shared, not copied
             manager.publish(force=True)
             totals = metrics.read_totals()
             # The third pinned block (tokens 256..279 and each request's own) is per request.
@@ -150,7 +150,7 @@ def test_sharers_hold_one_copy_and_an_abort_leaves_the_others(engine, tiny_llama
     assert checked
     assert set(outputs) == set(prompts) - {"share3"}     # the aborted one reports nothing
     assert all(len(o.outputs[0].token_ids) == 150 for o in outputs.values())
-    assert not manager.req_to_blocks and not manager.pin_holders and not manager.shapes
+    assert not manager.req_to_blocks and not manager.cache.pin_holders and not manager.shapes
     assert pool.get_num_free_blocks() == free_before
     survivors = ["share0", "share5"]
     jobs = [(tiny_llama, prompts[n] + list(outputs[n].outputs[0].token_ids), len(prefix), 40)

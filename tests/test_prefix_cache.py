@@ -166,7 +166,7 @@ def chat(sim, turns, user_tokens, gen_tokens, chunk=10**9, seed=0):
 def test_chat_turns_hit_the_processed_history_and_read_clean_keys():
 
     sim = Sim()
-    copies_before = sim.manager.shadow_copies_total
+    copies_before = sim.manager.cache.shadow_copies_total
     hits, lengths = chat(sim, turns=6, user_tokens=20, gen_tokens=30)
     assert hits[0] == 0
     for t in range(1, 6):
@@ -174,7 +174,7 @@ def test_chat_turns_hit_the_processed_history_and_read_clean_keys():
         assert hits[t] == processed // BLOCK * BLOCK, (t, hits)
     assert lengths[-1] > 5 * (SINK + WINDOW)
     # The decodes' shadows reached cached blocks: clean copies kept the cache exact.
-    assert sim.manager.shadow_copies_total > copies_before
+    assert sim.manager.cache.shadow_copies_total > copies_before
     sim.assert_pool_restored()
     assert len(sim.pool.cached_block_hash_to_block) > 0
 
@@ -202,7 +202,7 @@ def test_a_shared_shadowed_block_would_be_caught(monkeypatch):
     another request's shadows (or the cache holds shadowed blocks), and this model sees it."""
     from streamsink.prefix_cache import StreamingPrefixCache
 
-    monkeypatch.setattr(StreamingPrefixCache, "_protect_from_shadows",
+    monkeypatch.setattr(StreamingPrefixCache, "protect_from_shadows",
                         lambda self: self._scheduled.clear())
     sim = Sim()
     with pytest.raises(AssertionError, match="shadow"):
@@ -222,11 +222,11 @@ def test_concurrent_requests_never_share_a_block():
     sim.step(new=[a])
     for _ in range(20):
         sim.step()
-    copies_before = sim.manager.adopt_copies_total
+    copies_before = sim.manager.cache.adopt_copies_total
     b = sim.request("B", list(a.all_token_ids[:a.num_computed_tokens]) + [9, 9, 9], 60)
     sim.step(new=[b])
     assert sim.hits["B"] >= a.num_computed_tokens - 20 - BLOCK
-    assert sim.manager.adopt_copies_total > copies_before
+    assert sim.manager.cache.adopt_copies_total > copies_before
     while sim.running:
         sim.step()
     sim.assert_pool_restored()
@@ -240,10 +240,10 @@ def test_first_step_a_single_token_decode_on_adopted_blocks():
     prompt = [3 + i % 300 for i in range(200)]
     sim.run(sim.request("first", prompt, 1))
     nxt = prompt[:11 * BLOCK + 1]                 # len - 1 is a multiple of B
-    copies = sim.manager.shadow_copies_total
+    copies = sim.manager.cache.shadow_copies_total
     sim.run(sim.request("second", nxt, 20))
     assert sim.hits["second"] == len(nxt) - 1
-    assert sim.manager.shadow_copies_total > copies
+    assert sim.manager.cache.shadow_copies_total > copies
     sim.assert_pool_restored()
 
 
@@ -279,10 +279,10 @@ def test_no_free_block_for_a_copy_drops_the_hash():
             sim.pool.get_num_free_blocks = free_count
 
     sim.kv.take_kv_cache_block_copies = take_with_pool_exhausted
-    unhashed = sim.manager.unhashed_total
+    unhashed = sim.manager.cache.unhashed_total
     chat(sim, turns=2, user_tokens=20, gen_tokens=30, seed=1)
     sim.kv.take_kv_cache_block_copies = take
-    assert sim.manager.unhashed_total > unhashed
+    assert sim.manager.cache.unhashed_total > unhashed
     sim.assert_pool_restored()
 
 
