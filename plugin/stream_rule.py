@@ -4,7 +4,7 @@ Every module that needs a piece of this arithmetic asks here: the KV spec and th
 per-stream block bound), the KV policy (what to free), prefix caching (the shadow span it
 protects, what a cache hit carries), the worker rows (what a rebase keeps, the narrowest row),
 the step plan (when vLLM's kernel may take a request, the shadows it writes, the tiles'
-visibility) and what a response tells its client (stream_state.py: the tokens evicted). A leaf module that imports nothing, not even vLLM: the CLI sizes rows with it
+visibility) and what a response tells its client (client_state.py: the tokens evicted). A leaf module that imports nothing, not even vLLM: the CLI sizes rows with it
 before vLLM loads. tests/test_stream_rule.py checks it alone against the definition below.
 
 A stream's *shape*: S tokens every query sees (the engine's sinks, or the P tokens a request

@@ -54,6 +54,18 @@ VLLM_PATCHES = {
          "to_sampling_params")],
     "llm_chat_options": [("vllm.entrypoints.common.offline", "OfflineInferenceMixin",
                           "_add_chat_requests")],
+    "output_stream_state": [
+        ("vllm.v1.engine.output_processor", "OutputProcessor", "add_request"),
+        ("vllm.v1.engine.output_processor", "RequestState", "_new_request_output")],
+    "openai_usage": [
+        ("vllm.entrypoints.openai.chat_completion.serving", "OpenAIServingChat",
+         "chat_completion_full_generator"),
+        ("vllm.entrypoints.openai.chat_completion.serving", "OpenAIServingChat",
+         "chat_completion_stream_generator"),
+        ("vllm.entrypoints.openai.completion.serving", "OpenAIServingCompletion",
+         "request_output_to_completion_response"),
+        ("vllm.entrypoints.openai.completion.serving", "OpenAIServingCompletion",
+         "completion_stream_generator")],
     "scheduler_length_cap": [("vllm.v1.core.sched.scheduler", "Scheduler", "__init__")],
     "kv_cache_spec": [("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "get_kv_cache_spec")],
     "kv_request_shapes": [("vllm.v1.core.kv_cache_manager", "KVCacheManager",
