@@ -30,6 +30,7 @@ def register() -> None:
     from streamsink.patches import (
         check_version,
         default_chunk,
+        early_refusal,
         engine_config,
         hf_gpt_neox_rope,
         input_length,
@@ -56,7 +57,8 @@ def register() -> None:
     for patch in (rotary_embedding, hf_gpt_neox_rope, engine_config, default_chunk, input_length,
                   renderer_length, openai_prompt_length, openai_max_tokens,
                   openai_request_options, llm_chat_options, scheduler_length_cap, kv_cache_spec,
-                  kv_request_shapes, worker_batch_rows, output_stream_state, openai_usage):
+                  kv_request_shapes, worker_batch_rows, output_stream_state, openai_usage,
+                  early_refusal):
         patch.apply()
     # A child of vLLM's logger, so the line carries vLLM's process prefix (EngineCore, Worker).
     from vllm.logger import init_logger

@@ -2,7 +2,8 @@
 from its shape and token counts, the shape a request reports, how the API process carries it to
 vLLM's outputs (a real OutputProcessor fed engine-core outputs by hand), how the OpenAI
 handlers' usage gets it (full responses and streamed chunks, as vLLM serializes them, read back
-by OpenAI's client). tests/test_usage_served.py checks the same through a real server and vllm.LLM."""
+by OpenAI's client), and a refused request stopped when generate() is called, before a stream
+could begin. tests/test_usage_served.py checks the same through a real server and vllm.LLM."""
 import asyncio
 import json
 
@@ -258,3 +259,32 @@ def test_full_response_usage_gets_the_state():
     assert json.loads(response.model_dump_json())["usage"][USAGE_KEY] == \
         told(168, 0, 100, 40, True)
 
+
+def test_refusal_comes_when_generate_is_called():
+    """AsyncLLM.generate (wrapped) resolves a request's options when it is called, so a refusal
+    leaves the handler before any (streamed) response exists: vLLM answers it with HTTP 400
+    (a VLLMClientError). Accepted options give the generator, not yet started."""
+    from types import SimpleNamespace
+
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    engine = SimpleNamespace(input_processor=fake_processor(
+        {"sink_tokens": 4, "window_tokens": 60, "max_pinned_tokens": 128}))
+    prompt = {"type": "token", "prompt_token_ids": list(range(300))}
+    for options, message in (({"window_tokens": 61}, "exceeds the engine's window_tokens=60"),
+                             ({"pin_tokens": 129}, "max_pinned_tokens=128"),
+                             ({"pin": "system"}, "needs a chat request")):
+        params = SamplingParams(max_tokens=4, extra_args={"streamsink": options})
+        with pytest.raises(ValueError, match=message) as refused:
+            AsyncLLM.generate(engine, prompt, params, "r")
+        assert create_error_response(refused.value).error.code == 400
+    stock = SimpleNamespace(input_processor=fake_processor(None))
+    with pytest.raises(ValueError, match="need a streaming engine"):
+        AsyncLLM.generate(stock, prompt, SamplingParams(
+            max_tokens=4, extra_args={"streamsink": {"pin_tokens": 4}}), "r")
+    accepted = AsyncLLM.generate(engine, prompt, SamplingParams(
+        max_tokens=4, extra_args={"streamsink": {"pin_tokens": 100}}), "r")
+    assert hasattr(accepted, "__anext__")
+    asyncio.run(accepted.aclose())

@@ -66,6 +66,7 @@ VLLM_PATCHES = {
          "request_output_to_completion_response"),
         ("vllm.entrypoints.openai.completion.serving", "OpenAIServingCompletion",
          "completion_stream_generator")],
+    "early_refusal": [("vllm.v1.engine.async_llm", "AsyncLLM", "generate")],
     "scheduler_length_cap": [("vllm.v1.core.sched.scheduler", "Scheduler", "__init__")],
     "kv_cache_spec": [("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "get_kv_cache_spec")],
     "kv_request_shapes": [("vllm.v1.core.kv_cache_manager", "KVCacheManager",
