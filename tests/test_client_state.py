@@ -197,7 +197,7 @@ def test_streamed_usage_chunks_carry_the_state():
     """The completion stream handler, wrapped: every chunk with a usage (as vLLM serializes
     it) gets usage.streamsink as it stands; other chunks pass unchanged; OpenAI's client reads
     it as a usage extra."""
-    from openai.types import Completion, CompletionUsage
+    from openai.types import CompletionUsage
     from vllm.entrypoints.openai.completion.protocol import (
         CompletionResponseStreamChoice,
         CompletionStreamResponse,
