@@ -13,6 +13,9 @@ gets ``usage.streamsink``; in a streamed response, every chunk that carries a us
 one with ``stream_options.include_usage``; each one with ``continuous_usage_stats``) gets it,
 as it stands at that chunk: the chunk's JSON is read back and written again, since the handler
 has already serialized it. A stock engine's outputs carry no shape: its responses are untouched.
+The tally sits between the handler and the engine's generator, which the handler leaves open when
+its client goes away; the wrapper closes it then, so the request is aborted at once (not when the
+garbage collector finalizes the generators).
 Delete when: vLLM gives plugins a hook on the usage of a response (or carries per-request
 extras from the RequestOutput into UsageInfo).
 """
@@ -63,13 +66,19 @@ class StreamTally:
 
 
 async def _tallied(results, tally: StreamTally, indexed: bool):
-    """The handler's result generator, each output seen by the tally first."""
-    async for item in results:
-        if indexed:
-            tally.see(item[1], item[0])
-        else:
-            tally.see(item)
-        yield item
+    """The handler's result generator, each output seen by the tally first. Closed, it closes
+    the engine's generator at once (AsyncLLM.generate aborts an unfinished request)."""
+    try:
+        async for item in results:
+            if indexed:
+                tally.see(item[1], item[0])
+            else:
+                tally.see(item)
+            yield item
+    finally:
+        close = getattr(results, "aclose", None)
+        if close is not None:
+            await close()
 
 
 def _add_to(response, tally: StreamTally):
@@ -98,25 +107,34 @@ def add_to_chunk(chunk, tally: StreamTally):
     return f"{_DATA}{json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-async def _told(chunks, tally: StreamTally):
+async def _told(chunks, tally: StreamTally, source):
+    """The handler's chunks with the state added. Closed early (the client went away), it
+    closes the handler's stream and then the engine's generator (source, the tallied one),
+    which the handler leaves open: AsyncLLM.generate aborts the request when closed."""
     try:
         async for chunk in chunks:
             yield add_to_chunk(chunk, tally)
     finally:
-        await chunks.aclose()
+        try:
+            await chunks.aclose()
+        finally:
+            await source.aclose()
 
 
 async def _chat_full(original, self, request, result_generator, *args, **kwargs):
     tally = StreamTally(delta=False)
-    response = await original(self, request, _tallied(result_generator, tally, False),
-                              *args, **kwargs)
+    source = _tallied(result_generator, tally, False)
+    try:
+        response = await original(self, request, source, *args, **kwargs)
+    finally:
+        await source.aclose()
     return _add_to(response, tally)
 
 
 def _chat_stream(original, self, request, result_generator, *args, **kwargs):
     tally = StreamTally(delta=True)
-    return _told(original(self, request, _tallied(result_generator, tally, False),
-                          *args, **kwargs), tally)
+    source = _tallied(result_generator, tally, False)
+    return _told(original(self, request, source, *args, **kwargs), tally, source)
 
 
 def _completion_response(original, self, final_res_batch, *args, **kwargs):
@@ -130,8 +148,9 @@ def _completion_response(original, self, final_res_batch, *args, **kwargs):
 def _completion_stream(original, self, request, engine_inputs, result_generator, *args,
                        **kwargs):
     tally = StreamTally(delta=True)
-    return _told(original(self, request, engine_inputs,
-                          _tallied(result_generator, tally, True), *args, **kwargs), tally)
+    source = _tallied(result_generator, tally, True)
+    return _told(original(self, request, engine_inputs, source, *args, **kwargs), tally,
+                 source)
 
 
 def check_target() -> None:

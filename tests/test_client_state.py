@@ -288,3 +288,30 @@ def test_refusal_comes_when_generate_is_called():
         max_tokens=4, extra_args={"streamsink": {"pin_tokens": 100}}), "r")
     assert hasattr(accepted, "__anext__")
     asyncio.run(accepted.aclose())
+
+
+def test_a_closed_stream_closes_the_engine_generator():
+    """A client that goes away closes the handler's stream: the engine's generator behind the
+    tally is closed with it (AsyncLLM.generate aborts the request when closed)."""
+    from streamsink.patches import openai_usage
+
+    closed = []
+
+    async def engine():
+        try:
+            for n in range(100):
+                yield request_output(100, [1])
+        finally:
+            closed.append(True)
+
+    async def handler(self, request, result_generator, *args, **kwargs):
+        async for _ in result_generator:
+            yield "data: {}\n\n"
+
+    async def client_leaves():
+        stream = openai_usage._chat_stream(handler, None, None, engine())
+        await stream.__anext__()
+        await stream.aclose()
+        return list(closed)   # at once, not when the event loop finalizes what is left
+
+    assert asyncio.run(client_leaves()) == [True]
