@@ -11,8 +11,9 @@ length) before vLLM's own default applies, and, once the prompt is tokenized, to
 request's ``streamsink`` options (request_options.py) into the pinned count and window the
 engine reads: "pin": "system" counts the tokens the chat template renders for the leading system
 messages (their common prefix with the prompt). Options on a stock engine, or ones it cannot
-honour, raise a one-line ValueError (HTTP 400 over the OpenAI API). Stock engines take the
-original paths otherwise.
+honour, raise a one-line ValueError (HTTP 400 over the OpenAI API). A streaming engine's request
+also keeps the shape its client is told (client_state.py) on its params, in this process only.
+Stock engines take the original paths otherwise.
 Delete when: vLLM asks the KV cache spec (or a plugin hook) for the longest request it serves
 instead of using max_model_len.
 """
@@ -25,6 +26,7 @@ from vllm.v1.engine.input_processor import InputProcessor
 from streamsink.config import CONFIG_KEY, streaming_config
 from streamsink.patches._install import require, wrap
 from streamsink.request_options import SYSTEM_MESSAGES, RequestOptionError, resolve_options
+from streamsink.client_state import keep_shape, reported_shape
 
 
 def _is_streaming(processor) -> bool:
@@ -43,10 +45,19 @@ def _process_inputs(original, self, request_id, prompt, params, *args, **kwargs)
         params.max_tokens = self.model_config.max_model_len
     request = original(self, request_id, prompt, params, *args, **kwargs)
     sampling = request.sampling_params
-    if sampling is not None and sampling.extra_args and CONFIG_KEY in sampling.extra_args:
+    if sampling is None:
+        return request
+    raw = resolved = None
+    if sampling.extra_args and CONFIG_KEY in sampling.extra_args:
         # The request's own copy (process_inputs clones the params).
-        sampling.extra_args = {**sampling.extra_args, CONFIG_KEY: _resolved(
-            self, sampling.extra_args[CONFIG_KEY], request.prompt_token_ids or [])}
+        raw = sampling.extra_args[CONFIG_KEY]
+        resolved = resolved_options(self, raw, request.prompt_token_ids or [])
+        sampling.extra_args = {**sampling.extra_args, CONFIG_KEY: resolved}
+    cfg = streaming_config(self.vllm_config)
+    if cfg is not None:
+        # What its outputs tell the client (client_state.py; patches/output_client_state.py
+        # carries it to them). An attribute of this process's copy: never sent to the engine.
+        keep_shape(sampling, reported_shape(cfg, raw, resolved))
     return request
 
 
@@ -55,8 +66,10 @@ class RefusedRequestOptions(VLLMClientError, ValueError):
     with HTTP 400 (any other exception from here becomes a 500); vllm.LLM raises a ValueError."""
 
 
-def _resolved(processor, options, prompt_token_ids) -> dict:
-    """The pinned count and window of a request's options (request_options.resolve_options)."""
+def resolved_options(processor, options, prompt_token_ids) -> dict:
+    """The pinned count and window of a request's options (request_options.resolve_options);
+    RefusedRequestOptions if the engine cannot honour them. Also asked before a request is
+    added (patches/early_refusal.py), so that a streamed refusal is an HTTP 400 too."""
     system = None
     messages = options.get(SYSTEM_MESSAGES) if isinstance(options, dict) else None
     if messages and processor.tokenizer is not None:

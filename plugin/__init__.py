@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import os
 
+# streamsink.stream_state(output): the state of the stream behind a vLLM RequestOutput, as the
+# OpenAI server reports it in usage["streamsink"] (client_state.py; imports no vLLM).
+from streamsink.client_state import stream_state
+
+__all__ = ["register", "stream_state"]
 __version__ = "0.1.0"
 
 _registered_in_pid: int | None = None
@@ -25,6 +30,7 @@ def register() -> None:
     from streamsink.patches import (
         check_version,
         default_chunk,
+        early_refusal,
         engine_config,
         hf_gpt_neox_rope,
         input_length,
@@ -34,6 +40,8 @@ def register() -> None:
         openai_max_tokens,
         openai_prompt_length,
         openai_request_options,
+        openai_usage,
+        output_stream_state,
         renderer_length,
         rotary_embedding,
         scheduler_length_cap,
@@ -49,9 +57,11 @@ def register() -> None:
     for patch in (rotary_embedding, hf_gpt_neox_rope, engine_config, default_chunk, input_length,
                   renderer_length, openai_prompt_length, openai_max_tokens,
                   openai_request_options, llm_chat_options, scheduler_length_cap, kv_cache_spec,
-                  kv_request_shapes, worker_batch_rows):
+                  kv_request_shapes, worker_batch_rows, output_stream_state, openai_usage,
+                  early_refusal):
         patch.apply()
     # A child of vLLM's logger, so the line carries vLLM's process prefix (EngineCore, Worker).
     from vllm.logger import init_logger
 
     init_logger("vllm.plugins.streamsink").info("streamsink %s plugin loaded", __version__)
+

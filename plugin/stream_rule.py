@@ -2,9 +2,9 @@
 
 Every module that needs a piece of this arithmetic asks here: the KV spec and the KV budget (the
 per-stream block bound), the KV policy (what to free), prefix caching (the shadow span it
-protects, what a cache hit carries), the worker rows (what a rebase keeps, the narrowest row)
-and the step plan (when vLLM's kernel may take a request, the shadows it writes, the tiles'
-visibility). A leaf module that imports nothing, not even vLLM: the CLI sizes rows with it
+protects, what a cache hit carries), the worker rows (what a rebase keeps, the narrowest row),
+the step plan (when vLLM's kernel may take a request, the shadows it writes, the tiles'
+visibility) and what a response tells its client (client_state.py: the tokens evicted). A leaf module that imports nothing, not even vLLM: the CLI sizes rows with it
 before vLLM loads. tests/test_stream_rule.py checks it alone against the definition below.
 
 A stream's *shape*: S tokens every query sees (the engine's sinks, or the P tokens a request
@@ -113,6 +113,13 @@ def query_slot(shape: StreamShape, i):
     """Query i's in-cache slot n-1 = min(i, C-1) (an int, or elementwise a tensor)."""
     last = shape.cache_tokens - 1
     return i.clamp(max=last) if hasattr(i, "clamp") else min(i, last)
+
+
+def evicted_tokens(shape: StreamShape, stream_tokens: int) -> int:
+    """Tokens of a stream of `stream_tokens` tokens (prompt and generated) that a query at its
+    last token no longer sees: all but V(L-1), max(0, L - C). What the client is told (usage);
+    a prompt alone "outgrew the cache" when this is > 0 for the prompt's tokens."""
+    return max(0, stream_tokens - shape.cache_tokens)
 
 
 # -- what the scheduler keeps ------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Engines in one process keep their own settings: a streaming engine, a stock one and a second
 streaming one with other S and W, alive together, each sees only its own configuration (the
-config is read through its own VllmConfig; nothing is kept in module globals)."""
+config is read through its own VllmConfig; nothing is kept in module globals), and tells its
+clients its own stream state (streamsink.stream_state)."""
 import gc
 
 import pytest
@@ -84,3 +85,25 @@ def test_request_options_are_refused_by_a_stock_engine(engines):
     assert "\n" not in str(caught.value)
     (out,) = first.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
     assert len(out.outputs[0].token_ids) == 2
+
+
+def test_each_engine_tells_its_own_stream_state(engines):
+    """streamsink.stream_state of each engine's output reads that engine's S and W (the
+    stock engine's outputs carry none)."""
+    from vllm import SamplingParams
+
+    import streamsink
+
+    first, stock, second, prompt, _ = engines
+    params = SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False)
+    length = len(prompt) + 8
+    for llm, state in ((first, {"evicted_tokens": length - 128, "sink_tokens": 4,
+                                "pinned_tokens": 0, "window_tokens": 124,
+                                "prompt_outgrew_cache": True}),
+                       (stock, None),
+                       (second, {"evicted_tokens": length - 62, "sink_tokens": 2,
+                                 "pinned_tokens": 0, "window_tokens": 60,
+                                 "prompt_outgrew_cache": True})):
+        (out,) = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+        assert len(out.outputs[0].token_ids) == 8
+        assert streamsink.stream_state(out) == state

@@ -1,6 +1,7 @@
 """Per-request pinned prefixes and windows (request_options.py) in a real engine: a mixed batch
 of requests with different pins and windows streams exactly (against the reference with S = P,
-W = W_r), requests pinning the same prefix hold one copy of it, and bad options are refused."""
+W = W_r), requests pinning the same prefix hold one copy of it, bad options are refused, and
+each output tells its stream state (streamsink.stream_state)."""
 import gc
 
 import pytest
@@ -163,6 +164,29 @@ def test_sharers_hold_one_copy_and_an_abort_leaves_the_others(engine, tiny_llama
         assert worst < TOLERANCE, (name, worst)
 
 
+@pytest.mark.parametrize("options, want", [
+    (None, (SINK, 0, WINDOW)),
+    ({"pin_tokens": 40, "window_tokens": 20}, (0, 40, 20)),
+    ({"pin_tokens": 0, "window_tokens": 50}, (0, 0, 50)),
+    ({"window_tokens": 30}, (SINK, 0, 30)),     # a narrower window keeps the engine's sinks
+])
+def test_outputs_tell_their_stream_state(engine, options, want):
+    """streamsink.stream_state(output): what usage["streamsink"] says over HTTP; n = 2 streams
+    add up their evictions."""
+    import streamsink
+
+    sinks, pinned, window = want
+    prompt, new = 100, 6
+    (out,) = engine.generate([{"prompt_token_ids": random_tokens(prompt)}],
+                             params_for(options, max_tokens=new, ignore_eos=True, n=2),
+                             use_tqdm=False)
+    assert [len(c.token_ids) for c in out.outputs] == [new, new]
+    cache = sinks + pinned + window
+    assert streamsink.stream_state(out) == {
+        "evicted_tokens": 2 * max(0, prompt + new - cache), "sink_tokens": sinks,
+        "pinned_tokens": pinned, "window_tokens": window, "prompt_outgrew_cache": prompt > cache}
+
+
 @pytest.mark.parametrize("options, message", [
     ({"pin_tokens": MAX_PINNED + 1}, "max_pinned_tokens=300"),
     ({"window_tokens": WINDOW + 1}, "exceeds the engine's window_tokens=60"),
@@ -199,11 +223,13 @@ def test_system_pin_counts_the_rendered_system_messages():
 def test_chat_pins_exactly_the_system_prompt(tmp_path):
     """vllm.LLM.chat with "pin": "system": the request's pinned count is the tokens the chat
     template renders for the system message (here a prefix of every conversation's rendering),
-    and a request without options on the same engine keeps the engine's sinks."""
+    and a request without options on the same engine keeps the engine's sinks; its output tells
+    the same (streamsink.stream_state)."""
     from tiny_models import make_tiny_llama_with_tokenizer
     from transformers import AutoTokenizer
     from vllm import SamplingParams
 
+    import streamsink
     from streamsink.stream_rule import StreamShape
 
     model = make_tiny_llama_with_tokenizer(tmp_path / "llama")
@@ -223,11 +249,16 @@ def test_chat_pins_exactly_the_system_prompt(tmp_path):
                                StreamShape(len(system_ids), 30, writes_shadows=False)),
                               (None, None)):
             llm.enqueue_chat(messages, params_for(options, max_tokens=4), use_tqdm=False)
-            llm.llm_engine.step()
+            finished = [o for o in llm.llm_engine.step() if o.finished]
             (request_id,) = manager.req_to_blocks
             assert manager.shapes.get(request_id) == want
             while llm.llm_engine.has_unfinished_requests():
-                llm.llm_engine.step()
+                finished += [o for o in llm.llm_engine.step() if o.finished]
+            # The client is told the same: the system prompt pinned, or the engine's sinks.
+            (out,) = finished
+            told = streamsink.stream_state(out)
+            front = (told["pinned_tokens"], told["sink_tokens"], told["window_tokens"])
+            assert front == ((len(system_ids), 0, 30) if options else (0, SINK, WINDOW))
     finally:
         del llm
         gc.collect()

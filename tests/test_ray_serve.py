@@ -186,16 +186,22 @@ def test_bad_request_is_4xx_and_key_is_required(app):
 
 def test_pinned_system_prompt_through_ray(app):
     """A request's streamsink options reach the replicas' engines: a chat pinning its system
-    prompt past the window is answered, a pin over max_pinned_tokens is a 400."""
+    prompt past the window is answered, and its usage tells the pinned prefix through Ray; a pin
+    over max_pinned_tokens is a 400, streamed or not."""
     messages = [{"role": "system", "content": "You keep the lighthouse. " * 8},
                 {"role": "user", "content": long_prompt(400)}]
     reply = client(app).chat.completions.create(
         model=model_id(app), messages=messages, max_tokens=8,
         extra_body={"ignore_eos": True, "streamsink": {"pin": "system"}})
     assert reply.usage.prompt_tokens > SINK + WINDOW and reply.usage.completion_tokens == 8
-    body = json.dumps({"model": model_id(app), "prompt": long_prompt(400), "max_tokens": 2,
-                       "streamsink": {"pin_tokens": MAX_PINNED + 1}}).encode()
-    assert post(app, body, API_KEY) == 400
+    told = reply.usage.model_extra["streamsink"]
+    assert told["sink_tokens"] == 0 and 0 < told["pinned_tokens"] <= MAX_PINNED
+    assert told["window_tokens"] == WINDOW and told["prompt_outgrew_cache"]
+    for stream in (False, True):
+        body = json.dumps({"model": model_id(app), "prompt": long_prompt(400), "max_tokens": 2,
+                           "stream": stream,
+                           "streamsink": {"pin_tokens": MAX_PINNED + 1}}).encode()
+        assert post(app, body, API_KEY) == 400, stream
 
 
 def test_open_host_needs_an_api_key():

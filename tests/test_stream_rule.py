@@ -4,7 +4,8 @@ Over a dense grid — the engine's S sinks and W window, requests pinning P toke
 W_r <= W, block sizes B, step sizes Q — it checks that
 (a) the rule's spans are the definition's, written out literally below (docs/architecture.md
     §1): V(i) = {j <= i : j < S or j > i - W}, the keys of V(i) at in-cache slots 0..n-1 in
-    token order with n = min(i+1, C), the query at slot n-1, and a decode's shadow span;
+    token order with n = min(i+1, C), the query at slot n-1, a decode's shadow span, and the
+    tokens a stream of i+1 tokens has evicted (those outside V(i));
 (b) a stream's life, step by step (chunked prefill of Q tokens, then decodes) with blocks freed
     as the KV manager frees them (kv_policy.remove_skipped_blocks: every block past the front
     blocks below the first live one, newest first), holds at most max_blocks_held blocks at
@@ -103,6 +104,9 @@ def check_spans(shape: StreamShape) -> None:
         got = {j: slot - (j if rule.sink_outside_window(shape, i, j) else slot - (i - j))
                for j in visible}
         assert got == distances, (shape, i)
+        # What the client is told: a stream of i+1 tokens evicted those its last query does
+        # not see.
+        assert rule.evicted_tokens(shape, i + 1) == i + 1 - len(visible), (shape, i)
         check_shadow_span(shape, i)
 
 
@@ -406,6 +410,8 @@ MUTANTS = [
     _changed("cache_hit_window", lambda r, *a: r - 1),
     _changed("min_row_tokens", lambda r, *a: r - 1),
     _changed("row_tokens", lambda r, *a: r - 2),
+    _changed("evicted_tokens", lambda r, *a: r + 1),
+    _changed("evicted_tokens", lambda r, *a: max(0, r - 1)),
 ]
 
 

@@ -13,7 +13,7 @@ PACKAGES = {"plugin": "streamsink", "patches": "streamsink.patches",
 LAYERS = [
     # leaves: import nothing else of ours but other leaves
     {"errors", "config", "rope", "kv_spec", "kv_cache_layout", "model_store", "metrics",
-     "request_options", "stream_rule", "vllm_internals",
+     "request_options", "stream_rule", "vllm_internals", "client_state",
      "model_families", "weights", "quantize"},
     # the KV policy and the attention path
     {"prefix_cache", "kv_policy", "kv_budget", "step_plan", "shadow_op", "row_window",
