@@ -5,7 +5,8 @@ streamed answer), the engine core (scheduler, the KV manager, the loop) and the 
 model step: input preparation, the model's layers, attention, the output head, sampling). On a
 machine of few cores they share the cores. For each level this script starts the server as a
 user does, sets N streams decoding (a 1,008-token prompt each, well past nothing: the question
-here is the per-token path, not prefill), and while they decode, for a fixed window:
+here is the per-token path, not prefill), times the tokens over a window with nothing else
+running (the latency a user sees), and then, for a fixed window:
 
 - samples every process of the server with py-spy (a sampling profiler that reads the Python
   stacks from outside, without stopping the process) and sorts each sample into what it was
@@ -188,6 +189,29 @@ def served_model(base_url: str) -> str:
         return json.loads(r.read())["data"][0]["id"]
 
 
+def client_view(load: list[Stream], t0: float, window: float, counts: list[int]) -> dict:
+    """Tokens/s and inter-token latency of the streams between t0 and t0 + window."""
+    tokens = sum(len(s.arrivals) - c for s, c in zip(load, counts))
+    gaps = [b - a for s in load for a, b in zip(s.arrivals, s.arrivals[1:])
+            if a >= t0 and b <= t0 + window]
+    return {"window_s": window, "tokens": tokens, "tokens_per_s": tokens / window,
+            "itl_ms": {"p50": 1000 * statistics.median(gaps),
+                       "mean": 1000 * statistics.mean(gaps)} if gaps else None}
+
+
+def measure_quietly(load: list[Stream], procs: dict[str, int], seconds: float) -> dict:
+    """The client's view and each process's CPU per token over a window nobody samples."""
+    before = {kind: cpu_seconds(pid) for kind, pid in procs.items()}
+    counts = [len(s.arrivals) for s in load]
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    window = time.monotonic() - t0
+    view = client_view(load, t0, window, counts)
+    view["cpu_ms_per_token"] = {kind: 1000 * (cpu_seconds(pid) - before[kind])
+                                / max(view["tokens"], 1) for kind, pid in procs.items()}
+    return view
+
+
 def measure_level(args, checkpoint: str, streams: int, prompt: str, logs: str) -> dict:
     engine = peer_servers.streamsink_engine(checkpoint, streams=streams, sink=args.sink,
                                             window=args.window, chunk=args.chunk,
@@ -210,6 +234,9 @@ def measure_level(args, checkpoint: str, streams: int, prompt: str, logs: str) -
                 raise RuntimeError(f"a stream failed: {[s.error for s in load if s.error]}")
             time.sleep(0.2)
         time.sleep(args.settle)
+        # First a window without the profiler: py-spy's sampling takes CPU of a 2-core
+        # machine's own, so the latency a user sees is timed before it starts.
+        quiet = measure_quietly(load, procs, args.seconds / 2)
         before = {kind: (cpu_seconds(pid), threads(pid)) for kind, pid in procs.items()}
         counts = [len(s.arrivals) for s in load]
         t0 = time.monotonic()
@@ -226,14 +253,10 @@ def measure_level(args, checkpoint: str, streams: int, prompt: str, logs: str) -
                                    "rights over the server's processes")
         window = time.monotonic() - t0
         after = {kind: (cpu_seconds(pid), threads(pid)) for kind, pid in procs.items()}
-        tokens = sum(len(s.arrivals) - c for s, c in zip(load, counts))
-        gaps = [b - a for s in load for a, b in zip(s.arrivals, s.arrivals[1:])
-                if a >= t0 and b <= t0 + window]
-    result = {"streams": streams, "window_s": window, "tokens": tokens,
-              "tokens_per_s": tokens / window,
-              "itl_ms": {"p50": 1000 * statistics.median(gaps),
-                         "mean": 1000 * statistics.mean(gaps)} if gaps else None,
-              "engine": engine, "processes": {}}
+        profiled = client_view(load, t0, window, counts)
+    tokens = profiled["tokens"]
+    result = {"streams": streams, "unprofiled": quiet, **profiled, "engine": engine,
+              "processes": {}}
     for kind in procs:
         cpu = after[kind][0] - before[kind][0]
         samples, uncategorized = collections.Counter(), collections.Counter()
@@ -286,7 +309,7 @@ def main() -> None:
         raise SystemExit("py-spy not found (make setup installs it into .venv)")
     from transformers import AutoTokenizer
 
-    from streamsink.serving.engine_args import choose_model
+    from streamsink.serving.engine_args import choose_model, worker_threads_environment
 
     choice = choose_model(None, args.weights)
     args.dtype = choice.dtype
@@ -302,9 +325,10 @@ def main() -> None:
     path = common.save("token_time" + ("_quick" if args.quick else ""), {
         "weights": args.weights, "dtype": choice.dtype, "checkpoint": os.path.basename(choice.path),
         "sink_tokens": args.sink, "window_tokens": args.window,
-        "env": {k: os.environ.get(k) for k in ("VLLM_CPU_OMP_THREADS_BIND",
-                                               "VLLM_CPU_NUM_OF_RESERVED_CPU",
-                                               "OMP_NUM_THREADS")},
+        # The server's environment: this process's, with what streamsink's launcher adds.
+        "env": {k: {**os.environ, **worker_threads_environment()}.get(k)
+                for k in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU",
+                          "OMP_NUM_THREADS")},
         "categories": {kind: [c for c, _ in cats] + [OTHER] for kind, cats in CATEGORIES.items()},
         "method": "streamsink serve with N streams decoding; py-spy samples of each of its three "
                   "processes over a fixed window, sorted by stage; CPU time per process and "

@@ -14,20 +14,28 @@ def markdown(results: dict, doc: Doc) -> str:
         return no_result("token_time")
     d = result.data
     env = d.get("env") or {}
+    bind = env.get("VLLM_CPU_OMP_THREADS_BIND")
     parts = [f"`streamsink serve --weights {d['weights']}` ({d['checkpoint']}, {d['dtype']}), "
              f"{d['sink_tokens']}+{d['window_tokens']}; worker threads bound to "
-             f"{env.get('VLLM_CPU_OMP_THREADS_BIND') or 'vLLM default'} "
-             f"(VLLM_CPU_OMP_THREADS_BIND as the server saw it: streamsink's launcher sets it "
-             f"on small machines unless you do)."]
+             + (f"cores {bind}" if bind else "the cores the thread table shows") + "."]
+    unprofiled = all(level.get("unprofiled") for level in d["levels"])
     summary = []
     for level in d["levels"]:
-        itl = level.get("itl_ms") or {}
-        summary.append([str(level["streams"]), ms(itl.get("p50")), num(level["tokens_per_s"]),
+        quiet = level.get("unprofiled") or {}
+        itl, quiet_itl = level.get("itl_ms") or {}, quiet.get("itl_ms") or {}
+        summary.append([str(level["streams"]),
+                        *([ms(quiet_itl.get("p50")), num(quiet["tokens_per_s"])]
+                          if unprofiled else []),
+                        ms(itl.get("p50")), num(level["tokens_per_s"]),
                         *[f"{num(level['processes'][k]['cores_busy'], 2)} / "
                           f"{ms(level['processes'][k]['cpu_ms_per_token'])}"
                           if k in level["processes"] else "–" for k in KINDS]])
-    parts.append(table(["streams", "ITL p50 (ms)", "tokens/s",
-                        *[f"{k}: cores busy / CPU-ms per token" for k in KINDS]], summary))
+    sampled = " while sampled" if unprofiled else ""
+    parts.append(table(["streams",
+                        *(["ITL p50 (ms)", "tokens/s"] if unprofiled else []),
+                        f"ITL p50{sampled} (ms)", f"tokens/s{sampled}",
+                        *[f"{k}: cores busy / CPU-ms per token{sampled}" for k in KINDS]],
+                       summary))
     for level in d["levels"]:
         rows = []
         for kind in KINDS:
