@@ -55,7 +55,7 @@ def _process_inputs(original, self, request_id, prompt, params, *args, **kwargs)
         sampling.extra_args = {**sampling.extra_args, CONFIG_KEY: resolved}
     cfg = streaming_config(self.vllm_config)
     if cfg is not None:
-        # What its outputs tell the client (client_state.py; patches/output_client_state.py
+        # What its outputs tell the client (client_state.py; patches/output_stream_state.py
         # carries it to them). An attribute of this process's copy: never sent to the engine.
         keep_shape(sampling, reported_shape(cfg, raw, resolved))
     return request

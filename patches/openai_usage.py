@@ -8,7 +8,7 @@ each endpoint), from counts that stay in local variables; no hook adds to it.
 How: each of the four handler methods is wrapped. The RequestOutputs the handler reads pass
 through a tally that counts every stream's prompt and generated tokens (adding up the deltas of
 a streamed response, taking the last count of a full one) and picks up the request's shape
-(patches/output_client_state.py); a full response's UsageInfo (pydantic, extra="allow") then
+(patches/output_stream_state.py); a full response's UsageInfo (pydantic, extra="allow") then
 gets ``usage.streamsink``; in a streamed response, every chunk that carries a usage (the final
 one with ``stream_options.include_usage``; each one with ``continuous_usage_stats``) gets it,
 as it stands at that chunk: the chunk's JSON is read back and written again, since the handler
