@@ -61,6 +61,27 @@ def _dequantized_dir(out_dir: str) -> str:
     return out_dir.rstrip("/") + "-dequantized"
 
 
+def _write_4bit(dense_dir: str, out_dir: str, qconfig: dict, quantize_linear) -> tuple[str, str]:
+    """A checkpoint whose linear layers quantize_linear(w) turns into (tensors by suffix, the
+    weight they stand for), the rest kept dense; and its dequantized copy."""
+    tensors, config = _linear_weights(dense_dir)
+    out, dequantized = {}, dict(tensors)
+    for name, w in tensors.items():
+        if not _is_quantized_linear(name, w):
+            out[name] = w
+            continue
+        prefix = name[:-len(".weight")]
+        parts, dequantized[name] = quantize_linear(w)
+        out.update({f"{prefix}.{suffix}": t for suffix, t in parts.items()})
+    return (_save(out_dir, out, config, qconfig, dense_dir),
+            _save(_dequantized_dir(out_dir), dequantized, config, None, dense_dir))
+
+
+def _dequantize(q: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    """[K, N] integers (zero point already taken off) times [K/group, N] scales."""
+    return q.float() * scales.float().repeat_interleave(group, dim=0)
+
+
 def write_gptq(dense_dir: str, out_dir: str, group: int = GROUP) -> tuple[str, str]:
     """GPTQ 4-bit, symmetric (the only GPTQ type vLLM's CPU kernel takes), desc_act off."""
     from vllm.model_executor.layers.quantization.utils.quant_utils import (
@@ -70,32 +91,20 @@ def write_gptq(dense_dir: str, out_dir: str, group: int = GROUP) -> tuple[str, s
     )
     from vllm.scalar_type import scalar_types
 
-    tensors, config = _linear_weights(dense_dir)
-    out, dequantized = {}, dict(tensors)
-    for name, w in tensors.items():
-        if not _is_quantized_linear(name, w):
-            out[name] = w
-            continue
-        prefix = name[:-len(".weight")]
+    def quantize_linear(w):
         k, n = w.shape[1], w.shape[0]
         _, q, scales, _ = quantize_weights(w.t().float(), scalar_types.uint4b8, group)
         scales = scales.to(torch.float16)
-        out[f"{prefix}.qweight"] = gptq_pack(q, 4, k, n)
-        out[f"{prefix}.scales"] = scales
-        dequantized[name] = _dequantize(q - 8, scales, group).t()
         # Symmetric: the zero point is the type's bias (8), stored minus one (GPTQ v1 format).
         zeros = torch.full((k // group, n), 7, dtype=torch.int32)
-        out[f"{prefix}.qzeros"] = pack_cols(zeros, 4, k // group, n)
-        out[f"{prefix}.g_idx"] = torch.arange(k, dtype=torch.int32) // group
-    qconfig = {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False,
-               "sym": True}
-    return (_save(out_dir, out, config, qconfig, dense_dir),
-            _save(_dequantized_dir(out_dir), dequantized, config, None, dense_dir))
+        return ({"qweight": gptq_pack(q, 4, k, n), "scales": scales,
+                 "qzeros": pack_cols(zeros, 4, k // group, n),
+                 "g_idx": torch.arange(k, dtype=torch.int32) // group},
+                _dequantize(q - 8, scales, group).t())
 
-
-def _dequantize(q: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
-    """[K, N] integers (zero point already taken off) times [K/group, N] scales."""
-    return q.float() * scales.float().repeat_interleave(group, dim=0)
+    return _write_4bit(dense_dir, out_dir, {"quant_method": "gptq", "bits": 4,
+                                            "group_size": group, "desc_act": False,
+                                            "sym": True}, quantize_linear)
 
 
 def write_awq(dense_dir: str, out_dir: str, group: int = GROUP) -> tuple[str, str]:
@@ -106,26 +115,18 @@ def write_awq(dense_dir: str, out_dir: str, group: int = GROUP) -> tuple[str, st
     )
     from vllm.scalar_type import scalar_types
 
-    tensors, config = _linear_weights(dense_dir)
-    out, dequantized = {}, dict(tensors)
-    for name, w in tensors.items():
-        if not _is_quantized_linear(name, w):
-            out[name] = w
-            continue
-        prefix = name[:-len(".weight")]
+    def quantize_linear(w):
         k, n = w.shape[1], w.shape[0]
         _, q, scales, zeros = quantize_weights(w.t().float(), scalar_types.uint4, group,
                                                zero_points=True)
         scales = scales.to(torch.float16)
-        out[f"{prefix}.qweight"] = awq_pack(q, 4, k, n)
-        out[f"{prefix}.qzeros"] = awq_pack(zeros, 4, k // group, n)
-        out[f"{prefix}.scales"] = scales
-        dequantized[name] = _dequantize(q - zeros.repeat_interleave(group, dim=0), scales,
-                                        group).t()
-    qconfig = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True,
-               "version": "gemm"}
-    return (_save(out_dir, out, config, qconfig, dense_dir),
-            _save(_dequantized_dir(out_dir), dequantized, config, None, dense_dir))
+        return ({"qweight": awq_pack(q, 4, k, n), "qzeros": awq_pack(zeros, 4, k // group, n),
+                 "scales": scales},
+                _dequantize(q - zeros.repeat_interleave(group, dim=0), scales, group).t())
+
+    return _write_4bit(dense_dir, out_dir, {"quant_method": "awq", "bits": 4,
+                                            "group_size": group, "zero_point": True,
+                                            "version": "gemm"}, quantize_linear)
 
 
 def write_compressed_tensors(dense_dir: str, out_dir: str, recipe: str) -> tuple[str, str]:
