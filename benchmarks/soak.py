@@ -149,6 +149,7 @@ class Load:
         self.texts = texts            # kind -> [(text, tokens)]
         self.rng = random.Random(args.seed)
         self.records: list[tuple[str, object]] = []   # (kind, RequestRecord)
+        self.in_flight: set[int] = set()   # their indexes while sent (outcome not final yet)
         self.t0 = 0.0                 # the load's start (perf_counter)
         self.start_unix = 0.0         # the same moment on the clock Prometheus keeps
         self.deadline = 0.0           # no request starts after it (perf_counter)
@@ -169,7 +170,11 @@ class Load:
         self.records.append((kind, rec))
         payload = {"model": self.model, "max_tokens": max_tokens, "ignore_eos": True,
                    "stream": True, "stream_options": {"include_usage": True}, **payload}
-        await stream_request(session, self.api_url + path, payload, rec, self.t0, text)
+        self.in_flight.add(rec.index)
+        try:
+            await stream_request(session, self.api_url + path, payload, rec, self.t0, text)
+        finally:
+            self.in_flight.discard(rec.index)
         return rec
 
     async def chat_client(self, session, pinned: bool) -> None:
@@ -215,6 +220,7 @@ class Load:
             self.records.append((f"bad:{kind}", rec))
             path, body = self.bad_request(kind)
             rec.start = time.perf_counter() - self.t0
+            self.in_flight.add(rec.index)
             try:
                 async with session.post(self.api_url + path, data=body,
                                         headers={"Content-Type": "application/json"}) as resp:
@@ -222,6 +228,8 @@ class Load:
                     rec.error = (await resp.text())[:200]
             except Exception as exc:  # a refused connection is a failure of the server
                 rec.error = f"{type(exc).__name__}: {exc}"[:200]
+            finally:
+                self.in_flight.discard(rec.index)
             rec.outcome = "refused" if rec.status is not None and 400 <= rec.status < 500 \
                 else "error"
 
@@ -558,7 +566,7 @@ async def _progress(load: Load, prom, rss: RssSampler, every: float) -> None:
     while True:
         await asyncio.sleep(every)
         elapsed = time.perf_counter() - load.t0
-        counts = outcomes(load.records)
+        counts = outcomes([(k, r) for k, r in load.records if r.index not in load.in_flight])
         done = {k: sum(row.get(k, 0) for row in counts.values())
                 for k in ("requests", "ok", "aborted_planned", "error", "refused")}
         try:  # in a thread: the event loop keeps reading the streams meanwhile
