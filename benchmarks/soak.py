@@ -433,15 +433,11 @@ def main(argv=None) -> int:
     try:
         validate(args)
         setup = prepare(args)
-    except Exception as exc:  # a refusal (ours, or ours inside vLLM's): one line, exit 2
-        if isinstance(exc, UsageError):
-            reason = " ".join(str(exc).split())
-        elif find_config_error(exc) is not None:
-            reason = one_line(exc)
-        else:
-            raise
-        print(f"soak: error: {reason}", file=sys.stderr)
-        return 2
+    except Exception as exc:  # one line: exit 2 for a refusal (ours, or ours inside vLLM's)
+        usage = isinstance(exc, UsageError)
+        print(f"soak: error: {' '.join(str(exc).split()) if usage else one_line(exc)}",
+              file=sys.stderr)
+        return 2 if usage or find_config_error(exc) is not None else 1
     # A server or Prometheus that failed is one line (exit 1); whatever the soak started is
     # stopped however it ends.
     return processes.run_launcher(lambda: run(args, *setup), "soak", (Exception,))
