@@ -1,7 +1,7 @@
 # The two commands a fresh clone needs: `make demo` and `make test` (each sets up first).
 PY := .venv/bin/python
 
-.PHONY: setup demo test bench bench-peers docs clean
+.PHONY: setup demo test bench bench-peers soak docs clean
 
 setup:
 	@bash scripts/setup.sh
@@ -42,6 +42,11 @@ docs: setup
 # shown by `make docs`, which renders the latest full run into docs/peer_llamacpp.md).
 bench-peers: setup
 	nice -n 10 $(PY) benchmarks/peer_llamacpp.py $(BENCH_ARGS)
+
+# Hours of mixed load on one server with Prometheus watching, then the leak and slowdown checks
+# (docs/soak.md). Not part of `bench` or `test`; SOAK_ARGS pass through (e.g. --duration).
+soak: setup
+	$(PY) benchmarks/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf .venv

@@ -31,7 +31,8 @@ LINKS = {"README.md": Doc(base="", img="docs/img/"),
          "docs/peer_llamacpp.md": Doc(base="../", img="img/"),
          "docs/pinned_prompt.md": Doc(base="../", img="img/"),
          "docs/weights.md": Doc(base="../", img="img/"),
-         "docs/token_time.md": Doc(base="../", img="img/")}
+         "docs/token_time.md": Doc(base="../", img="img/"),
+         "docs/soak.md": Doc(base="../", img="img/")}
 BLOCK = re.compile(r"<!-- generated:(?P<name>[\w-]+) -->(?P<body>.*?)"
                    r"<!-- /generated:(?P=name) -->", re.S)
 

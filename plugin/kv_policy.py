@@ -211,9 +211,19 @@ class StreamingSinkManager(SlidingWindowManager):
         self._freed.pop(request_id, None)
         self.cache.release(request_id)
         self.shapes.pop(request_id, None)
-        blocks = super().pop_blocks_for_free(request_id)
+        return super().pop_blocks_for_free(request_id)
+
+    def free(self, request_id: str) -> None:
+        # Publish once vLLM has returned the blocks to the pool, not from pop_blocks_for_free:
+        # there the blocks are still out of the pool, so pool_used_blocks kept the last
+        # request's blocks on an idle server. Reading the pool after its own free_blocks is
+        # exact whatever the ref counts (shared pinned blocks, copies still retained, the null
+        # block); computing "used minus what is about to be freed" would re-implement them.
+        # vLLM's other caller of pop_blocks_for_free, the scheduler's deferred free, needs more
+        # than one batch in flight, which a streaming engine never has (the CPU platform forces
+        # synchronous scheduling; pipeline parallelism is refused, engine_setup.py).
+        super().free(request_id)
         self.publish(force=True)
-        return blocks
 
     # -- numbers ----------------------------------------------------------------------------
     def held_blocks(self, request_id: str) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import signal
+import sys
 import threading
 import time
 
@@ -111,3 +112,21 @@ def raise_on_signal() -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, handler)
+
+
+def run_launcher(work, name: str, failures: tuple = ()) -> int:
+    """Run a launcher's work() (which starts servers and the like): orphans of what it starts
+    come back to this process, SIGINT/SIGTERM unwind it (exit 0), an exception of `failures` is
+    one line on stderr (exit 1), and whatever it started is stopped however it ends."""
+    become_subreaper()
+    raise_on_signal()
+    try:
+        return work()
+    except Interrupted:
+        print(f"{name}: stopped", file=sys.stderr)
+        return 0
+    except failures as exc:
+        print(f"{name}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    finally:
+        stop_descendants(grace_s=5)

@@ -316,3 +316,33 @@ def test_blocks_to_allocate_counts_what_an_admission_takes():
         sim.kv.free(sim.request(rid, [1], 1))
     sim.manager.get_num_blocks_to_allocate = original
     assert sim.pool.get_num_free_blocks() == sim.pool.num_gpu_blocks - 1
+
+
+def test_gauges_read_the_pool_after_the_last_request_is_freed(monkeypatch, tmp_path):
+    """What a user watches on an idle server: once the last request is freed the published
+    pool_used_blocks is what the pool holds (0 blocks), not the count from before vLLM returned
+    that request's blocks. Freed through vLLM's own KVCacheManager.free, as the scheduler does
+    at finish, abort and preemption."""
+    from streamsink import metrics
+
+    monkeypatch.setenv(metrics.ENV_DIR, str(tmp_path))   # this Sim's snapshot alone
+    sim = Sim()
+
+    def pool_used():
+        return sim.pool.num_gpu_blocks - 1 - sim.pool.get_num_free_blocks()
+
+    hits, _ = chat(sim, turns=3, user_tokens=20, gen_tokens=30)   # finishes, with cache hits
+    assert hits[-1] > 0
+    totals = metrics.read_totals(str(tmp_path))
+    assert totals["held_blocks"] == totals["streams"] == 0
+    assert totals["pool_used_blocks"] == pool_used() == 0
+    # A running request: the gauges follow it, then its abort (the same free) empties them.
+    req = sim.request("aborted", [3 + i % 400 for i in range(100)], 50)
+    sim.step(new=[req])
+    sim.manager.publish(force=True)
+    assert metrics.read_totals(str(tmp_path))["pool_used_blocks"] == pool_used() > 0
+    sim.kv.free(sim.running.pop("aborted"))
+    totals = metrics.read_totals(str(tmp_path))
+    assert totals["held_blocks"] == totals["streams"] == 0
+    assert totals["pool_used_blocks"] == pool_used() == 0
+    sim.assert_pool_restored()

@@ -55,33 +55,33 @@ LLAMACPP_NAMES = {
 }
 
 
-def _sel(name: str, job: str) -> str:
+def selector(name: str, job: str) -> str:
     regex = f"(ray_)?vllm[:_]{name}"
     if name in LLAMACPP_NAMES:
         regex += f"|llamacpp:{LLAMACPP_NAMES[name]}"
     return _NAME.format(regex=regex, job=job)
 
 
-def _sink_sel(name: str, job: str) -> str:
+def sink_selector(name: str, job: str) -> str:
     return _NAME.format(regex=f"(ray_)?(vllm[:_])?streamsink_{name}", job=job)
 
 
 def _quantile(q: float, name: str, job: str) -> str:
     return (f"1000 * histogram_quantile({q}, sum by (le) "
-            f"(rate({_sel(name + '_bucket', job)}[{RATE_WINDOW}])))")
+            f"(rate({selector(name + '_bucket', job)}[{RATE_WINDOW}])))")
 
 
 SERIES = [  # (key, panel title, PromQL for a job)
-    ("running", "requests running", lambda j: f"sum({_sel('num_requests_running', j)})"),
-    ("waiting", "requests waiting", lambda j: f"sum({_sel('num_requests_waiting', j)})"),
+    ("running", "requests running", lambda j: f"sum({selector('num_requests_running', j)})"),
+    ("waiting", "requests waiting", lambda j: f"sum({selector('num_requests_waiting', j)})"),
     ("kv_usage_pct", "KV cache usage (%)",
-     lambda j: f"100 * max({_sel('kv_cache_usage_perc', j)})"),
+     lambda j: f"100 * max({selector('kv_cache_usage_perc', j)})"),
     ("held_blocks", "streamsink: KV blocks held by streams",
-     lambda j: f"sum({_sink_sel('held_blocks', j)})"),
+     lambda j: f"sum({sink_selector('held_blocks', j)})"),
     ("freed_blocks_per_s", "streamsink: blocks freed per second",
-     lambda j: f"sum(rate({_sink_sel('freed_blocks(_total)?', j)}[{RATE_WINDOW}]))"),
+     lambda j: f"sum(rate({sink_selector('freed_blocks(_total)?', j)}[{RATE_WINDOW}]))"),
     ("gen_tokens_per_s", "generated tokens per second",
-     lambda j: f"sum(rate({_sel('generation_tokens(_total)?', j)}[{RATE_WINDOW}]))"),
+     lambda j: f"sum(rate({selector('generation_tokens(_total)?', j)}[{RATE_WINDOW}]))"),
     ("itl_p50_ms", "inter-token latency p50 (ms)",
      lambda j: _quantile(0.5, "inter_token_latency_seconds", j)),
     ("itl_p99_ms", "inter-token latency p99 (ms)",
@@ -131,23 +131,12 @@ def run(args) -> int:
     _validate(args)
     if find_prometheus() is None:
         raise InputError(HOW_TO_GET)
-    # Servers are started in their own sessions; a server's orphans come back to us.
-    processes.become_subreaper()
-    # SIGINT/SIGTERM unwind through the finally blocks that stop what we started; exit 0.
-    processes.raise_on_signal()
-    try:
-        return _run(args)
-    except processes.Interrupted:
-        print("streamsink loadtest: stopped", file=sys.stderr)
-        return 0
-    except _Failure as exc:
-        print(f"streamsink loadtest: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        processes.stop_descendants(grace_s=5)
+    # Servers are started in their own sessions; a server's orphans come back to us, and
+    # SIGINT/SIGTERM unwind through the finally blocks that stop what we started (exit 0).
+    return processes.run_launcher(lambda: _run(args), "streamsink loadtest", (Failure,))
 
 
-class _Failure(Exception):
+class Failure(Exception):
     """A server or Prometheus failed (one line, exit 1)."""
 
 
@@ -211,12 +200,12 @@ def _one_run(name: str, args, engine, concurrency, slos, logs, prompts, processe
                                 log_path=os.path.join(logs, f"prometheus-{name}.log")).start()
         processes.append({"what": f"{name} prometheus", "pid": prom.proc.pid, "group": False})
         if not prom.wait_scraped(name, timeout_s=30):
-            raise _Failure(f"Prometheus cannot scrape {metrics_url} (is it the server's metrics "
-                           "endpoint?)")
-        model_id, tokenizer = _served_model(api_url)
+            raise Failure(f"Prometheus cannot scrape {metrics_url} (is it the server's metrics "
+                          "endpoint?)")
+        model_id, tokenizer = served_model(api_url)
         if prompts is None:  # --target without --model: the served model's own tokenizer
             prompts = _prompts(args, tokenizer)
-        _warm_up(api_url, model_id)
+        warm_up(api_url, model_id)
         time.sleep(2 * args.scrape_interval)  # an idle baseline on the dashboard
 
         spec = load_client.LoadSpec(
@@ -231,7 +220,7 @@ def _one_run(name: str, args, engine, concurrency, slos, logs, prompts, processe
               flush=True)
         result = load_client.run_load(spec)
         client = load_client.summarize(result, slos)
-        drained_at, held_after, drained = _wait_drained(prom, name, args.scrape_interval)
+        drained_at, held_after, drained = wait_drained(prom, name, args.scrape_interval)
         series = {}
         start, end = result.start_unix - 3, drained_at + 2
         for key, _title, expr in SERIES:
@@ -244,7 +233,7 @@ def _one_run(name: str, args, engine, concurrency, slos, logs, prompts, processe
                  "promql": {key: expr(name) for key, _t, expr in SERIES},
                  "series": series}, prompts)
     except (ServerError, PrometheusError) as exc:
-        raise _Failure(str(exc)) from None
+        raise Failure(str(exc)) from None
     finally:
         if prom is not None:
             prom.stop()
@@ -264,7 +253,7 @@ def _prompts(args, tokenizer: str) -> list:
                                     args.seed)
 
 
-def _served_model(api_url: str) -> tuple[str, str]:
+def served_model(api_url: str) -> tuple[str, str]:
     """(the name requests use, where its tokenizer is: vLLM's "root", the checkpoint it
     loaded, when that is a directory here; else the name, a hub id)."""
     import urllib.request
@@ -273,12 +262,12 @@ def _served_model(api_url: str) -> tuple[str, str]:
         with urllib.request.urlopen(api_url + "/models", timeout=30) as r:
             card = json.loads(r.read())["data"][0]
     except (OSError, ValueError, KeyError, IndexError) as exc:
-        raise _Failure(f"cannot list models at {api_url}/models: {exc}") from None
+        raise Failure(f"cannot list models at {api_url}/models: {exc}") from None
     root = card.get("root") or card["id"]
     return card["id"], root if os.path.isdir(root) else card["id"]
 
 
-def _warm_up(api_url: str, model_id: str) -> None:
+def warm_up(api_url: str, model_id: str) -> None:
     """One tiny request before the load (not counted), as `vllm bench serve` does."""
     import urllib.request
 
@@ -289,10 +278,10 @@ def _warm_up(api_url: str, model_id: str) -> None:
         with urllib.request.urlopen(req, timeout=600) as r:
             r.read()
     except OSError as exc:
-        raise _Failure(f"warm-up request to {api_url} failed: {exc}") from None
+        raise Failure(f"warm-up request to {api_url} failed: {exc}") from None
 
 
-def _wait_drained(prom, job: str, interval: float, timeout_s: float = 90.0):
+def wait_drained(prom, job: str, interval: float, timeout_s: float = 90.0):
     """Wait until Prometheus sees no running/waiting request and no held streaming block on two
     scrapes in a row. Returns (time, held blocks then or None when the server has no such
     metric, drained?)."""
@@ -301,9 +290,9 @@ def _wait_drained(prom, job: str, interval: float, timeout_s: float = 90.0):
     quiet = 0
     held = None
     while True:
-        busy = (prom.query(f"sum({_sel('num_requests_running', job)})") or 0) + \
-               (prom.query(f"sum({_sel('num_requests_waiting', job)})") or 0)
-        held = prom.query(f"sum({_sink_sel('held_blocks', job)})")
+        busy = (prom.query(f"sum({selector('num_requests_running', job)})") or 0) + \
+               (prom.query(f"sum({selector('num_requests_waiting', job)})") or 0)
+        held = prom.query(f"sum({sink_selector('held_blocks', job)})")
         quiet = quiet + 1 if busy == 0 and not held else 0
         if quiet >= 2:
             return time.time(), (None if held is None else int(held)), True
@@ -354,10 +343,12 @@ def _finish(report: dict, out: str, plan: list[str]) -> int:
     return report["exit_code"]
 
 
-def check_streaming_server(engine: EngineArgs, sink: int, window: int) -> int:
+def check_streaming_server(engine: EngineArgs, sink: int, window: int,
+                           max_pinned: int = 0) -> int:
     """Build the streaming server's engine config here (a refusal is one line, exit 2) and
     return its KV budget in bytes."""
-    config, _ = check_server_argv(server_argv(engine.model, sink, window, engine.argv()))
+    config, _ = check_server_argv(server_argv(engine.model, sink, window, engine.argv(),
+                                              max_pinned))
     return config.cache_config.kv_cache_memory_bytes
 
 

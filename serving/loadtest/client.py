@@ -1,4 +1,5 @@
-"""The load of `streamsink loadtest`: streamed OpenAI completions against one server.
+"""The load of `streamsink loadtest`: streamed OpenAI completions against one server
+(stream_request, one streamed completion or chat completion, serves benchmarks/soak.py too).
 
 vLLM's serving benchmark (`vllm.benchmarks.serve`) provides the pieces we use as they are: the
 random dataset (prompts of an exact token length), the Poisson arrival schedule (`get_request`),
@@ -57,6 +58,7 @@ class RequestRecord:
     abort_reason: str = ""            # planned | deadline
     status: int | None = None         # HTTP status
     error: str = ""
+    usage: dict | None = None         # the stream's usage chunk (stream_options.include_usage)
 
 
 @dataclass
@@ -86,12 +88,14 @@ def run_load(spec: LoadSpec) -> LoadResult:
     """Run the load to completion (bounded by spec.requests, spec.duration_s and
     spec.drain_timeout_s) and return one record per started request. SIGINT/SIGTERM cancel it
     and raise processes.Interrupted."""
-    return asyncio.run(_run_until_stopped(spec))
+    return asyncio.run(until_stopped(_run(spec)))
 
 
-async def _run_until_stopped(spec: LoadSpec) -> LoadResult:
-    # A signal handler that raises (processes.raise_on_signal) would land inside the event
-    # loop's own callbacks, which swallow it; the loop's handlers cancel the load instead.
+async def until_stopped(work):
+    """Await `work` (a coroutine) so that SIGINT/SIGTERM cancel it and raise
+    processes.Interrupted: a signal handler that raises (processes.raise_on_signal) would land
+    inside the event loop's own callbacks, which swallow it; the loop's handlers cancel the
+    load instead."""
     loop = asyncio.get_running_loop()
     load = asyncio.current_task()
     stopped: list[str] = []
@@ -104,7 +108,7 @@ async def _run_until_stopped(spec: LoadSpec) -> LoadResult:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop, sig)
     try:
-        return await _run(spec)
+        return await work
     except asyncio.CancelledError:
         if stopped:
             raise processes.Interrupted(stopped[0]) from None
@@ -197,15 +201,25 @@ async def _wait_with_deadline(clients: list[asyncio.Task], tasks: set[asyncio.Ta
 
 async def _one_request(session, spec: LoadSpec, prompt: str, rec: RequestRecord,
                        t0: float) -> None:
-    from vllm.benchmarks.lib.endpoint_request_func import StreamedResponseHandler
-
     payload = {"model": spec.model, "prompt": prompt, "max_tokens": spec.output_tokens,
                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    await stream_request(session, spec.api_url.rstrip("/") + "/completions", payload, rec, t0)
+
+
+async def stream_request(session, url: str, payload: dict, rec: RequestRecord, t0: float,
+                         text: list[str] | None = None) -> None:
+    """POST one streamed completion (/completions) or chat completion (/chat/completions) and
+    record it in `rec` (outcome, timings, tokens, usage); hang up after rec.abort_after tokens.
+    `text`, when given, receives the streamed text piece by piece (a chat's next turn needs
+    it). Never raises: a cancellation (the drain deadline) is recorded as an abort."""
+    from vllm.benchmarks.lib.endpoint_request_func import StreamedResponseHandler
+
+    chat = url.endswith("/chat/completions")
     st = time.perf_counter()
     rec.start = st - t0
     last = st
     try:
-        async with session.post(spec.api_url.rstrip("/") + "/completions", json=payload) as resp:
+        async with session.post(url, json=payload) as resp:
             rec.status = resp.status
             if resp.status != 200:
                 rec.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
@@ -225,7 +239,8 @@ async def _one_request(session, spec: LoadSpec, prompt: str, rec: RequestRecord,
                     if body.get("error"):
                         rec.error = str(body["error"])[:200]
                         continue
-                    if body.get("choices"):
+                    piece = _token_text(body, chat)
+                    if piece is not None:
                         now = time.perf_counter()
                         if rec.ttft is None:
                             rec.ttft = now - st
@@ -233,6 +248,8 @@ async def _one_request(session, spec: LoadSpec, prompt: str, rec: RequestRecord,
                             rec.itl.append(now - last)
                         last = now
                         rec.tokens += 1
+                        if text is not None:
+                            text.append(piece)
                         if rec.abort_after is not None and rec.tokens >= rec.abort_after:
                             # Hang up at the planned token: close the connection (not back to
                             # the pool), the way a client that goes away does; the server must
@@ -242,7 +259,8 @@ async def _one_request(session, spec: LoadSpec, prompt: str, rec: RequestRecord,
                             rec.outcome, rec.abort_reason = "aborted", "planned"
                             rec.latency = time.perf_counter() - st
                             return
-                    elif body.get("usage"):
+                    if body.get("usage"):
+                        rec.usage = body["usage"]
                         rec.tokens = max(rec.tokens, body["usage"].get("completion_tokens") or 0)
             rec.latency = last - st
             if done and rec.ttft is not None and not rec.error:
@@ -255,6 +273,20 @@ async def _one_request(session, spec: LoadSpec, prompt: str, rec: RequestRecord,
     except Exception as exc:  # connection refused/reset, bad JSON: an error, not a crash
         rec.error = f"{type(exc).__name__}: {exc}"[:200]
         rec.latency = time.perf_counter() - st
+
+
+def _token_text(body: dict, chat: bool) -> str | None:
+    """The text of a streamed chunk that carries a token (one chunk a token), else None. A
+    chat stream opens with a chunk that only names the role, which carries none."""
+    choices = body.get("choices")
+    if not choices:
+        return None
+    if not chat:
+        return choices[0].get("text") or ""
+    delta = choices[0].get("delta") or {}
+    if "role" in delta or delta.get("content") is None:
+        return None
+    return delta["content"]
 
 
 def summarize(result: LoadResult, slos_ms: dict[str, float],

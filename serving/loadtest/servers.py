@@ -57,7 +57,7 @@ class ServerProcess:
     process group, so stop() reaches all of them)."""
 
     def __init__(self, kind: str, engine: EngineArgs, log_path: str, sink: int = 4,
-                 window: int = 1020, replicas: int = 1) -> None:
+                 window: int = 1020, replicas: int = 1, max_pinned: int = 0) -> None:
         self.kind = kind
         self.log_path = log_path
         self.port = free_port()
@@ -74,6 +74,8 @@ class ServerProcess:
         elif kind == "streamsink":
             self.argv = [py, "-m", "streamsink.serving.cli", "serve", "--sink", str(sink),
                          "--window", str(window), *engine.argv(), *common]
+            if max_pinned:  # requests may pin a prefix (the soak's shared system prompt)
+                self.argv += ["--max-pinned-tokens", str(max_pinned)]
         elif kind == "ray":
             self.argv = [py, "-m", "streamsink.serving.cli", "serve", "--ray",
                          "--replicas", str(replicas), "--metrics-port", str(self.metrics_port),
