@@ -159,9 +159,11 @@ def _start_replicas(spec: RaySpec, host: str, port: int, key: str | None,
     0 on a stop request, 1 when the app failed or a replica found no node."""
     # --spread: each node shows one free slot while the replicas are placed, and keeps the
     # rest for replacements once they run (ray_spread.one_per_node).
-    spreading = (ray_spread.one_per_node(ray_spread.check(spec.replicas)) if spec.spread
-                 else contextlib.nullcontext())
+    spreading = (ray_spread.one_per_node(ray_spread.check(spec.replicas), stop.event)
+                 if spec.spread else contextlib.nullcontext())
     with spreading:
+        if stop.requested:
+            return 0
         deployed.append(True)  # before the call: a stop during it still deletes the app
         deploy(spec, host, port, key)
         watch = ray_spread.PlacementWatch(APP_NAME)

@@ -74,9 +74,10 @@ def check(replicas: int) -> list[SlotNode]:
 
 
 @contextlib.contextmanager
-def one_per_node(nodes: list[SlotNode], timeout_s: float = RESERVE_TIMEOUT_S):
-    """Within the block every node has exactly one free slot (the rest reserved)."""
-    import ray
+def one_per_node(nodes: list[SlotNode], stop=None, timeout_s: float = RESERVE_TIMEOUT_S):
+    """Within the block every node has exactly one free slot (the rest reserved). stop: an
+    Event that ends the wait for the reservations early (the block is then skipped by the
+    caller's own check of it)."""
     from ray.util.placement_group import placement_group, remove_placement_group
 
     held = []
@@ -86,13 +87,14 @@ def one_per_node(nodes: list[SlotNode], timeout_s: float = RESERVE_TIMEOUT_S):
                 held.append(placement_group(
                     [{REPLICA_SLOT: node.slots - 1}], strategy="STRICT_PACK",
                     bundle_label_selector=[{NODE_ID_LABEL: node.node_id}]))
-        if held:
-            ready, _ = ray.wait([pg.ready() for pg in held], num_returns=len(held),
-                                timeout=timeout_s)
-            if len(ready) < len(held):
+        waiting, deadline = list(held), time.monotonic() + timeout_s
+        # Short waits: a stop request is noticed within a second.
+        while waiting and not (stop is not None and stop.is_set()):
+            waiting = [pg for pg in waiting if not pg.wait(1)]
+            if waiting and time.monotonic() > deadline:
                 raise SpreadRefused(
-                    f"--spread: the {REPLICA_SLOT} slots of {len(held) - len(ready)} node(s) "
-                    f"are in use (another app holds them); free them or add nodes")
+                    f"--spread: the {REPLICA_SLOT} slots of {len(waiting)} node(s) are in use "
+                    f"(another app holds them); free them or add nodes")
         yield
     finally:
         for pg in held:

@@ -10,6 +10,7 @@ and leaves the cluster. Then `batch` is killed together with a (new) worker node
 every record once. One cluster for the module, started and stopped here; the
 first tests need no Ray at all (the refusals and the pieces of ray_spread.py).
 """
+import importlib
 import json
 import signal
 import subprocess
@@ -75,6 +76,50 @@ def test_spread_check_counts_nodes_with_slots(monkeypatch):
         ray_spread.check(2)
     assert "each of the 2 replicas" in str(refused.value)
     assert "1 node(s)" in str(refused.value) and "\n" not in str(refused.value)
+
+
+class FakeGroup:
+    def __init__(self, bundles, strategy, bundle_label_selector, placed=True):
+        self.args = (bundles, strategy, bundle_label_selector)
+        self.placed, self.removed = placed, False
+
+    def wait(self, timeout_seconds):
+        return self.placed
+
+
+def test_one_per_node_holds_all_slots_but_one_until_the_block_ends(monkeypatch):
+    """The reservations (placement groups pinned to a node by its node-id label) leave each
+    node one free slot, and go when the block ends, by an error too; reservations that cannot
+    be placed are a one-line refusal."""
+    # The module itself: `import ray.util.placement_group as m` gives the function that
+    # ray.util re-exports under the module's name.
+    pgs = importlib.import_module("ray.util.placement_group")
+    made = []
+
+    def fake_group(bundles, strategy, bundle_label_selector):
+        made.append(FakeGroup(bundles, strategy, bundle_label_selector, placed))
+        return made[-1]
+
+    monkeypatch.setattr(pgs, "placement_group", fake_group)
+    monkeypatch.setattr(pgs, "remove_placement_group", lambda pg: setattr(pg, "removed", True))
+    nodes = [ray_spread.SlotNode("a", 3), ray_spread.SlotNode("b", 1),
+             ray_spread.SlotNode("c", 2)]
+    placed = True
+    with pytest.raises(RuntimeError):
+        with ray_spread.one_per_node(nodes):
+            assert [pg.args for pg in made] == [
+                ([{SLOT: 2}], "STRICT_PACK", [{"ray.io/node-id": "a"}]),
+                ([{SLOT: 1}], "STRICT_PACK", [{"ray.io/node-id": "c"}])]
+            assert not any(pg.removed for pg in made)
+            raise RuntimeError("the deployment failed")
+    assert all(pg.removed for pg in made)
+    made.clear()
+    placed = False
+    with pytest.raises(ray_spread.SpreadRefused) as refused:
+        with ray_spread.one_per_node(nodes, timeout_s=0):
+            pass
+    assert "slots of 2 node(s) are in use" in str(refused.value)
+    assert all(pg.removed for pg in made)
 
 
 def test_spread_bundle_asks_for_one_slot():
