@@ -172,7 +172,7 @@ def cluster():
     env.delenv("RAY_ADDRESS", raising=False)
     c = None
     try:
-        c = _add_node(None, "head", HEAD_CPUS, _system_config=LOCAL_SYSTEM_CONFIG)
+        c = _add_node(None, "head", HEAD_CPUS, _system_config=dict(LOCAL_SYSTEM_CONFIG))
         worker = _add_node(c, "worker", WORKER_CPUS)
         yield SimpleNamespace(ray=c, address=c.address, worker=worker, tag=tag)
     finally:
@@ -315,11 +315,12 @@ def test_batch_killed_with_a_node_resumes_every_record_once(cluster, tok_model, 
     (SIGKILL) at the moment that node is removed; the same command again finishes the rest:
     every id once, the records done before the kill kept as they were."""
     worker = _add_node(cluster.ray, "worker", WORKER_CPUS)
+    # 24 records of 64 tokens on two engines of two streams each: they finish in waves of
+    # four, so a kill right after the first three lands mid-way.
     records = [{"id": f"r{i}", "prompt": f"Line {i}: the lamp by the river was bright.",
-                "max_tokens": 24} for i in range(12)]
+                "max_tokens": 64, "ignore_eos": True} for i in range(24)]
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    # Two engines of two streams each: the records finish in waves, so the kill lands mid-way.
     args = cli("batch", "--input", str(inp), "--output", str(out), "--replicas", "2",
                "--address", cluster.address, "--model", tok_model, "--window", "252",
                "--max-model-len", "1024", "--max-num-batched-tokens", "256",
@@ -330,8 +331,11 @@ def test_batch_killed_with_a_node_resumes_every_record_once(cluster, tok_model, 
                             stderr=subprocess.STDOUT, start_new_session=True,
                             env=tagged.tagged_env(tag))
     try:
-        tagged.wait_for(lambda: out.exists() and out.read_bytes().count(b"\n") >= 3,
-                        START_TIMEOUT, "3 finished records", proc, tmp_path / "first.log")
+        deadline = time.monotonic() + START_TIMEOUT
+        while not (out.exists() and out.read_bytes().count(b"\n") >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.05)
         proc.kill()
         cluster.ray.remove_node(worker)
         proc.wait(timeout=60)
