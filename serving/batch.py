@@ -173,7 +173,7 @@ def _generate(args, setup: Setup, pending, writer, stop) -> tuple[int, int, int,
     start = time.perf_counter()
     handle = None
     try:
-        handle = ray_cluster.start_or_join(verbose=args.verbose)
+        handle = ray_cluster.start_or_join(verbose=args.verbose, address=args.address)
         stop.install()  # after ray.init, which installs Ray's own SIGTERM handler
         quiet_ray_data(args.verbose)
         results = run_rows(setup.rows, setup.model_path, setup.engine_kwargs, args.replicas,

@@ -85,6 +85,17 @@ def _serve(p) -> None:
     p.add_argument("--metrics-port", type=int, default=None,
                    help="with --ray: port of Ray's Prometheus metrics export (default: a free "
                         "port)")
+    _address(p, "with --ray: ")
+    p.add_argument("--spread", action="store_true",
+                   help="with --ray on a cluster: each replica on a node of its own (nodes "
+                        "advertise the resource streamsink_replica; docs/cluster.md); refused "
+                        "when fewer nodes offer it than there are replicas")
+
+
+def _address(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    p.add_argument("--address", default=None, metavar="HOST:PORT",
+                   help=f"{prefix}join the Ray cluster whose head is at HOST:PORT (default "
+                        f"$RAY_ADDRESS; neither: a private local Ray)")
 
 
 def _batch(p) -> None:
@@ -95,6 +106,7 @@ def _batch(p) -> None:
                    "skips every id already there")
     p.add_argument("--replicas", type=int, default=1,
                    help="engine replicas (Ray Data actors), default 1")
+    _address(p)
     _stream(p)
     p.add_argument("--stock", action="store_true",
                    help="stock vLLM engines (no streaming), for comparisons")

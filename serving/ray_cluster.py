@@ -1,5 +1,6 @@
 """Ray's lifecycle for streamsink's launchers (serve --ray, batch): join the cluster named by
-$RAY_ADDRESS or start a private local instance, and stop it again leaving nothing behind.
+--address or $RAY_ADDRESS or start a private local instance, and stop it again leaving nothing
+behind.
 
 A local instance is started with address="local" (never someone else's `ray start` cluster),
 more logical CPUs than physical cores (on a 2-core machine the ingress or Ray Data's small tasks
@@ -26,6 +27,16 @@ OBJECT_STORE_BYTES = 512 << 20
 # Ray's metrics export interval (ms): gauges refresh within ~2 s of a change.
 METRICS_REPORT_INTERVAL_MS = 2000
 START_ATTEMPTS = 3
+# Ray's system settings for a local instance (shared with tests that start Ray nodes of their
+# own, e.g. the two-node cluster of test_ray_cluster.py).
+LOCAL_SYSTEM_CONFIG = {
+    "metrics_report_interval_ms": METRICS_REPORT_INTERVAL_MS,
+    "enable_worker_prestart": False,
+    "num_workers_soft_limit": 0,
+    # On a busy 2-core machine the agent's imports alone can take longer than the raylet's
+    # default wait for it.
+    "agent_register_timeout_ms": 300_000,
+}
 
 
 @dataclass
@@ -34,23 +45,29 @@ class RayHandle:
     metrics_port: int | None      # Ray's Prometheus export on this node
 
 
-def start_or_join(metrics_port: int | None = None, verbose: bool = False) -> RayHandle:
-    """Join $RAY_ADDRESS, or start a local Ray (retrying a start the raylet gave up on).
-    Raises processes.Interrupted when SIGTERM arrives meanwhile."""
+def cluster_address(given: str | None = None) -> str | None:
+    """The cluster to join: --address, else $RAY_ADDRESS, else None (start a local Ray)."""
+    return given or os.environ.get("RAY_ADDRESS") or None
+
+
+def start_or_join(metrics_port: int | None = None, verbose: bool = False,
+                  address: str | None = None) -> RayHandle:
+    """Join the cluster at `address` (or $RAY_ADDRESS), or start a local Ray (retrying a start
+    the raylet gave up on). Raises processes.Interrupted when SIGTERM arrives meanwhile."""
     with ray_sigterm_is_a_stop():  # ray.init installs its own SIGTERM handler first thing
-        return _start_or_join(metrics_port, verbose)
+        return _start_or_join(metrics_port, verbose, cluster_address(address))
 
 
-def _start_or_join(metrics_port: int | None, verbose: bool) -> RayHandle:
+def _start_or_join(metrics_port: int | None, verbose: bool, address: str | None) -> RayHandle:
     import ray
 
     quiet = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
-    if os.environ.get("RAY_ADDRESS"):
+    if address:
         # A cluster user's Ray: its nodes export metrics on the ports `ray start` gave them.
-        ray.init(address=os.environ["RAY_ADDRESS"], **quiet)
+        ray.init(address=address, **quiet)
         if metrics_port is not None:
-            print("streamsink: --metrics-port is ignored with RAY_ADDRESS (the cluster's nodes "
-                  "export on their own ports)", file=sys.stderr)
+            print("streamsink: --metrics-port is ignored on a cluster (its nodes export on "
+                  "their own ports)", file=sys.stderr)
         return RayHandle(False, _node_metrics_port())
     metrics_port = metrics_port or free_port()
     for attempt in range(START_ATTEMPTS):
@@ -59,14 +76,7 @@ def _start_or_join(metrics_port: int | None, verbose: bool) -> RayHandle:
                 ray.init(address="local", num_cpus=max(MIN_LOGICAL_CPUS, os.cpu_count() or 1),
                          object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
                          _metrics_export_port=metrics_port,
-                         _system_config={
-                             "metrics_report_interval_ms": METRICS_REPORT_INTERVAL_MS,
-                             "enable_worker_prestart": False,
-                             "num_workers_soft_limit": 0,
-                             # On a busy 2-core machine the agent's imports alone can take
-                             # longer than the raylet's default wait for it.
-                             "agent_register_timeout_ms": 300_000},
-                         **quiet)
+                         _system_config=LOCAL_SYSTEM_CONFIG, **quiet)
             return RayHandle(True, metrics_port)
         except Exception as exc:
             # Ray gives its raylet a fixed 30 s to register; a machine busy enough misses that.

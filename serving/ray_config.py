@@ -23,6 +23,7 @@ from streamsink.serving.engine_args import (
     engine_environment,
     streamsink_entry,
 )
+from streamsink.serving.ray_spread import REPLICA_SLOT
 
 # Serve restarts a replica whose health check fails; vLLM's check fails as soon as the engine
 # process is gone, so a short period means a killed engine is replaced within seconds.
@@ -49,6 +50,7 @@ class RaySpec:
     engine_kwargs: dict           # vLLM engine arguments of every replica
     replicas: int
     env_vars: dict = field(default_factory=dict)  # environment every replica needs
+    spread: bool = False          # each replica on a node of its own (ray_spread.py)
 
     def llm_config(self):
         from ray.serve.llm import LLMConfig
@@ -63,7 +65,9 @@ class RaySpec:
             engine_kwargs={"enable_prompt_tokens_details": True, **self.engine_kwargs},
             accelerator_config={"kind": "cpu"},
             # One logical CPU per replica: the engine's threads share the node's cores anyway.
-            placement_group_config={"bundles": [{"CPU": 1}]},
+            # With --spread, one of the node's replica slots too (ray_spread.py says why).
+            placement_group_config={"bundles": [
+                {"CPU": 1, **({REPLICA_SLOT: 1} if self.spread else {})}]},
             deployment_config=deployment,
             runtime_env={"env_vars": dict(self.env_vars)} if self.env_vars else None,
             # vLLM's engine metrics (and, through the plugin, streamsink's) go to Ray's export.
@@ -73,7 +77,7 @@ class RaySpec:
 
 def build_spec(model: str | None, sink: int, window: int, replicas: int,
                vllm_args: list[str], max_pinned: int = 0,
-               weights: str | None = None) -> RaySpec:
+               weights: str | None = None, spread: bool = False) -> RaySpec:
     """The deployment, validated; raises StreamsinkConfigError / EngineArgsError /
     ModelNotFoundError with a one-line message."""
     if replicas < 1:
@@ -95,4 +99,5 @@ def build_spec(model: str | None, sink: int, window: int, replicas: int,
     env_vars = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
     env_vars.update(engine_environment({"model": model_path, **kwargs}))
     check_engine_config({"model": model_path, **kwargs}, served_model_name=model_id)
-    return RaySpec(model_id, model_path, kwargs, replicas, env_vars)
+    # One replica is on a node of its own anyway: --spread asks nothing of the cluster then.
+    return RaySpec(model_id, model_path, kwargs, replicas, env_vars, spread and replicas > 1)

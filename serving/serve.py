@@ -100,8 +100,8 @@ def run(args) -> int:
     check_exposure(args.host or LOOPBACK, api_key(args.api_key))  # before vLLM or Ray load
     if args.ray:
         return importlib.import_module("streamsink.serving.ray_serve").run(args)
-    for flag in ("replicas", "metrics_port"):
-        if getattr(args, flag, None) is not None:
+    for flag in ("replicas", "metrics_port", "address", "spread"):
+        if getattr(args, flag, None) not in (None, False):
             raise UsageError(f"--{flag.replace('_', '-')} needs --ray")
     argv = plain_server_argv(args)
     _, engine_env = check_server_argv(argv)
