@@ -258,7 +258,12 @@ class Load:
         # Imported before the clock starts: importing vLLM takes seconds, with the loop blocked.
         from vllm.benchmarks.lib.endpoint_request_func import StreamedResponseHandler  # noqa
 
-        connector = aiohttp.TCPConnector(limit=0)
+        # A connection per request: a pooled keep-alive connection races uvicorn's keep-alive
+        # timeout (5 s) when the API server's loop stalls, and the request sent on a connection
+        # the server is closing fails as "Server disconnected" without reaching vLLM (seen once
+        # in a short soak on a loaded machine). That is the client's transport, not what the
+        # soak watches; with fresh connections every disconnect is the server's.
+        connector = aiohttp.TCPConnector(limit=0, force_close=True)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
         self.t0, self.start_unix = time.perf_counter(), time.time()
         self.deadline = self.t0 + self.args.duration

@@ -168,59 +168,16 @@ def attend_tile(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, t
     return out.transpose(0, 1)
 
 
-# Tiles of at most this many queries (decodes) take attend_small_tile: at that size the fused
-# kernel's fixed costs and its per-query-head copies of the keys dominate.
-SMALL_TILE = 8
-
-
-def attend_small_tile(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                      tile: QueryTile, scale: float, rope: RopeSpec) -> torch.Tensor:
-    """attend_tile for a few queries of a RoPE model: query [T, Hq, D] -> [T, Hq, D].
+def attend_decode_batch(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                        batch: DecodeBatch, scale: float, rope: RopeSpec) -> torch.Tensor:
+    """attend_tile for a batch of R queries of a RoPE model (rows of small tiles of any
+    requests): query [R, Hq, D] -> [R, Hq, D].
 
     The same attention in plain matmuls: window and sink (pinned) logits side by side in one
     softmax, in fp32 at least, each KV head with its G query heads side by side. Keys and values
     are read block by block where the cache keeps them (one index_select each, no copy per
     query head, no transposing copy: keys are stored [D, B] per block and KV head, the layout a
     matmul wants); at decode size that copying, not the arithmetic, is the cost."""
-    T, Hq, D = query.shape
-    Hkv = keys.shape[1]
-    G = Hq // Hkv
-    acc = torch.promote_types(query.dtype, torch.float32)
-
-    def grouped(q):  # [T, Hq, D] -> [Hkv, T*G, D]
-        return q.view(T, Hkv, G, D).permute(1, 0, 2, 3).reshape(Hkv, T * G, D).to(acc)
-
-    def scores(q, blocks, mask):  # -> [Hkv, T*G, NB*B], masked
-        k = keys.index_select(0, blocks).to(acc)                   # [NB, Hkv, D, B]
-        s = torch.matmul(q[None], k).mul_(scale)                   # [NB, Hkv, T*G, B]
-        s = s.permute(1, 2, 0, 3).reshape(Hkv, T, G, -1)
-        return s.add_(mask[:, None, :].to(acc)).view(Hkv, T * G, -1)
-
-    def mix(weights, blocks):  # weights [Hkv, T*G, NB*B] -> [Hkv, T*G, D]
-        v = values.index_select(0, blocks).to(acc)                 # [NB, Hkv, B, D]
-        w = weights.view(Hkv, T * G, len(blocks), -1).permute(2, 0, 1, 3)
-        return torch.matmul(w, v).sum(0)
-
-    parts = [scores(grouped(query), tile.window_blocks, tile.window_mask[0, 0])]
-    if tile.sink_mask is not None:
-        sink_q = rotate(query, tile.sink_rotation[:, None], rope.rotary_dim, rope.neox_style)
-        S = tile.sink_mask.shape[-1]
-        # The sink blocks' columns past the S pinned tokens are masked out.
-        mask = torch.nn.functional.pad(tile.sink_mask[0], (0, len(tile.sink_blocks) *
-                                                           keys.shape[-1] - S),
-                                       value=float("-inf"))
-        parts.append(scores(grouped(sink_q), tile.sink_blocks, mask))
-    weights = torch.softmax(torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0], dim=-1)
-    window_columns = parts[0].shape[-1]
-    out = mix(weights[..., :window_columns], tile.window_blocks)
-    if len(parts) > 1:
-        out += mix(weights[..., window_columns:], tile.sink_blocks)
-    return out.view(Hkv, T, G, D).permute(1, 0, 2, 3).reshape(T, Hq, D)
-
-
-def attend_decode_batch(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                        batch: DecodeBatch, scale: float, rope: RopeSpec) -> torch.Tensor:
-    """attend_small_tile for R one-query tiles at once: query [R, Hq, D] -> [R, Hq, D]."""
     R, Hq, D = query.shape
     Hkv, B = keys.shape[1], keys.shape[-1]
     G = Hq // Hkv
@@ -346,13 +303,8 @@ class StreamsinkAttentionImpl(CPUAttentionBackendImpl):
                 q_all[plan.decodes.tokens], keys, values, plan.decodes, self.scale,
                 self.rope).to(out.dtype)
         for tile in plan.tiles:
-            q = q_all[tile.tokens]
-            if q.shape[0] <= SMALL_TILE and self.rope is not None:
-                result = attend_small_tile(q, keys, values, tile, self.scale, self.rope)
-            else:
-                result = attend_tile(q, keys, values, tile, self.scale, self.rope,
-                                     self.alibi_slopes)
-            out[tile.tokens] = result.to(out.dtype)
+            out[tile.tokens] = attend_tile(q_all[tile.tokens], keys, values, tile, self.scale,
+                                           self.rope, self.alibi_slopes).to(out.dtype)
         return output
 
     def _kernel_requests(self, layer, query, kv_cache, plan: StepPlan, output) -> None:

@@ -28,7 +28,9 @@ per request:
   attention unchanged.
 - PyTorch (any other request, e.g. a prefill chunk past C): per-request tiles of queries, the
   window keys through PyTorch's fused attention and the sink keys merged in by log-sum-exp
-  (QueryTile, attend_tile in attention.py).
+  (QueryTile, attend_tile in attention.py); the queries of small tiles (decode-sized) instead
+  go, all of the step's at once, through one softmax over both ranges in plain matmuls
+  (DecodeBatch, attend_decode_batch).
 A step whose requests all take the kernel is one kernel call, as in stock vLLM; a mixed step runs
 the kernel on its kernel requests and PyTorch only on the others, so decodes never wait on the
 slow path because a long prompt joined the batch.
@@ -59,6 +61,11 @@ from streamsink.stream_rule import (
 # Queries of one prefill chunk are processed in tiles of this many, so the mask of one tile stays
 # small (tile x (W + tile) entries) and each tile reads only the blocks it can see.
 PREFILL_TILE = 256
+
+# Tiles of at most this many queries (decodes, short chunks) of a RoPE model join the step's
+# DecodeBatch, one row per query: at that size the fused kernel's fixed costs and its copies of
+# the keys per query head, not the arithmetic, are the cost.
+SMALL_TILE = 8
 
 
 @dataclass
@@ -126,10 +133,11 @@ class ShadowWrites:
 
 @dataclass
 class DecodeBatch:
-    """The one-query tiles of a step (decodes the kernel cannot take: pinned requests past
-    their cache, engine-shaped ones right after C), padded into one batch that every layer
-    computes at once (attention.attend_decode_batch) instead of one tile at a time. Padding
-    columns point at block 0 and are masked out."""
+    """The queries of a step's small tiles (at most SMALL_TILE queries of a RoPE model: decodes
+    the kernel cannot take — pinned requests past their cache, engine-shaped ones right after
+    C — and short chunks past C), one row per query, padded into one batch that every layer
+    computes at once (attention.attend_decode_batch). A row's blocks and masks are its tile's,
+    mask row by row; padding columns point at block 0 and are masked out."""
 
     tokens: torch.Tensor            # [R] the queries' positions in the step's token order
     window_blocks: torch.Tensor     # [R, NBw] physical blocks of each query's window
@@ -139,31 +147,32 @@ class DecodeBatch:
     sink_rotation: torch.Tensor | None  # [R, rotary_dim] cos|sin: query position -> its slot
 
 
-def batch_decode_tiles(tiles: list[QueryTile], block_size: int, rope: RopeSpec,
-                       dtype: torch.dtype) -> DecodeBatch:
-    """Pad one-query tiles (RoPE models) into a DecodeBatch."""
-    R = len(tiles)
-    widest = max(len(t.window_blocks) for t in tiles)
+def batch_small_tiles(tiles: list[QueryTile], block_size: int, rope: RopeSpec,
+                      dtype: torch.dtype) -> DecodeBatch:
+    """Pad the queries of small tiles (RoPE models) into a DecodeBatch, a row per query."""
+    rows = [(tile, t) for tile in tiles for t in range(tile.tokens.stop - tile.tokens.start)]
+    R = len(rows)
+    widest = max(len(tile.window_blocks) for tile in tiles)
     window_blocks = torch.zeros(R, widest, dtype=torch.long)
     window_mask = torch.full((R, widest * block_size), float("-inf"), dtype=dtype)
-    for r, t in enumerate(tiles):
-        window_blocks[r, :len(t.window_blocks)] = t.window_blocks
-        window_mask[r, :t.window_mask.shape[-1]] = t.window_mask[0, 0, 0]
-    batch = DecodeBatch(tokens=torch.tensor([t.tokens.start for t in tiles]),
+    for r, (tile, t) in enumerate(rows):
+        window_blocks[r, :len(tile.window_blocks)] = tile.window_blocks
+        window_mask[r, :tile.window_mask.shape[-1]] = tile.window_mask[0, 0, t]
+    batch = DecodeBatch(tokens=torch.tensor([tile.tokens.start + t for tile, t in rows]),
                         window_blocks=window_blocks, window_mask=window_mask, sink_blocks=None,
                         sink_mask=None, sink_rotation=None)
-    with_sinks = [t for t in tiles if t.sink_mask is not None]
+    with_sinks = [tile for tile in tiles if tile.sink_mask is not None]
     if with_sinks:
-        widest = max(len(t.sink_blocks) for t in with_sinks)
+        widest = max(len(tile.sink_blocks) for tile in with_sinks)
         batch.sink_blocks = torch.zeros(R, widest, dtype=torch.long)
         batch.sink_mask = torch.full((R, widest * block_size), float("-inf"), dtype=dtype)
         # No sink: any rotation (its columns are all masked); the identity.
         batch.sink_rotation = rope.cos_sin(torch.zeros(R, dtype=torch.long), dtype)
-        for r, t in enumerate(tiles):
-            if t.sink_mask is not None:
-                batch.sink_blocks[r, :len(t.sink_blocks)] = t.sink_blocks
-                batch.sink_mask[r, :t.sink_mask.shape[-1]] = t.sink_mask[0, 0]
-                batch.sink_rotation[r] = t.sink_rotation[0]
+        for r, (tile, t) in enumerate(rows):
+            if tile.sink_mask is not None:
+                batch.sink_blocks[r, :len(tile.sink_blocks)] = tile.sink_blocks
+                batch.sink_mask[r, :tile.sink_mask.shape[-1]] = tile.sink_mask[0, t]
+                batch.sink_rotation[r] = tile.sink_rotation[t]
     return batch
 
 
@@ -178,7 +187,7 @@ class StepPlan:
     # where their tokens sit in the step (a slice when contiguous, else an index tensor).
     kernel_metadata: object = None
     kernel_tokens: slice | torch.Tensor | None = None
-    # The step's one-query tiles, batched (RoPE models, two or more of them); not in `tiles`.
+    # The queries of the step's small tiles (RoPE models), batched; those tiles are not in `tiles`.
     decodes: DecodeBatch | None = None
 
 
@@ -253,10 +262,12 @@ def _shadow_writes(rope: RopeSpec | None, block_size: int, sinks: int,
 def plan_step(config: StreamsinkConfig, rope: RopeSpec | None, block_size: int, seq_lens: list[int],
               query_start: list[int], block_table: torch.Tensor, dtype: torch.dtype,
               kv_heads: int = 1, head_dim: int | None = None,
-              shapes: list[StreamShape] | None = None) -> StepPlan:
+              shapes: list[StreamShape] | None = None,
+              small_tile: int = SMALL_TILE) -> StepPlan:
     """seq_lens and block_table in row positions, one entry per request of the step. rope None:
     an ALiBi model (head_dim then required). shapes: each request's (request_options.py);
-    None: all the engine's."""
+    None: all the engine's. Tiles of at most small_tile queries go to the DecodeBatch (RoPE
+    models; 0: none do)."""
     head_dim = head_dim or rope.head_dim
     engine = engine_shape(config)
     shapes = shapes or [engine] * len(seq_lens)
@@ -282,8 +293,9 @@ def plan_step(config: StreamsinkConfig, rope: RopeSpec | None, block_size: int, 
             t1 = min(t0 + PREFILL_TILE, end)
             plan.tiles.append(_query_tile(t0, first + t0 - start, first + t1 - 1 - start, r,
                                           block_table, shapes[r], rope, block_size, dtype))
-    one_query = [t for t in plan.tiles if t.tokens.stop - t.tokens.start == 1]
-    if rope is not None and len(one_query) >= 2:
-        plan.decodes = batch_decode_tiles(one_query, block_size, rope, dtype)
-        plan.tiles = [t for t in plan.tiles if t.tokens.stop - t.tokens.start > 1]
+    if rope is not None:
+        small = [t for t in plan.tiles if t.tokens.stop - t.tokens.start <= small_tile]
+        if small:
+            plan.decodes = batch_small_tiles(small, block_size, rope, dtype)
+            plan.tiles = [t for t in plan.tiles if t.tokens.stop - t.tokens.start > small_tile]
     return plan

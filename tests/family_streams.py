@@ -93,7 +93,7 @@ class _PlanSpy:
     """Counts the step plans' attention paths (wraps streamsink.attention.plan_step)."""
 
     def __init__(self) -> None:
-        self.paths = {"kernel_shadows": 0, "tiles": 0, "mixed": 0}
+        self.paths = {"kernel_shadows": 0, "pytorch": 0, "mixed": 0}
 
     def __enter__(self):
         from streamsink import attention
@@ -103,8 +103,9 @@ class _PlanSpy:
         def spy(*args, **kwargs):
             plan = self.original(*args, **kwargs)
             self.paths["kernel_shadows"] += plan.shadows is not None
-            self.paths["tiles"] += bool(plan.tiles)
-            self.paths["mixed"] += bool(plan.tiles) and bool(plan.kernel_reqs)
+            pytorch = bool(plan.tiles) or plan.decodes is not None
+            self.paths["pytorch"] += pytorch
+            self.paths["mixed"] += pytorch and bool(plan.kernel_reqs)
             return plan
 
         attention.plan_step = spy

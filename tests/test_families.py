@@ -54,7 +54,7 @@ def test_every_streaming_path_ran(measured, family):
     tiles, steps mixing both, row rebases, and a continuation from the prefix cache; its
     streams ran well past C."""
     run, _, _ = measured[family]
-    assert run.paths["kernel_shadows"] and run.paths["tiles"] and run.paths["mixed"]
+    assert run.paths["kernel_shadows"] and run.paths["pytorch"] and run.paths["mixed"]
     assert run.rebases >= 1
     assert run.cached_tokens >= SHAPE.cache_tokens
     assert len(run.sequences[0].tokens) > 4 * SHAPE.cache_tokens

@@ -86,7 +86,7 @@ def measured(tmp_path_factory):
 @pytest.mark.parametrize("family,fmt", CASES)
 def test_every_streaming_path_ran(measured, family, fmt):
     run = measured[(family, fmt)][0]
-    assert run.paths["kernel_shadows"] > 0 and run.paths["tiles"] > 0 and run.paths["mixed"] > 0
+    assert run.paths["kernel_shadows"] > 0 and run.paths["pytorch"] > 0 and run.paths["mixed"] > 0
     assert run.cached_tokens > 0 and run.rebases > 0
 
 

@@ -6,7 +6,7 @@ import torch
 
 from streamsink.config import StreamsinkConfig
 from streamsink.rope import RopeSpec
-from streamsink.step_plan import plan_step
+from streamsink.step_plan import PREFILL_TILE, plan_step
 
 ROPE = RopeSpec(head_dim=64, rotary_dim=64, theta=10000.0)
 # GPT-J's pairing (adjacent features) on part of the head, with scaled frequencies.
@@ -14,19 +14,39 @@ ADJACENT = RopeSpec(head_dim=64, rotary_dim=32, theta=10000.0, neox_style=False,
                     frequencies=tuple(0.5 ** k for k in range(16)), attention_factor=1.3)
 
 
-def visible_positions(tile, t, block_size, logical_of_physical):
-    """Positions query t of a tile attends to: window columns plus sinks, as the plan says."""
-    seen = set()
-    mask = tile.window_mask[0, 0, t]                               # [NB*B]
-    for b, physical in enumerate(tile.window_blocks.tolist()):
+def query_rows(plan):
+    """(token, window blocks, window mask row, sink blocks, sink mask row) of every query the
+    plan sends through PyTorch: the tiles' queries, then the DecodeBatch's rows."""
+    for tile in plan.tiles:
+        for t in range(tile.tokens.stop - tile.tokens.start):
+            yield (tile.tokens.start + t, tile.window_blocks, tile.window_mask[0, 0, t],
+                   tile.sink_blocks, None if tile.sink_mask is None else tile.sink_mask[0, t])
+    batch = plan.decodes
+    if batch is not None:
+        for r, token in enumerate(batch.tokens.tolist()):
+            yield (token, batch.window_blocks[r], batch.window_mask[r],
+                   None if batch.sink_blocks is None else batch.sink_blocks[r],
+                   None if batch.sink_mask is None else batch.sink_mask[r])
+
+
+def visible_positions(window_blocks, window_mask, sink_blocks, sink_mask, block_size,
+                      logical_of_physical):
+    """Positions a query attends to as the plan says, window columns plus sinks (a sink column j
+    must read logical block j // B); and the physical blocks of its visible columns."""
+    seen, read = set(), set()
+    for b, physical in enumerate(window_blocks.tolist()):
         for off in range(block_size):
-            if mask[b * block_size + off] == 0:
+            if window_mask[b * block_size + off] == 0:
                 seen.add(logical_of_physical[physical] * block_size + off)
-    if tile.sink_mask is not None:
-        assert [logical_of_physical[int(p)] for p in tile.sink_blocks] == list(
-            range(len(tile.sink_blocks)))
-        seen |= {j for j in range(tile.sink_mask.shape[-1]) if tile.sink_mask[0, t, j] == 0}
-    return seen
+                read.add(physical)
+    if sink_mask is not None:
+        for j in range(sink_mask.shape[-1]):
+            if sink_mask[j] == 0:
+                physical = int(sink_blocks[j // block_size])
+                assert logical_of_physical[physical] == j // block_size
+                seen.add(j)
+                read.add(physical)
+    return seen, read
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -57,17 +77,15 @@ def test_plan_visibility_matches_semantics(seed):
     assert plan.kernel_reqs == [r for r, ok in enumerate(on_kernel) if ok]
     covered = {token: True for r in plan.kernel_reqs
                for token in range(query_start[r], query_start[r + 1])}
-    for tile in plan.tiles:
-        for t, token in enumerate(range(tile.tokens.start, tile.tokens.stop)):
-            i = positions[token]
-            req = next(r for r in range(len(reqs)) if query_start[r] <= token
-                       < query_start[r + 1])
-            assert all((int(x) - 100) // max_blocks == req for x in tile.window_blocks)
-            expected = {j for j in range(i + 1)
-                        if j < cfg.sink_tokens or j > i - cfg.window_tokens}
-            assert visible_positions(tile, t, block_size, logical_of_physical) == expected
-            assert token not in covered
-            covered[token] = True
+    for token, *row in query_rows(plan):
+        i = positions[token]
+        req = next(r for r in range(len(reqs)) if query_start[r] <= token < query_start[r + 1])
+        expected = {j for j in range(i + 1) if j < cfg.sink_tokens or j > i - cfg.window_tokens}
+        seen, read = visible_positions(*row, block_size, logical_of_physical)
+        assert seen == expected
+        assert all((x - 100) // max_blocks == req for x in read)   # its own request's blocks
+        assert token not in covered
+        covered[token] = True
     assert sorted(covered) == list(range(len(positions)))  # each token by one path
     # Shadows only for kernel decodes past C (a PyTorch request reads the real sinks).
     shadow_reqs = [r for r in plan.kernel_reqs if reqs[r][0] > cfg.cache_tokens]
@@ -112,8 +130,8 @@ def test_shadows_fill_the_slots_the_window_just_left():
 def test_sink_rotation_moves_query_to_its_cache_slot():
     cfg = StreamsinkConfig(sink_tokens=4, window_tokens=12)
     table = torch.arange(10).view(1, 10)
-    # A prefill chunk past C goes through the PyTorch path.
-    plan = plan_step(cfg, ROPE, 8, [40], [0, 2], table, torch.float64)
+    # A prefill chunk past C goes through the PyTorch path (as a tile).
+    plan = plan_step(cfg, ROPE, 8, [40], [0, 2], table, torch.float64, small_tile=0)
     assert not plan.kernel
     (tile,) = plan.tiles
     # Query 39 sits at slot C-1 = 15: rotation by 15 - 39 = -24 positions.
@@ -134,22 +152,23 @@ def test_alibi_tiles_carry_in_cache_distances():
     assert tile.window_distance[1, 7].item() == 39 - (columns[0] * 8 + 7)
 
 
-@pytest.mark.parametrize("positions", ["neox", "adjacent", "alibi", "neox-small",
-                                       "adjacent-small"])
+@pytest.mark.parametrize("positions", ["neox", "adjacent", "alibi", "neox-batch",
+                                       "adjacent-batch"])
 @pytest.mark.parametrize("sink,window,first,count", [(4, 12, 30, 9), (4, 12, 5, 20),
                                                      (1, 30, 40, 3), (0, 9, 20, 5),
                                                      (40, 12, 55, 1), (20, 7, 35, 1)])
 def test_tile_attention_equals_the_definition(sink, window, first, count, positions):
     """attend_tile (fused window attention + sinks merged by log-sum-exp), and
-    attend_small_tile (decodes: one softmax over both ranges), equal softmax over V(i) written
-    out: window keys as stored, sink (pinned) logits with the query at its cache slot (RoPE,
-    either pairing), or ALiBi's -slope * (in-cache distance) on every logit."""
-    from streamsink.attention import attend_small_tile, attend_tile
+    attend_decode_batch (a row per query of every tile: one softmax over both ranges), equal
+    softmax over V(i) written out: window keys as stored, sink (pinned) logits with the query at
+    its cache slot (RoPE, either pairing), or ALiBi's -slope * (in-cache distance) on every
+    logit."""
+    from streamsink.attention import attend_decode_batch, attend_tile
     from streamsink.kv_cache_layout import split_kv_cache
     from streamsink.rope import rotate
 
-    small = positions.endswith("-small")
-    positions = positions.removesuffix("-small")
+    batched = positions.endswith("-batch")
+    positions = positions.removesuffix("-batch")
     rope = {"neox": ROPE, "adjacent": ADJACENT, "alibi": None}[positions]
     slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625]) if rope is None else None
     torch.manual_seed(sink + first)
@@ -159,13 +178,15 @@ def test_tile_attention_equals_the_definition(sink, window, first, count, positi
     cache = torch.randn(8, kv_heads, block_size, 2 * d, dtype=torch.float64)
     keys, values = split_kv_cache(cache)
     seq = first + count
+    # Every tile batched, whatever its size, or none.
     plan = plan_step(cfg, rope, block_size, [seq], [0, count], table, torch.float64,
-                     head_dim=d)
+                     head_dim=d, small_tile=PREFILL_TILE if batched else 0)
     query = torch.randn(count, heads, d, dtype=torch.float64)
-    if small:
-        got = torch.cat([attend_small_tile(query[t.tokens], keys, values, t, 0.125, rope)
-                         for t in plan.tiles])
+    if batched:
+        assert not plan.tiles and plan.decodes.tokens.tolist() == list(range(count))
+        got = attend_decode_batch(query, keys, values, plan.decodes, 0.125, rope)
     else:
+        assert plan.decodes is None
         got = torch.cat([attend_tile(query[t.tokens], keys, values, t, 0.125, rope, slopes)
                          for t in plan.tiles])
 
@@ -229,10 +250,11 @@ def test_rebase_rerotation_equals_keys_cached_at_the_new_row_positions(neox_styl
 
 
 def test_decodes_batched_equal_one_tile_at_a_time():
-    """A step's one-query tiles — requests with different pins, windows and lengths, some past
-    their cache and some with no sink outside the window — computed as one padded batch equal
-    each tile computed alone (attend_small_tile, itself checked against the definition)."""
-    from streamsink.attention import attend_decode_batch, attend_small_tile
+    """A step's small tiles — requests with different pins, windows and lengths, some past
+    their cache and some with no sink outside the window, one of three queries — computed as one
+    padded batch equal each tile computed alone by attend_tile (both checked against the
+    definition above)."""
+    from streamsink.attention import attend_decode_batch, attend_tile
     from streamsink.kv_cache_layout import split_kv_cache
     from streamsink.stream_rule import StreamShape
 
@@ -246,14 +268,16 @@ def test_decodes_batched_equal_one_tile_at_a_time():
     table = torch.randperm(60)[:50].view(5, 10)
     cache = torch.randn(60, kv_heads, block_size, 2 * d, dtype=torch.float64)
     keys, values = split_kv_cache(cache)
-    plan = plan_step(cfg, ROPE, block_size, seq_lens, list(range(6)), table, torch.float64,
+    starts = [0, 1, 2, 3, 4, 7]              # the last request: a chunk of three queries
+    plan = plan_step(cfg, ROPE, block_size, seq_lens, starts, table, torch.float64,
                      head_dim=d, shapes=shapes)
     assert plan.decodes is not None and not plan.tiles
-    assert plan.decodes.tokens.tolist() == list(range(5))
-    query = torch.randn(5, heads, d, dtype=torch.float64)
+    assert plan.decodes.tokens.tolist() == list(range(7))
+    query = torch.randn(7, heads, d, dtype=torch.float64)
     got = attend_decode_batch(query, keys, values, plan.decodes, 0.125, ROPE)
     for r in range(5):
-        (tile,) = plan_step(cfg, ROPE, block_size, [seq_lens[r]], [0, 1], table[r:r + 1],
-                            torch.float64, head_dim=d, shapes=[shapes[r]]).tiles
-        want = attend_small_tile(query[r:r + 1], keys, values, tile, 0.125, ROPE)
-        assert torch.allclose(got[r], want[0], atol=1e-12), r
+        count = starts[r + 1] - starts[r]
+        (tile,) = plan_step(cfg, ROPE, block_size, [seq_lens[r]], [0, count], table[r:r + 1],
+                            torch.float64, head_dim=d, shapes=[shapes[r]], small_tile=0).tiles
+        want = attend_tile(query[starts[r]:starts[r + 1]], keys, values, tile, 0.125, ROPE)
+        assert torch.allclose(got[starts[r]:starts[r + 1]], want, atol=1e-12), r
