@@ -30,6 +30,7 @@ SLOT = ray_spread.REPLICA_SLOT
 HEAD_CPUS, WORKER_CPUS = 8, 4  # logical: room for both replicas on the head after a loss
 START_TIMEOUT = 900
 RECOVERY_TIMEOUT = 300
+NODE_START_S = 180          # how long a new node may take to register (see _add_node)
 APP_ARGS = ["--window", "252", "--max-model-len", "1024", "--max-num-batched-tokens", "256",
             "--max-num-seqs", "4", "--enforce-eager"]
 
@@ -146,14 +147,37 @@ def test_unplaced_replica_becomes_an_error_after_the_timeout(monkeypatch):
 
 # ---------------------------------------------------------------------- the two-node cluster
 
+def _patient(get_node, patience_s: float):
+    """Ray's get_node, asked again until the node has registered or patience_s has passed."""
+    def get_node_patiently(gcs_address, node_id):
+        deadline = time.monotonic() + patience_s
+        while True:
+            try:
+                return get_node(gcs_address, node_id)
+            except RuntimeError:  # not registered yet, or the GCS did not answer in time
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+    return get_node_patiently
+
+
 def _add_node(c, role: str, cpus: int, **extra):
     """A node of the cluster with its own agent ports (several raylets share this machine:
-    patches/ray_agent_ports.py says why they need them up front)."""
+    patches/ray_agent_ports.py says why they need them up front).
+
+    Ray gives a new raylet 30 s to register (a constant inside Node.__init__); on two cores
+    shared with the other test worker's engines the GCS once took longer to answer and the
+    node start failed. Its wait asks ray._private.services.get_node: here that call itself
+    waits up to NODE_START_S, so a slow start is waited for and a node that never registers
+    still fails."""
+    from ray._private import services
+
     from streamsink.patches.ray_agent_ports import fixed_agent_ports
 
     args = dict(num_cpus=cpus, resources={SLOT: 2, f"streamsink_test_{role}": 1},
                 include_dashboard=False, **extra)
-    with fixed_agent_ports(free_port):
+    with fixed_agent_ports(free_port), pytest.MonkeyPatch.context() as patience:
+        patience.setattr(services, "get_node", _patient(services.get_node, NODE_START_S))
         if c is None:
             from ray.cluster_utils import Cluster
 

@@ -258,7 +258,7 @@ def short_soak(tmp_path_factory):
     results = tmp_path_factory.mktemp("results")
     # C = 64 tokens; every kind of stream outgrows its cache (a long stream by 192 tokens).
     cmd = [sys.executable, os.path.join(BENCH, "soak.py"), "--model", model,
-           "--duration", "150", "--warmup", "20", "--window-s", "50",
+           "--duration", "120", "--warmup", "20", "--window-s", "40",
            "--sink", "4", "--window", "60", "--max-pinned-tokens", "96",
            "--system-tokens", "40", "--request-window", "15",
            "--chat-turns", "6", "--user-tokens", "24", "--answer-tokens", "16",
