@@ -288,16 +288,19 @@ def test_node_loss_restarts_its_replica_on_the_head(cluster, app):
     before = replicas_by_role(cluster)
     assert sorted(before.values()) == ["head", "worker"], before
     cluster.ray.remove_node(cluster.worker)
-    answered_meanwhile = 0
+    # A request the router sent to the lost replica fails (the client here never retries);
+    # the head's replica answers the others. At least five tries, however fast the recovery.
+    tries: list[int] = []
     deadline = time.monotonic() + RECOVERY_TIMEOUT
     while True:
-        answered_meanwhile += answered(app, 1)
+        tries.append(answered(app, 1))
         now = replicas_by_role(cluster)
-        if len(now) == 2 and set(now.values()) == {"head"} and set(now) != set(before):
+        if len(now) == 2 and set(now.values()) == {"head"} and set(now) != set(before) \
+                and len(tries) >= 5:
             break
         assert time.monotonic() < deadline, f"no replacement on the head: {now}"
-        time.sleep(2)
-    assert answered_meanwhile >= 1
+        time.sleep(1)
+    assert sum(tries) >= 1, tries
     assert answered(app, 4) == 4
     assert app.proc.poll() is None  # the launcher rode it out
 
