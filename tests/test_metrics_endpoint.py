@@ -57,7 +57,7 @@ def test_stream_past_max_model_len_and_policy_metrics(server):
     assert metric(after, "vllm:streamsink_evicted_tokens_total") == freed * 128
     assert metric(after, "vllm:streamsink_held_blocks") == 0
     assert metric(after, "vllm:streamsink_streams") == 0
-    # Published once vLLM has returned the blocks to the pool (issue 36): the finished
+    # Published once vLLM has returned the blocks to the pool: the finished
     # request's blocks count as free, cached or not.
     assert metric(after, "vllm:streamsink_pool_used_blocks") == 0
     # vLLM's own metrics are still served next to ours.

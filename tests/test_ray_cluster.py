@@ -27,11 +27,9 @@ from openai_server import NotReady, ReadyLineServer, free_port
 from streamsink.serving import ray_spread
 from streamsink.serving.ray_serve import APP_NAME, READY_LINE
 
-# Out of `make test` for now (`make test-cluster` runs them): on two cores shared with the
-# other test worker's engines, the node-loss recovery failed in 2 of 4 runs (once no request
-# was answered during the recovery; once the endpoint answered nothing after the replacement
-# replica came up, Serve's controller reporting a 26 s control loop), and a hung module costs
-# the suite 15 minutes. To be made reliable, then brought back.
+# Not in `make test` (`make test-cluster` runs them): on two cores shared with the other test
+# worker's engines the node-loss recovery is not reliable (a replacement replica can come up
+# while the endpoint answers nothing), and a hung module costs the suite many minutes.
 pytestmark = pytest.mark.skipif(os.environ.get("STREAMSINK_CLUSTER_TESTS") != "1",
                                 reason="two-node Ray tests: `make test-cluster`")
 
