@@ -1,7 +1,7 @@
 # The two commands a fresh clone needs: `make demo` and `make test` (each sets up first).
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-cluster bench bench-peers soak docs clean
+.PHONY: setup demo test bench bench-peers soak docs clean
 
 setup:
 	@bash scripts/setup.sh
@@ -11,11 +11,6 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest tests -n 2 --dist loadfile --durations=25
-
-# The two-node Ray tests (Ray's multi-node harness on this machine; minutes): not yet in `test`
-# (tests/test_ray_cluster.py says why).
-test-cluster: setup
-	STREAMSINK_CLUSTER_TESTS=1 $(PY) -m pytest tests/test_ray_cluster.py
 
 # Every benchmark docs/benchmarks.md shows, with the settings it states (hours on 2 cores; each
 # script also runs alone). Each run adds a file under benchmarks/results/<name>/; `make docs`

@@ -31,12 +31,22 @@ HEALTH_CHECK_PERIOD_S = 2.0
 # Replicas > 1: a conversation's next turn goes to the replica whose prefix cache holds its
 # history (Ray Serve LLM's prefix-aware router matches a request's text against what each
 # replica served). A new conversation matches nothing and goes to the least loaded one; a replica
-# with 4 more requests queued than another falls back to load balancing.
-PREFIX_ROUTER = {
-    "request_router_class": "ray.serve.llm.request_router.PrefixCacheAffinityRouter",
-    "request_router_kwargs": {"imbalanced_threshold": 4, "match_rate_threshold": 0.1,
-                              "do_eviction": True},
-}
+# with 4 more requests queued than another falls back to load balancing. The router is Ray's,
+# told to forget replicas that no longer exist (patches/ray_prefix_router.py says why).
+PREFIX_ROUTER_KWARGS = {"imbalanced_threshold": 4, "match_rate_threshold": 0.1,
+                        "do_eviction": True}
+
+
+def prefix_router_config() -> dict:
+    """The request_router_config of an LLM deployment of several replicas (checks the patched
+    router's target first: imports Ray Serve LLM)."""
+    from streamsink.patches import ray_prefix_router
+
+    ray_prefix_router.check_target()
+    return {"request_router_class": ray_prefix_router.ROUTER_CLASS_PATH,
+            "request_router_kwargs": dict(PREFIX_ROUTER_KWARGS)}
+
+
 # Arguments Ray Serve LLM sets itself (model_loading_config, the executor).
 _NOT_ENGINE_ARGS = {"model", "served_model_name", "distributed_executor_backend"}
 # Environment the replicas inherit from the launcher when it is set.
@@ -58,7 +68,7 @@ class RaySpec:
         deployment = {"num_replicas": self.replicas,
                       "health_check_period_s": HEALTH_CHECK_PERIOD_S}
         if self.replicas > 1:
-            deployment["request_router_config"] = PREFIX_ROUTER
+            deployment["request_router_config"] = prefix_router_config()
         return LLMConfig(
             model_loading_config={"model_id": self.model_id, "model_source": self.model_path},
             # A frontend argument (Ray splits those out): usage.prompt_tokens_details.cached_tokens.

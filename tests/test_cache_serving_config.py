@@ -24,7 +24,7 @@ def test_ray_replicas_route_by_prefix_and_report_cached_tokens():
     config = spec.llm_config()
     router = config.deployment_config["request_router_config"]
     assert router["request_router_class"] == \
-        "ray.serve.llm.request_router.PrefixCacheAffinityRouter"
+        "streamsink.patches.ray_prefix_router.LiveReplicaPrefixRouter"  # Ray's, patched
     assert router["request_router_kwargs"]["imbalanced_threshold"] < float("inf")
     # Ray hands frontend arguments to vLLM's OpenAI layer, the rest to the engine.
     assert config.engine_kwargs["enable_prompt_tokens_details"] is True
@@ -39,9 +39,13 @@ def test_router_config_is_valid_for_ray_serve():
     import ray
     from ray.serve.config import RequestRouterConfig
 
-    from streamsink.serving.ray_config import PREFIX_ROUTER
+    from ray.serve.llm.request_router import PrefixCacheAffinityRouter
 
-    config = RequestRouterConfig(**PREFIX_ROUTER)
-    assert config.get_request_router_class().__name__ == "PrefixCacheAffinityRouter"
+    from streamsink.serving.ray_config import prefix_router_config
+
+    config = RequestRouterConfig(**prefix_router_config())
+    router = config.get_request_router_class()
+    assert router.__name__ == "LiveReplicaPrefixRouter"
+    assert issubclass(router, PrefixCacheAffinityRouter)
     assert config.request_router_kwargs["do_eviction"] is True
     assert not ray.is_initialized()

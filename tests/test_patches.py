@@ -100,12 +100,13 @@ def test_pinned_version_guard(monkeypatch):
 
 
 def test_every_patch_module_is_listed_here():
-    """VLLM_PATCHES (what register() applies) and the two Ray patches are all of patches/."""
+    """VLLM_PATCHES (what register() applies) and the Ray patches are all of patches/."""
     import os
 
     folder = os.path.dirname(patches.__file__)
     modules = {f[:-3] for f in os.listdir(folder) if f.endswith(".py") and f[0] != "_"}
-    assert modules == set(VLLM_PATCHES) | {"ray_agent_ports", "ray_serve_api_key"}
+    assert modules == set(VLLM_PATCHES) | {"ray_agent_ports", "ray_prefix_router",
+                                           "ray_serve_api_key"}
 
 
 @pytest.mark.parametrize("name", VLLM_PATCHES)
@@ -314,10 +315,11 @@ def test_ray_patch_targets(monkeypatch):
     """The Ray patches' targets are the ones they were written against (ray 2.60.0)."""
     import ray
 
-    from streamsink.patches import ray_agent_ports, ray_serve_api_key
+    from streamsink.patches import ray_agent_ports, ray_prefix_router, ray_serve_api_key
 
     ray_agent_ports.check_target()
     ray_serve_api_key.check_target()
+    ray_prefix_router.check_target()
     monkeypatch.setattr(ray, "__version__", "2.61.0")
     with pytest.raises(patches.PatchTargetMoved, match="2.60.0"):
         ray_serve_api_key.check_target()
@@ -337,6 +339,69 @@ def test_agent_ports_hold_only_inside_their_block():
         assert {field: getattr(params, field) for field in FIELDS} == given
     assert vars(parameter.RayParams)["__init__"] is stock
     assert (parameter.RayParams, "__init__") not in installed()
+
+
+class _TreeHere:
+    """A prefix tree in this process, called as its actor (PrefixTreeActor) would be; ray.get
+    is the identity in the test below."""
+
+    def __init__(self, tree):
+        self.tree = tree
+
+    def __getattr__(self, name):
+        if name == "getattr":  # the actor's reader of the tree's attributes
+            return types.SimpleNamespace(remote=lambda attribute: getattr(self.tree, attribute))
+        return types.SimpleNamespace(remote=getattr(self.tree, name))
+
+
+def test_prefix_router_forgets_a_replica_lost_with_its_router(monkeypatch):
+    """A node goes with an LLM replica and the ingress whose router knew it: the shared prefix
+    tree still names the dead replica, with the fewest characters. The ingress started in its
+    place knows only the live replica. Ray's router then fails its routing with a KeyError (the
+    request would wait forever); ours drops the dead tenant and routes to the live replica.
+    No Ray is started: the tree runs here and the replicas are Ray's own test stand-ins."""
+    import asyncio
+
+    import ray
+    from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_tree import PrefixTree
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
+    from ray.serve._private.request_router.common import PendingRequest
+    from ray.serve._private.test_utils import FakeRunningReplica
+    from ray.serve.llm.request_router import PrefixCacheAffinityRouter
+
+    from streamsink.patches.ray_prefix_router import LiveReplicaPrefixRouter
+
+    monkeypatch.setattr(ray, "get", lambda value: value)
+    dead, live = FakeRunningReplica("dead"), FakeRunningReplica("live")
+    live.set_queue_len_response(0)
+
+    async def first_choice(router_class):
+        tree = PrefixTree()  # as the lost router left it
+        tree.add_tenants([dead.replica_id.to_full_id_str(), live.replica_id.to_full_id_str()],
+                         0.0)
+        tree.insert("a conversation the live replica served", live.replica_id.to_full_id_str(),
+                    0.0)
+        router = router_class(deployment_id=DeploymentID(name="LLMServer:m", app_name="app"),
+                              handle_source=DeploymentHandleSource.UNKNOWN)
+        router.initialize_state(tree_actor=_TreeHere(tree))
+        router.update_replicas([live])
+        request = PendingRequest(args=[types.SimpleNamespace(prompt="Once upon a time")],
+                                 kwargs={}, metadata=RequestMetadata(request_id="r",
+                                                                     internal_request_id="r"))
+        chosen = await router._prefix_match_best_replicas(request, [live])
+        tenants = set(tree.tenant_to_char_count)
+        # A replica another ingress's router has just added, unknown here yet: no preference
+        # (the power-of-two pick) rather than a routing task ended by a KeyError.
+        tree.add_tenants([FakeRunningReplica("other").replica_id.to_full_id_str()], 0.0)
+        then = await router._prefix_match_best_replicas(request, [live])
+        return chosen, tenants, then
+
+    with pytest.raises(KeyError, match="dead"):  # Ray's router as it stands
+        asyncio.run(first_choice(PrefixCacheAffinityRouter))
+    chosen, tenants, then = asyncio.run(first_choice(LiveReplicaPrefixRouter))
+    assert chosen == [[live]]
+    assert tenants == {live.replica_id.to_full_id_str()}
+    assert then == [[]]
 
 
 # The helper itself, on stand-ins for vLLM's classes and modules.

@@ -28,6 +28,9 @@ LAYERS = [
 DEFERRED = {
     ("streamsink", "register"): "`import streamsink` (config, the CLI) must not import vLLM; "
                                 "vLLM calls register() once it has loaded",
+    ("streamsink.serving.ray_config", "prefix_router_config"):
+        "the router patch imports Ray Serve LLM, which `serve --ray`'s refusals before Ray "
+        "starts never need",
 }
 
 
