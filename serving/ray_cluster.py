@@ -38,6 +38,12 @@ LOCAL_SYSTEM_CONFIG = {
     "agent_register_timeout_ms": 300_000,
 }
 
+# Environment of a local instance's processes (set in the launcher before Ray starts, which its
+# processes inherit; setdefault: the user's own value wins). Serve's controller gives a new HTTP
+# proxy three readiness checks of 5 s before it kills it, and serve.start then fails with an
+# ActorDiedError; on a busy 2-core machine the proxy's start alone can take longer.
+LOCAL_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
+
 
 @dataclass
 class RayHandle:
@@ -70,6 +76,8 @@ def _start_or_join(metrics_port: int | None, verbose: bool, address: str | None)
                   "their own ports)", file=sys.stderr)
         return RayHandle(False, _node_metrics_port())
     metrics_port = metrics_port or free_port()
+    for name, value in LOCAL_ENV.items():
+        os.environ.setdefault(name, value)
     for attempt in range(START_ATTEMPTS):
         try:
             with fixed_agent_ports(free_port):

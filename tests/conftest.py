@@ -198,8 +198,9 @@ def compute_references(jobs: list[tuple[str, list[int], int, int]]) -> list[list
 
 # Modules that take minutes (measured, one worker on one core each), longest first: `make test`'s
 # two workers take whole modules in collection order, so starting the long ones first keeps one
-# worker from running a long module alone at the end. The rest keep their order.
-LONG_MODULES = ["test_ray_serve", "test_ray_cluster", "test_soak", "test_stops",
+# worker from running a long module alone at the end (the two Ray Serve modules not side by side
+# from the start: each slows the other's replica starts). The rest keep their order.
+LONG_MODULES = ["test_ray_cluster", "test_soak", "test_ray_serve", "test_stops",
                 "test_benchmarks_smoke", "test_batch", "test_quantized_streams", "test_families",
                 "test_metrics_endpoint", "test_foundation_engine", "test_loadtest",
                 "test_usage_served", "test_cli_refusals", "test_streaming_exactness",

@@ -186,13 +186,20 @@ def _add_node(c, role: str, cpus: int, **extra):
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    from streamsink.serving.ray_cluster import LOCAL_SYSTEM_CONFIG
+def cluster(tmp_path_factory):
+    from streamsink.metrics import ENV_DIR
+    from streamsink.serving.ray_cluster import LOCAL_ENV, LOCAL_SYSTEM_CONFIG
 
     tag = tagged.new_tag()
     env = pytest.MonkeyPatch()
-    # Every process of the cluster (raylets, replicas, engines) carries the module's tag.
+    # Every process of the cluster (raylets, replicas, engines) carries the module's tag, and
+    # writes its metrics snapshots to a folder of the module's own: a node removed here dies
+    # by SIGKILL, which leaves its engines' last snapshots behind, and this test process's
+    # folder (inherited otherwise) is what the next module's in-process engines report from.
     env.setenv(tagged.TAG_VAR, tag)
+    env.setenv(ENV_DIR, str(tmp_path_factory.mktemp("cluster_metrics")))
+    for name, value in LOCAL_ENV.items():  # what a local instance of ours runs with
+        env.setenv(name, value)
     env.delenv("RAY_ADDRESS", raising=False)
     c = None
     try:

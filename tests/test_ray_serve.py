@@ -265,6 +265,18 @@ def test_both_replicas_serve_and_export_metrics(app):
     assert {r: v * 128 for r, v in freed.items()} == evicted
 
 
+def test_serve_gives_its_proxy_time_to_start(app):
+    """Serve's controller runs with the local instance's environment (ray_cluster.LOCAL_ENV):
+    a proxy slow to start on a busy machine is waited for, not killed."""
+    from streamsink.serving.ray_cluster import LOCAL_ENV
+
+    controllers = [p for p in _descendants(app["proc"].pid)
+                   if "ServeController" in " ".join(_cmd(p))]
+    assert len(controllers) == 1, controllers
+    environ = controllers[0].environ()
+    assert {name: environ.get(name) for name in LOCAL_ENV} == LOCAL_ENV
+
+
 def _engine_processes(app) -> list:
     return [p for p in _descendants(app["proc"].pid) if "EngineCore" in " ".join(_cmd(p))]
 
