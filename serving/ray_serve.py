@@ -67,6 +67,10 @@ def shutdown(handle: ray_cluster.RayHandle, deployed: bool) -> None:
     if deployed:
         try:
             serve.delete(APP_NAME, _blocking=False)  # leave the cluster's other apps alone
+            # That delete is a message to Serve's controller that nothing waits for, and one
+            # still unsent when we disconnect is lost (the app then runs on). A query after it
+            # (one caller's calls to an actor arrive in order) makes sure it went out.
+            serve.status()
         except Exception as exc:  # already gone; disconnecting anyway
             print(f"streamsink serve --ray: serve delete: {exc}", file=sys.stderr)
     ray_cluster.stop(handle)
