@@ -404,6 +404,89 @@ def test_prefix_router_forgets_a_replica_lost_with_its_router(monkeypatch):
     assert then == [[]]
 
 
+class _LostTree:
+    """A tree actor that went with its node: every call fails (with ray.get the identity,
+    at the call rather than at ray.get)."""
+
+    def __getattr__(self, name):
+        def remote(*args):
+            from ray.exceptions import ActorDiedError
+
+            raise ActorDiedError()
+        return types.SimpleNamespace(remote=remote)
+
+
+def test_prefix_router_makes_a_new_tree_when_its_tree_is_lost(monkeypatch):
+    """The shared tree's actor goes with a node while the ingress survives. Ray's router then
+    fails every call on the tree; ours creates the deployment's named tree again, with its
+    settings, gives it the live replicas and routes without prefix preference meanwhile."""
+    import asyncio
+
+    import ray
+    from ray.exceptions import RayActorError
+    from ray.llm._internal.serve.routing_policies.prefix_aware import prefix_aware_router
+    from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_tree import PrefixTree
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
+    from ray.serve._private.request_router.common import PendingRequest
+    from ray.serve._private.test_utils import FakeRunningReplica
+    from ray.serve.llm.request_router import PrefixCacheAffinityRouter
+
+    from streamsink.patches.ray_prefix_router import LiveReplicaPrefixRouter
+
+    made = []  # (actor options, tree) of each tree the router creates
+
+    class TreeActorHere:
+        @staticmethod
+        def options(**options):
+            def remote():
+                made.append((options, PrefixTree()))
+                return _TreeHere(made[-1][1])
+            return types.SimpleNamespace(remote=remote)
+
+    controller = types.SimpleNamespace(_register_shutdown_cleanup_actor=types.SimpleNamespace(
+        remote=lambda actor: None))
+    monkeypatch.setattr(ray, "get", lambda value: value)
+    monkeypatch.setattr(ray, "get_actor", lambda *args, **kwargs: controller)
+    monkeypatch.setattr(prefix_aware_router, "PrefixTreeActor", TreeActorHere)
+    live = FakeRunningReplica("live")
+    live.set_queue_len_response(0)
+
+    async def route_on_a_lost_tree(router_class):
+        request = PendingRequest(args=[types.SimpleNamespace(prompt="Once upon a time")],
+                                 kwargs={}, metadata=RequestMetadata(request_id="r",
+                                                                     internal_request_id="r"))
+        router = router_class(deployment_id=DeploymentID(name="LLMServer:m", app_name="app"),
+                              handle_source=DeploymentHandleSource.UNKNOWN)
+        router.initialize_state(tree_actor=_LostTree(), match_rate_threshold=0.5,
+                                do_eviction=True, eviction_interval_secs=3600)
+        router.update_replicas([live])
+        made_by_update = len(made)
+        chosen = [await router.choose_replicas([live], request)]
+        router.on_request_routed(request, live.replica_id, None)
+        router._tree_actor = _LostTree()  # the new tree's node goes too
+        chosen.append(await router._prefix_match_best_replicas(request, [live]))
+        return router, made_by_update, chosen
+
+    with pytest.raises(RayActorError):  # Ray's router as it stands
+        asyncio.run(route_on_a_lost_tree(PrefixCacheAffinityRouter))
+    assert not made
+
+    router, made_by_update, chosen = asyncio.run(route_on_a_lost_tree(LiveReplicaPrefixRouter))
+    assert made_by_update == 1
+    options, tree = made[0]
+    assert options["name"] == "LlmPrefixTreeActor" and options["get_if_exists"]
+    assert options["namespace"].endswith("::app::LLMServer:m")
+    assert router._match_rate_threshold == 0.5  # its settings kept
+    assert chosen == [[[live]], [[]]]
+    assert tree.tenant_to_char_count[live.replica_id.to_full_id_str()] > 0  # prompt recorded
+    assert set(tree.tenant_to_char_count) == {live.replica_id.to_full_id_str()}
+    assert len(made) == 2
+    assert set(made[1][1].tenant_to_char_count) == {live.replica_id.to_full_id_str()}
+    for _, each in made:  # each new tree got the eviction loop the settings ask for
+        assert each._eviction_thread is not None
+        each.stop_eviction_loop()
+
+
 # The helper itself, on stand-ins for vLLM's classes and modules.
 
 def _module_function(a, b):

@@ -309,6 +309,25 @@ def _fresh_prompts_round(app, n: int = 3) -> list:
     return results
 
 
+def _prefix_tree_actors(app) -> list:
+    return [p for p in _descendants(app["proc"].pid) if "PrefixTreeActor" in " ".join(_cmd(p))]
+
+
+def test_lost_prefix_tree_is_made_again(app):
+    """kill -9 of the actor holding the prefix-aware router's shared tree, as when its node is
+    lost while the ingress lives on: new conversations are still answered (Ray's router alone
+    would leave them waiting), and the router has made the tree again."""
+    complete(app)  # the ingress's router, and with it the tree, exist
+    lost = _prefix_tree_actors(app)
+    assert len(lost) == 1, [_cmd(p) for p in _descendants(app["proc"].pid)]
+    lost[0].kill()
+    lost[0].wait(30)
+    results = _fresh_prompts_round(app)
+    assert results == [8, 8, 8], results
+    made = _prefix_tree_actors(app)
+    assert len(made) == 1 and made[0].pid != lost[0].pid, [_cmd(p) for p in made]
+
+
 def test_killed_replica_is_replaced(app):
     """kill -9 of one replica's engine process: the other replica keeps answering, Ray Serve
     starts a replacement, and the replacement serves requests."""
