@@ -42,9 +42,6 @@ BLOCKS = {
     "token_time": token_time,
     "soak": soak,
 }
-# Benchmarks whose first full run is still to come: their block says so (base.no_result) and
-# tests/test_docs.py does not yet ask for a committed result. Remove a name with its first run.
-AWAITING_FIRST_RUN: tuple = ()
 # Names `<benchmark>:<part>` choose, per block, the newest run that holds that part.
 PARTS = {peer_llamacpp.LOAD: peer_llamacpp.has_load, peer_llamacpp.PPL: peer_llamacpp.has_ppl}
 # which document holds which blocks
